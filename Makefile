@@ -1,0 +1,57 @@
+# gridgen — `make help` lists the targets. Hydra overrides pass straight through:
+#   make train stage=fine task=multiview lora.rank=32 trainer.max_steps=100
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Torch is installed first and on its own so that no other requirement can pull a different build.
+# Here this takes the CPU wheel on disk; on a GPU machine it takes PyPI's CUDA build (see README).
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# Every `key=value` given on the command line (stage=, task=, model.pretrained=, ...) is a Hydra override.
+MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS
+OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
+ARGS ?=
+
+.PHONY: help setup train curriculum sweep test test-slow lint bench clean
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@echo "  Hydra overrides pass through: make train stage=fine task=multiview lora.rank=32"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(VENV)/.installed ## create .venv and install gridgen (torch first, see TORCH_SPEC)
+
+train: $(VENV)/.installed ## train (embedded default: tiny FLUX, sample shards, ~1 min on 2 CPU cores)
+	$(PY) -m gridgen.train $(OVERRIDES) $(ARGS)
+
+curriculum: $(VENV)/.installed ## coarse then fine stage, the fine one starting from the coarse LoRA
+	$(PY) -m gridgen.train stage=coarse $(filter-out stage=%,$(OVERRIDES)) $(ARGS)
+	$(PY) -m gridgen.train stage=fine $(filter-out stage=%,$(OVERRIDES)) $(ARGS)
+
+sweep: $(VENV)/.installed ## Hydra multirun over LoRA rank (one folder per rank, one W&B group)
+	$(PY) -m gridgen.train -m lora.rank=$(or $(ranks),4,8,16) $(filter-out ranks=%,$(OVERRIDES)) $(ARGS)
+
+test: $(VENV)/.installed ## the CI suite (slow checks excluded)
+	WANDB_MODE=offline $(PY) -m pytest -q $(ARGS)
+
+test-slow: $(VENV)/.installed ## only the checks marked slow
+	WANDB_MODE=offline $(PY) -m pytest -q -m slow $(ARGS)
+
+lint: $(VENV)/.installed ## ruff
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(VENV)/.installed ## benchmarks -> bench/RESULTS.md
+	$(PY) bench/bench_train.py $(ARGS)
+
+clean: ## remove outputs (not the venv or caches)
+	rm -rf outputs multirun

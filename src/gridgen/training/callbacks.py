@@ -1,0 +1,91 @@
+"""Callbacks: the alpha ramp of eq. (3), LoRA export at the end of a run, and the run summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+import gridgen
+from gridgen.models.lora import save_lora
+
+log = logging.getLogger(__name__)
+
+ALPHA_SHAPES = ("constant", "linear", "cosine")
+
+
+def alpha_at(step: int, alpha_max: float, delay_steps: int = 0, ramp_steps: int = 0, shape: str = "linear") -> float:
+    """alpha(step): 0 for ``delay_steps``, then rises to ``alpha_max`` over ``ramp_steps`` (paper 2.3).
+
+    ``constant`` is ``alpha_max`` from step 0 (the official GRID code's behaviour, for ablations).
+    """
+    if shape not in ALPHA_SHAPES:
+        raise ValueError(f"alpha.shape must be one of {ALPHA_SHAPES}, got {shape!r}")
+    if shape == "constant":
+        return float(alpha_max)
+    if step < delay_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return float(alpha_max)
+    progress = min(1.0, (step - delay_steps) / ramp_steps)
+    if shape == "cosine":
+        progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+    return float(alpha_max) * progress
+
+
+class AlphaSchedule(L.Callback):
+    """Sets ``pl_module.alpha`` from ``trainer.global_step`` before every step.
+
+    Stateless: alpha is a function of the step alone, so a resumed run continues the ramp exactly.
+    """
+
+    def __init__(self, alpha_max: float = 0.5, delay_steps: int = 0, ramp_steps: int = 1000,
+                 shape: str = "linear") -> None:
+        if alpha_max < 0:
+            raise ValueError(f"alpha.alpha_max must be >= 0, got {alpha_max}")
+        alpha_at(0, alpha_max, delay_steps, ramp_steps, shape)  # validates shape early
+        self.alpha_max, self.delay_steps, self.ramp_steps, self.shape = alpha_max, delay_steps, ramp_steps, shape
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        pl_module.alpha = alpha_at(trainer.global_step, self.alpha_max, self.delay_steps, self.ramp_steps, self.shape)
+
+
+def config_hash(cfg: Any) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class LoraExport(L.Callback):
+    """Writes ``<dirpath>/pytorch_lora_weights.safetensors`` (diffusers format) when training ends."""
+
+    def __init__(self, dirpath: str, metadata: dict[str, Any] | None = None) -> None:
+        self.dirpath = Path(dirpath)
+        self.metadata = dict(metadata or {})
+        self.path: Path | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path = self.dirpath / "pytorch_lora_weights.safetensors"
+        if trainer.is_global_zero:
+            meta = {"gridgen_version": gridgen.__version__, "gridgen_step": trainer.global_step, **self.metadata}
+            self.path = save_lora(self.dirpath, pl_module.transformer, meta)
+            log.info("exported LoRA to %s", self.path)
+
+
+class RunSummary(L.Callback):
+    """Writes ``summary.json`` (final metrics, trainable parameters, where things are) at the end of fit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        summary = {"global_step": trainer.global_step, "trainable_parameters": pl_module.num_trainable,
+                   "metrics": metrics}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(summary, indent=2))

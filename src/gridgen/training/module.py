@@ -1,0 +1,233 @@
+"""The GRID LightningModule: frozen FLUX transformer + LoRA, trained on L_base + alpha * L_flow (eq. 3).
+
+One training step (paper section 2.2-2.3):
+    grid image --VAE--> normalised latents --pack--> x0 (B, N, 64)
+    t ~ sampling,  eps ~ N(0, I)  keyed by (seed, step, sample key)     eq. (1)
+    x_t = (1 - t) x0 + t eps,  target = eps - x0                        eq. (1)-(2)
+    v = transformer(x_t, t, guidance, text, position ids)
+    L = L_base(v, target) + alpha * L_flow(v, target, layout)          eq. (3)-(7)
+Only the LoRA parameters train; the VAE and text encoders run under no_grad (or are skipped when the
+batch carries cached latents / text embeddings).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+import lightning as L
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from omegaconf import DictConfig, OmegaConf
+
+from gridgen.layout import GridLayout
+from gridgen.losses import add_noise, base_loss, sample_timesteps, temporal_flow_loss
+from gridgen.models.flux import encode_images, encode_prompts
+from gridgen.models.loading import load_flux_pipeline, parse_dtype, resolve_pretrained
+from gridgen.models.lora import attach_lora, build_lora_config, load_lora_weights_into
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+class GridModule(L.LightningModule):
+    """Holds the FLUX pipeline (frozen) and trains a LoRA on the transformer.
+
+    Args (each a config group, see ``conf/``):
+        model: ``pretrained``, ``dtype``, ``revision``, ``variant``, ``max_sequence_length``,
+            ``guidance_scale``, ``gradient_checkpointing``.
+        lora: ``rank``, ``alpha``, ``dropout``, ``init``, ``target_modules``.
+        optim: ``lr``, ``betas``, ``weight_decay``, ``eps``, ``scheduler`` (constant | cosine),
+            ``warmup_steps``, ``min_lr_ratio``.
+        loss: ``timestep_sampling`` (uniform | logit_normal | shifted), ``logit_mean``, ``logit_std``,
+            ``timestep_shift`` (a number or ``auto`` = FLUX's resolution shift), ``alpha`` (initial alpha).
+        init_lora: optional LoRA file to start from (fine stage starts from the coarse LoRA).
+        seed: seeds the per-sample noise and times.
+    """
+
+    def __init__(self, model: Any, lora: Any, optim: Any, loss: Any, init_lora: str | None = None,
+                 seed: int = 0, max_steps: int | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg, self.lora_cfg = _plain(model), _plain(lora)
+        self.optim_cfg, self.loss_cfg = _plain(optim), _plain(loss)
+        self.init_lora, self.seed, self.max_steps = init_lora, int(seed), max_steps
+        self.alpha = float(self.loss_cfg.get("alpha", 0.0))  # set every step by AlphaSchedule
+        self.pipe = None
+        self.transformer: torch.nn.Module | None = None
+        self.num_trainable = 0
+        # Checkpoints hold only LoRA weights; the frozen model is rebuilt from model.pretrained.
+        self.strict_loading = False
+        # Build the LoRA config now so that a bad rank/target fails before any weights load.
+        self._lora_config = build_lora_config(**{k: self.lora_cfg[k] for k in
+                                                 ("rank", "alpha", "dropout", "init", "target_modules")})
+
+    # ---- model ----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load FLUX through ``from_pretrained`` and attach LoRA (idempotent; Lightning calls it under FSDP)."""
+        if self.transformer is not None:
+            return
+        cfg = self.model_cfg
+        pipe = load_flux_pipeline(
+            resolve_pretrained(cfg["pretrained"]),
+            dtype=cfg.get("dtype", "float32"),
+            device="cpu",
+            load_vae=not cfg.get("cached", False),
+            load_text_encoders=not cfg.get("cached", False),
+            revision=cfg.get("revision"),
+            variant=cfg.get("variant"),
+        )
+        for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if part is not None:
+                part.requires_grad_(False).eval()
+        transformer = pipe.transformer
+        self.num_trainable = attach_lora(transformer, self._lora_config)
+        # Adapter weights train in fp32 even when the frozen base is bf16 (bf16-true), for stable AdamW.
+        for param in transformer.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        if cfg.get("gradient_checkpointing", False):
+            transformer.enable_gradient_checkpointing()
+        if self.init_lora:
+            header = load_lora_weights_into(transformer, self.init_lora)
+            log.info("initialised LoRA from %s (stage %s)", self.init_lora, header.get("gridgen_stage", "?"))
+        self.transformer = transformer
+        # The frozen encoders stay outside the module's parameters (not in checkpoints, not wrapped by
+        # DDP/FSDP); they follow the module's device in on_fit_start.
+        self.pipe = pipe
+        self.pipe.transformer = None
+
+    def on_fit_start(self) -> None:
+        for part in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+            if part is not None:
+                part.to(self.device)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- checkpoints: LoRA only -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = trainable - set(checkpoint["state_dict"])
+        if trainable and missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} LoRA tensors (e.g. '{sorted(missing)[0]}'); it was saved with "
+                "another lora config: resume with the same lora.rank and lora.target_modules"
+            )
+
+    # ---- conditioning ---------------------------------------------------------------------------------
+    def _text_conditioning(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if "prompt_embeds" in batch:  # cached by `make cache` (data issue): no text encoders needed
+            embeds = batch["prompt_embeds"].to(self.device)
+            text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
+            return embeds, batch["pooled_prompt_embeds"].to(self.device), text_ids
+        return encode_prompts(self.pipe, list(batch["caption"]), int(self.model_cfg["max_sequence_length"]),
+                              device=self.device)
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "latents" in batch:  # cached, already normalised and packed (B, N, 64)
+            return batch["latents"].to(self.device)
+        return encode_images(self.pipe.vae, batch["pixel_values"].to(self.device))
+
+    def _noise_and_times(self, keys: list[str], x0: torch.Tensor, layout: GridLayout
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and t per sample from a generator keyed by (seed, step, sample key).
+
+        Keying by sample (not by rank or batch position) makes a step independent of how samples are
+        spread over processes, so 2 DDP ranks reproduce 1 process with the doubled batch, and a resumed run
+        draws the same noise as an uninterrupted one.
+        """
+        cfg = self.loss_cfg
+        shift = cfg.get("timestep_shift", 3.0)
+        if shift == "auto":  # FLUX's resolution-dependent shift exp(mu), from the grid's token count
+            shift = float(torch.tensor(calculate_shift(layout.num_tokens)).exp())
+        noises, times = [], []
+        for key in keys:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.global_step}/{key}".encode()))
+            times.append(sample_timesteps(1, cfg.get("timestep_sampling", "uniform"),
+                                          logit_mean=cfg.get("logit_mean", 0.0), logit_std=cfg.get("logit_std", 1.0),
+                                          shift=float(shift), generator=gen))
+            noises.append(torch.randn(x0.shape[1:], generator=gen))
+        noise = torch.stack(noises).to(device=x0.device, dtype=x0.dtype)  # (B, N, 64)
+        return noise, torch.cat(times).to(x0.device)
+
+    # ---- step -----------------------------------------------------------------------------------------
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        layout = GridLayout(**{k: int(v) for k, v in batch["layout"].items()})
+        x0 = self._latents(batch)  # (B, N, 64)
+        batch_size = x0.shape[0]
+        keys = list(batch.get("__key__") or [f"{self.global_step}-{i}" for i in range(batch_size)])
+        noise, t = self._noise_and_times(keys, x0, layout)
+        x_t, target = add_noise(x0, noise, t)  # eq. (1)-(2)
+        prompt_embeds, pooled, text_ids = self._text_conditioning(batch)
+        dtype = next(self.transformer.parameters()).dtype
+        guidance = torch.full((batch_size,), float(self.model_cfg.get("guidance_scale", 1.0)), device=self.device)
+        pred = self.transformer(
+            hidden_states=x_t.to(dtype),
+            timestep=t.to(dtype),  # FLUX multiplies t in [0, 1] by 1000 internally
+            guidance=guidance.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            txt_ids=text_ids.to(dtype),
+            img_ids=layout.image_ids(self.device, dtype),
+            return_dict=False,
+        )[0]  # (B, N, 64)
+        loss_base = base_loss(pred, target)  # eq. (4)
+        loss_flow = temporal_flow_loss(pred, target, layout)  # eq. (5)-(7)
+        return {"loss": loss_base + self.alpha * loss_flow, "loss_base": loss_base, "loss_flow": loss_flow,
+                "tokens": torch.tensor(batch_size * layout.num_tokens)}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.compute_losses(batch)
+        batch_size = len(batch["caption"]) if "caption" in batch else out["tokens"].item()
+        log_kw = {"on_step": True, "on_epoch": False, "batch_size": batch_size}
+        self.log("train/loss", out["loss"], prog_bar=True, **log_kw)
+        self.log("train/loss_base", out["loss_base"], **log_kw)
+        self.log("train/loss_flow", out["loss_flow"], **log_kw)
+        self.log("train/alpha", self.alpha, **log_kw)
+        return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+
+    # ---- optimiser ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError("no trainable parameters: LoRA was not attached (configure_model not run?)")
+        optimizer = torch.optim.AdamW(params, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))),
+                                      weight_decay=float(cfg.get("weight_decay", 1e-4)), eps=float(cfg.get("eps", 1e-8)))
+        warmup = int(cfg.get("warmup_steps", 0))
+        kind = cfg.get("scheduler", "constant")
+        total = int(self.max_steps or 0)
+        if kind == "cosine" and total <= 0:
+            raise ValueError("optim.scheduler=cosine needs trainer.max_steps > 0")
+        min_ratio = float(cfg.get("min_lr_ratio", 0.0))
+
+        def lr_factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if kind == "constant":
+                return 1.0
+            if kind == "cosine":
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                return min_ratio + (1 - min_ratio) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress)).item())
+            raise ValueError(f"optim.scheduler must be constant or cosine, got {kind!r}")
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return parse_dtype(self.model_cfg.get("dtype", "float32"))
