@@ -12,7 +12,6 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import CONF_DIR, USER_ERRORS, register_resolvers
@@ -89,16 +88,6 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
-    return len(batch["caption"]) if "caption" in batch else int(batch["latents"].shape[0])
-
-
-def _batch_tokens(batch: dict[str, Any]) -> int:
-    layout = batch["layout"]
-    return _batch_size(batch) * (int(layout["rows"]) * int(layout["cell_height"]) // 16) * (
-        int(layout["cols"]) * int(layout["cell_width"]) // 16)
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate everything from ``cfg``, fit, export the LoRA; returns the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
@@ -122,7 +111,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "gridgen_init_lora": init_lora or "",
             })
         callbacks.append(callback)
-    callbacks.append(ThroughputMonitor(batch_size_fn=_batch_size, length_fn=_batch_tokens))
 
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -24,14 +24,14 @@ def unpack_latents(tokens: torch.Tensor, layout: GridLayout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Grid images in [-1, 1] ``(B, 3, H, W)`` -> normalised packed latents ``(B, N, 64)``.
 
-    ``(z - shift) * scale`` as in FLUX training: the transformer works on the normalised latents.
+    ``(z - shift) * scale`` as in FLUX training: the transformer works on the normalised latents. The
+    posterior mean is used (not a sample) so that a step is a function of the data alone, identical to
+    what a latent cache stores; FLUX's VAE posterior variance is negligible next to the flow noise.
     """
-    dist = vae.encode(pixel_values.to(vae.dtype)).latent_dist
-    z = dist.sample(generator)  # (B, 16, H/8, W/8)
+    z = vae.encode(pixel_values.to(vae.dtype)).latent_dist.mode()  # (B, 16, H/8, W/8)
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor
     return pack_latents(z)
 

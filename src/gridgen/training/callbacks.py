@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
 import gridgen
@@ -89,3 +90,21 @@ class RunSummary(L.Callback):
                    "metrics": metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(summary, indent=2))
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    return len(batch["caption"]) if "caption" in batch else int(batch["latents"].shape[0])
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Image tokens in a batch (one layout per batch): reported as ``train/items_per_sec`` = tokens/s."""
+    layout = batch["layout"]
+    tokens = (int(layout["rows"]) * int(layout["cell_height"]) // 16) * (int(layout["cols"]) * int(layout["cell_width"]) // 16)
+    return batch_size(batch) * tokens
+
+
+class GridThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting grid samples and image tokens (samples/s, tokens/s)."""
+
+    def __init__(self, window_size: int = 10) -> None:
+        super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from gridgen.layout import GridLayout
 from gridgen.losses import add_noise, base_loss, sample_timesteps, temporal_flow_loss
 from gridgen.models.flux import encode_images, encode_prompts
-from gridgen.models.loading import load_flux_pipeline, parse_dtype, resolve_pretrained
+from gridgen.models.loading import load_flux_pipeline, resolve_pretrained
 from gridgen.models.lora import attach_lora, build_lora_config, load_lora_weights_into
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class GridModule(L.LightningModule):
         self.pipe = None
         self.transformer: torch.nn.Module | None = None
         self.num_trainable = 0
+        self.flops_per_batch: int | None = None  # read by ThroughputMonitor; None = no MFU figure
         # Checkpoints hold only LoRA weights; the frozen model is rebuilt from model.pretrained.
         self.strict_loading = False
         # Build the LoRA config now so that a bad rank/target fails before any weights load.
@@ -84,7 +85,7 @@ class GridModule(L.LightningModule):
         for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             if part is not None:
                 part.requires_grad_(False).eval()
-        transformer = pipe.transformer
+        transformer = pipe.transformer.train()  # from_pretrained returns eval(); LoRA dropout needs train()
         self.num_trainable = attach_lora(transformer, self._lora_config)
         # Adapter weights train in fp32 even when the frozen base is bf16 (bf16-true), for stable AdamW.
         for param in transformer.parameters():
@@ -227,7 +228,3 @@ class GridModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return parse_dtype(self.model_cfg.get("dtype", "float32"))

@@ -1,0 +1,11 @@
+"""Test environment: never touch the network, W&B offline, caches inside the repository."""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRIDGEN_CACHE", str(ROOT / ".cache" / "tests"))
