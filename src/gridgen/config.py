@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -26,6 +28,28 @@ def _sample_data(cache_dir: str, subset: str) -> str:
     return str(folder)
 
 
+_SWEEP_VALUE = re.compile(r"^(?:[^=]*,[^=]*|(?:range|choice|glob|interval)\(.*\))$")
+
+
+def swept_keys(argv: list[str]) -> list[str]:
+    """Keys that a multirun command line sweeps (``lora.rank=4,8`` or ``x=range(1,3)``), in order."""
+    keys = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not key.startswith("hydra.") and _SWEEP_VALUE.match(value):
+            keys.append(key.lstrip("+~"))
+    return keys
+
+
+def _sweep_subdir(override_dirname: str, job_num: int) -> str:
+    """A sweep job's folder named by the swept overrides only (``lora.rank=8``), not the constant ones."""
+    keys = swept_keys(sys.argv[1:])
+    parts = [p for p in override_dirname.split(",") if p.partition("=")[0].lstrip("+~") in keys]
+    return ",".join(parts) or override_dirname or f"job{job_num}"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("gridgen_sample_data"):
         OmegaConf.register_new_resolver("gridgen_sample_data", _sample_data)
+    if not OmegaConf.has_resolver("gridgen_sweep_subdir"):
+        OmegaConf.register_new_resolver("gridgen_sweep_subdir", _sweep_subdir)

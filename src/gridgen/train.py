@@ -88,6 +88,16 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run: in a multirun the next job would otherwise log into this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate everything from ``cfg``, fit, export the LoRA; returns the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
@@ -116,7 +126,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_wandb(loggers)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:

@@ -52,9 +52,11 @@ class GridModule(L.LightningModule):
     def __init__(self, model: Any, lora: Any, optim: Any, loss: Any, init_lora: str | None = None,
                  seed: int = 0, max_steps: int | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.model_cfg, self.lora_cfg = _plain(model), _plain(lora)
         self.optim_cfg, self.loss_cfg = _plain(optim), _plain(loss)
+        # plain containers: checkpoints stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters({"model": self.model_cfg, "lora": self.lora_cfg, "optim": self.optim_cfg,
+                                   "loss": self.loss_cfg, "init_lora": init_lora, "seed": seed, "max_steps": max_steps})
         self.init_lora, self.seed, self.max_steps = init_lora, int(seed), max_steps
         self.alpha = float(self.loss_cfg.get("alpha", 0.0))  # set every step by AlphaSchedule
         self.pipe = None

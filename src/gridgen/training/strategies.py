@@ -8,7 +8,10 @@ from torch.distributed.fsdp import CPUOffload
 
 def flux_block_classes() -> set[type]:
     """The two FLUX transformer block types: the unit of FSDP sharding and activation checkpointing."""
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
 
     return {FluxTransformerBlock, FluxSingleTransformerBlock}
 

@@ -1,0 +1,212 @@
+"""Training module, callbacks, checkpoints, export and the Hydra entry point on the embedded tiny FLUX."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from gridgen.config import CONF_DIR
+from gridgen.models.loading import load_flux_pipeline
+from gridgen.models.lora import FLUX_BLOCKS, read_lora_file
+from gridgen.models.tiny import ensure_tiny_flux
+from gridgen.train import train
+from gridgen.training.callbacks import AlphaSchedule, alpha_at
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES, TASKS, STRATEGIES = ("coarse", "fine"), ("t2v", "i2v", "multiview"), ("cpu", "gpu", "ddp", "fsdp")
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    """Compose the real configs as a user's command line would, with the run folder in ``tmp``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run",
+                                           "logger=csv", "trainer.enable_progress_bar=false", *overrides])
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GRIDGEN_ROOT": str(cwd), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "gridgen.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---- alpha schedule -------------------------------------------------------------------------------------
+def test_alpha_schedule_shapes():
+    assert [alpha_at(s, 0.5, delay_steps=2, ramp_steps=4) for s in range(8)] == [0, 0, 0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert alpha_at(3, 0.5, 0, 10, "constant") == 0.5
+    cos = [alpha_at(s, 1.0, 0, 4, "cosine") for s in range(5)]
+    assert cos[0] == 0 and cos[2] == pytest.approx(0.5) and cos[4] == pytest.approx(1.0) and cos[1] < 0.25
+    with pytest.raises(ValueError, match="alpha.shape must be one of"):
+        AlphaSchedule(shape="step")
+
+
+# ---- composition ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_stage_task_strategy_composes(tmp_path, strategy):
+    for stage in STAGES:
+        for task in TASKS:
+            cfg = make_cfg(tmp_path, f"stage={stage}", f"task={task}", f"strategy={strategy}")
+            assert cfg.stage.name == stage and cfg.task.name == task
+            assert cfg.trainer.accelerator in ("cpu", "gpu", "auto")
+    if strategy in ("ddp", "fsdp"):
+        strat = instantiate(cfg.trainer.strategy)
+        from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+        if strategy == "fsdp":
+            from gridgen.training.strategies import flux_block_classes
+            assert isinstance(strat, FSDPStrategy)
+            assert set(strat.kwargs["auto_wrap_policy"]._module_classes) == flux_block_classes()
+            assert strat._activation_checkpointing_kwargs  # blocks are checkpointed
+        else:
+            assert isinstance(strat, DDPStrategy)
+
+
+# ---- module: trainable parameters, checkpoints, export -------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 4-step run with a large learning rate so the LoRA moves visibly."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(tmp, "trainer.max_steps=4", "optim.lr=1e-2", "lora.rank=4", "callbacks.checkpoint.every_n_train_steps=2")
+    metrics = train(cfg)
+    return tmp / "run", cfg, metrics
+
+
+def expected_lora_parameters(transformer: torch.nn.Module, rank: int, targets: list[str]) -> tuple[int, set[str]]:
+    """r * (d_in + d_out) for every targeted Linear inside the two FLUX block types, by a plain walk."""
+    total, names = 0, set()
+    for name, mod in transformer.named_modules():
+        parts = name.split(".")
+        if len(parts) < 3 or parts[0] not in FLUX_BLOCKS or not parts[1].isdigit():
+            continue
+        if ".".join(parts[2:]) in targets and isinstance(mod, torch.nn.Linear):
+            total += rank * (mod.in_features + mod.out_features)
+            names.add(name)
+    return total, names
+
+
+def test_only_lora_trains_and_count_is_exact(trained_run):
+    run, cfg, _ = trained_run
+    base = load_flux_pipeline(ensure_tiny_flux()).transformer
+    total, names = expected_lora_parameters(base, cfg.lora.rank, list(cfg.lora.target_modules))
+    assert any(n.startswith("single_transformer_blocks") and n.endswith("proj_out") for n in names)
+    summary = (run / "summary.json").read_text()
+    assert f'"trainable_parameters": {total}' in summary
+    state, header = read_lora_file(run / "lora")
+    assert {k.rsplit(".lora_", 1)[0] for k in state} == names  # exactly the targeted modules, no final proj_out
+    assert header["gridgen_rank"] == "4" and header["gridgen_stage"] == "coarse" and "gridgen_config_hash" in header
+
+
+def test_checkpoint_holds_only_lora_and_optimizer_state(trained_run):
+    run, cfg, _ = trained_run
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state, _ = read_lora_file(run / "lora")
+    expected = {"transformer." + k.replace(".lora_A.weight", ".lora_A.default.weight")
+                .replace(".lora_B.weight", ".lora_B.default.weight") for k in state}
+    assert set(ckpt["state_dict"]) == expected  # nothing frozen saved
+    assert ckpt["global_step"] == 4 and len(ckpt["optimizer_states"]) == 1 and ckpt["lr_schedulers"]
+    n_lora = sum(v.numel() for v in ckpt["state_dict"].values())
+    assert len(ckpt["optimizer_states"][0]["state"]) == len(expected)
+    assert n_lora < 0.5 * sum(p.numel() for p in load_flux_pipeline(ensure_tiny_flux()).transformer.parameters())
+
+
+def test_export_loads_in_diffusers_and_matches(trained_run):
+    run, cfg, _ = trained_run
+    from gridgen.training.module import GridModule
+
+    module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss, init_lora=str(run / "lora"))
+    module.configure_model()  # gridgen's adapted transformer, weights from the export
+
+    pipe = FluxPipeline.from_pretrained(ensure_tiny_flux())
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 64, 64, generator=gen), timestep=torch.tensor([0.7]),
+                  guidance=torch.tensor([3.5]), pooled_projections=torch.randn(1, 32, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=gen), txt_ids=torch.zeros(8, 3),
+                  img_ids=torch.zeros(64, 3), return_dict=False)
+    with torch.no_grad():
+        before = pipe.transformer(**inputs)[0]
+        pipe.load_lora_weights(run / "lora")
+        diffusers_out = pipe.transformer(**inputs)[0]
+        ours = module.transformer.eval()(**inputs)[0]
+    assert (diffusers_out - before).abs().max() > 1e-4  # the LoRA changes the output ...
+    torch.testing.assert_close(diffusers_out, ours, rtol=1e-5, atol=1e-6)  # ... identically in both
+
+
+def test_resume_continues_step_alpha_and_lr(tmp_path, trained_run):
+    run, _, metrics = trained_run
+    cfg = make_cfg(tmp_path, "trainer.max_steps=6", "optim.lr=1e-2", "lora.rank=4", "callbacks.alpha.ramp_steps=4",
+                   f"ckpt_path={run / 'checkpoints' / 'step000002.ckpt'}")
+    resumed = train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    # alpha at the last step (5) of a 4-step ramp to 0.5 is 0.5; step 5 was taken, so the schedule continued
+    assert resumed["train/alpha"] == pytest.approx(0.5)
+    rows = (tmp_path / "run" / "metrics" / "metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:] if r.split(",")[rows[0].split(",").index("step")]]
+    assert min(steps) >= 2  # no step before the checkpoint was re-run
+
+
+def test_stage_fine_starts_from_coarse_lora(tmp_path):
+    coarse = make_cfg(tmp_path, "task=multiview", "trainer.max_steps=2", "optim.lr=1e-2", "lora.rank=4",
+                      "paths.output_dir=" + str(tmp_path / "outputs" / "runs" / "c"))
+    train(coarse)
+    fine = make_cfg(tmp_path, "stage=fine", "task=multiview", "trainer.max_steps=2", "lora.rank=4",
+                    "paths.output_dir=" + str(tmp_path / "outputs" / "runs" / "f"))
+    train(fine)
+    _, header = read_lora_file(tmp_path / "outputs" / "runs" / "f" / "lora")
+    assert header["gridgen_stage"] == "fine"
+    assert header["gridgen_init_lora"] == str(tmp_path / "outputs" / "runs" / "c" / "lora" / "pytorch_lora_weights.safetensors")
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+def test_cli_default_run_with_offline_wandb(tmp_path):
+    from wandb_offline import summarise
+
+    proc = run_cli("trainer.max_steps=6", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    for line in ("run folder", "config", "metrics", "checkpoints", "LoRA export"):
+        assert re.search(rf"^{line}\s+\S", proc.stdout, re.M), proc.stdout
+    assert (run / "config.yaml").is_file() and (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics" / "metrics.csv").is_file()
+    wandb_file = next(run.glob("wandb/offline-run-*/run-*.wandb"))
+    info = summarise(wandb_file)
+    assert {"train/loss", "train/loss_base", "train/loss_flow", "train/alpha", "train/grad_norm", "lr-AdamW",
+            "train/device/samples_per_sec", "train/device/items_per_sec"} <= info["keys"]
+    assert "stage:coarse" in info["tags"]
+
+
+def test_cli_multirun_sweep_over_rank(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "lora.rank=2,4", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+                   "callbacks.checkpoint.every_n_train_steps=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (2, 4):
+        run = sweep / f"lora.rank={rank}"
+        _, header = read_lora_file(run / "lora")
+        assert header["gridgen_rank"] == str(rank)
+        from wandb_offline import summarise
+        assert summarise(next(run.glob("wandb/offline-run-*/run-*.wandb")))["group"] == "sweep"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lora.rank=0"], "lora.rank must be a positive integer, got 0"),
+    (["model.pretrained=/nonexistent/flux"], "'/nonexistent/flux' does not exist"),
+    (["stage=fine", "stage.init_lora=/nonexistent/lora"], "stage.init_lora '/nonexistent/lora' does not exist"),
+    (["data=shards", "data.train_shards=EMPTY"], "no shards"),
+    (["lora.rnak=4"], "Could not override 'lora.rnak'"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    proc = run_cli(*args, "logger=none", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    if not args[0].startswith("lora.rnak"):  # ours: exactly one line, no traceback
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.train: error:")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr
