@@ -210,3 +210,22 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
     if not args[0].startswith("lora.rnak"):  # ours: exactly one line, no traceback
         errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.train: error:")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr
+
+
+def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
+    """strategy=ddp on CPU (gloo, 2 processes, batch 2 each) == 1 process with batch 4, same LoRA."""
+    script = Path(__file__).with_name("ddp_equivalence.py")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for devices, batch, name in ((2, 2, "ddp"), (1, 4, "single")):
+        proc = subprocess.run([sys.executable, str(script), str(devices), str(batch), str(tmp_path / name)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, _ = read_lora_file(tmp_path / "ddp")
+    single, _ = read_lora_file(tmp_path / "single")
+    # B starts at zero, so |B| is the size of the training update; DDP's all-reduce sums in another order, so
+    # allow float32 noise of 0.1% of the update (a per-rank noise or a wrong gradient average moves it ~100%).
+    update = max(v.abs().max().item() for k, v in single.items() if "lora_B" in k)
+    assert update > 1e-3  # the LoRA moved
+    assert ddp.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-3 * update, msg=key)

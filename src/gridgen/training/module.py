@@ -88,7 +88,11 @@ class GridModule(L.LightningModule):
             if part is not None:
                 part.requires_grad_(False).eval()
         transformer = pipe.transformer.train()  # from_pretrained returns eval(); LoRA dropout needs train()
-        self.num_trainable = attach_lora(transformer, self._lora_config)
+        # LoRA's random init comes from the seed alone, not from whatever drew random numbers before (the
+        # launcher, samplers): every process and every launch mode starts from the same adapter.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.num_trainable = attach_lora(transformer, self._lora_config)
         # Adapter weights train in fp32 even when the frozen base is bf16 (bf16-true), for stable AdamW.
         for param in transformer.parameters():
             if param.requires_grad:
