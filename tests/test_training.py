@@ -150,16 +150,23 @@ def test_resume_continues_step_alpha_and_lr(tmp_path, trained_run):
     assert min(steps) >= 2  # no step before the checkpoint was re-run
 
 
-def test_stage_fine_starts_from_coarse_lora(tmp_path):
-    coarse = make_cfg(tmp_path, "task=multiview", "trainer.max_steps=2", "optim.lr=1e-2", "lora.rank=4",
-                      "paths.output_dir=" + str(tmp_path / "outputs" / "runs" / "c"))
+@pytest.mark.parametrize("task", TASKS)
+def test_every_stage_runs_and_fine_starts_from_coarse_lora(tmp_path, task):
+    runs = tmp_path / "outputs" / "runs"
+    fine = make_cfg(tmp_path, "stage=fine", f"task={task}", "trainer.max_steps=2", "lora.rank=4",
+                    f"paths.output_dir={runs / 'f'}")
+    with pytest.raises(FileNotFoundError, match=f"make curriculum task={task}"):
+        train(fine)  # no coarse LoRA yet
+    coarse = make_cfg(tmp_path, f"task={task}", "trainer.max_steps=2", "optim.lr=1e-2", "lora.rank=4",
+                      f"paths.output_dir={runs / 'c'}")
     train(coarse)
-    fine = make_cfg(tmp_path, "stage=fine", "task=multiview", "trainer.max_steps=2", "lora.rank=4",
-                    "paths.output_dir=" + str(tmp_path / "outputs" / "runs" / "f"))
     train(fine)
-    _, header = read_lora_file(tmp_path / "outputs" / "runs" / "f" / "lora")
-    assert header["gridgen_stage"] == "fine"
-    assert header["gridgen_init_lora"] == str(tmp_path / "outputs" / "runs" / "c" / "lora" / "pytorch_lora_weights.safetensors")
+    coarse_file = runs / "c" / "lora" / "pytorch_lora_weights.safetensors"
+    _, header = read_lora_file(runs / "f" / "lora")
+    assert header["gridgen_stage"] == "fine" and header["gridgen_task"] == task
+    assert header["gridgen_init_lora"] == str(coarse_file)
+    ckpt = torch.load(runs / "f" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["init_lora"] == str(coarse_file)
 
 
 # ---- the command line ----------------------------------------------------------------------------------
@@ -199,6 +206,7 @@ def test_cli_multirun_sweep_over_rank(tmp_path):
     (["model.pretrained=/nonexistent/flux"], "'/nonexistent/flux' does not exist"),
     (["stage=fine", "stage.init_lora=/nonexistent/lora"], "stage.init_lora '/nonexistent/lora' does not exist"),
     (["data=shards", "data.train_shards=EMPTY"], "no shards"),
+    (["strategy=fsdp", "model=flux_dev"], "strategy=fsdp needs model.dtype=float32"),
     (["lora.rnak=4"], "Could not override 'lora.rnak'"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):

@@ -34,7 +34,8 @@ def find_coarse_lora(output_root: Path, task: str, model: str) -> Path:
     if not candidates:
         raise FileNotFoundError(
             f"stage=fine needs a coarse LoRA, and none of task={task} model={model} was found under "
-            f"'{output_root}'; run `make train stage=coarse task={task}` first or set stage.init_lora=<path>"
+            f"'{output_root}'; run `make curriculum task={task}` (coarse then fine), or `make train "
+            f"stage=coarse task={task}` first, or set stage.init_lora=<path>"
         )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
@@ -101,6 +102,11 @@ def _finish_wandb(loggers: list[Any]) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate everything from ``cfg``, fit, export the LoRA; returns the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    strategy = cfg.trainer.get("strategy")
+    if "fsdp" in str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy).lower() and \
+            cfg.model.dtype not in ("float32", "fp32"):
+        raise ValueError(f"strategy=fsdp needs model.dtype=float32 (one dtype per sharded block), got "
+                         f"model.dtype={cfg.model.dtype}; bf16 compute comes from trainer.precision=bf16-mixed")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     init_lora = resolve_init_lora(cfg)

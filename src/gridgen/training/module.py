@@ -93,7 +93,8 @@ class GridModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.num_trainable = attach_lora(transformer, self._lora_config)
-        # Adapter weights train in fp32 even when the frozen base is bf16 (bf16-true), for stable AdamW.
+        # Adapters train in fp32 while the frozen base may be bf16 (model.dtype=bfloat16 with bf16-mixed, as
+        # diffusers' FLUX LoRA scripts do): AdamW on bf16 weights loses small updates.
         for param in transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
