@@ -15,7 +15,7 @@ MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
 
-.PHONY: help setup train curriculum sweep test test-slow lint bench clean
+.PHONY: help setup train curriculum sweep report test test-slow lint bench clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -40,6 +40,9 @@ curriculum: $(VENV)/.installed ## coarse then fine stage, the fine one starting 
 
 sweep: $(VENV)/.installed ## Hydra multirun over LoRA rank (one folder per rank, one W&B group)
 	$(PY) -m gridgen.train -m lora.rank=$(or $(ranks),4,8,16) $(filter-out ranks=%,$(OVERRIDES)) $(ARGS)
+
+report: $(VENV)/.installed ## loss curves, alpha schedule, samples, sweep summary as PNG/Markdown: make report run=<folder>
+	$(PY) -m gridgen.report $(OVERRIDES) $(ARGS)
 
 test: $(VENV)/.installed ## the CI suite (slow checks excluded)
 	WANDB_MODE=offline $(PY) -m pytest -q $(ARGS)

@@ -199,6 +199,8 @@ def test_cli_multirun_sweep_over_rank(tmp_path):
         assert header["gridgen_rank"] == str(rank)
         from wandb_offline import summarise
         assert summarise(next(run.glob("wandb/offline-run-*/run-*.wandb")))["group"] == "sweep"
+    summary = (sweep / "sweep_summary.md").read_text()  # written by the SweepReport Hydra callback
+    assert "| lora.rank=2 | 2 |" in summary and "| lora.rank=4 | 4 |" in summary
 
 
 @pytest.mark.parametrize("args, message", [

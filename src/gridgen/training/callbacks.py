@@ -6,10 +6,13 @@ import hashlib
 import json
 import logging
 import math
+import resource
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -78,16 +81,42 @@ class LoraExport(L.Callback):
 
 
 class RunSummary(L.Callback):
-    """Writes ``summary.json`` (final metrics, trainable parameters, where things are) at the end of fit."""
+    """Writes ``summary.json`` at the end of fit: final metrics, trainable parameters, mean step time (after
+    ``warmup_steps``) and peak memory (CUDA: max allocated; CPU: the process's peak resident set size)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, warmup_steps: int = 2) -> None:
         self.path = Path(path)
+        self.warmup_steps = warmup_steps
+        self._start: float | None = None
+        self._times: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._start is not None:
+            self._times.append(time.perf_counter() - self._start)
+
+    @staticmethod
+    def peak_memory(device: torch.device) -> tuple[float, str]:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        summary = {"global_step": trainer.global_step, "trainable_parameters": pl_module.num_trainable,
-                   "metrics": metrics}
+        timed = self._times[self.warmup_steps:] or self._times
+        memory_mb, memory_kind = self.peak_memory(pl_module.device)
+        summary = {
+            "global_step": trainer.global_step,
+            "trainable_parameters": pl_module.num_trainable,
+            "step_time_s": sum(timed) / len(timed) if timed else None,
+            "peak_memory_mb": memory_mb,
+            "peak_memory_kind": memory_kind,
+            "metrics": metrics,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(summary, indent=2))
 
