@@ -74,3 +74,33 @@ def test_warmup_cosine_schedule(tmp_path):
     assert lrs[2] == pytest.approx(1e-3) and lrs[7] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway down
     assert all(a >= b for a, b in zip(lrs[2:-1], lrs[3:], strict=True)) and lrs[-1] > 1e-4
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == module.num_trainable
+
+
+def test_validation_loss_fixed_noise_and_t(tmp_path, batch):
+    """Held-out losses use fixed t and noise: the same at any step, and they move with the model."""
+    module, _ = build(tmp_path)
+    first = module.compute_losses(batch, fixed_t=0.5)
+    again = module.compute_losses(batch, fixed_t=0.5)
+    torch.testing.assert_close(first["loss_base"], again["loss_base"])
+    other_t = module.compute_losses(batch, fixed_t=0.9)
+    assert not torch.allclose(first["loss_base"], other_t["loss_base"])
+    # training draws depend on the step; validation draws do not
+    train_a = module.compute_losses(batch)["loss_base"]
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)  # B starts at zero: move the adapter
+    moved = module.compute_losses(batch, fixed_t=0.5)
+    assert not torch.allclose(first["loss_base"], moved["loss_base"])
+    assert torch.isfinite(train_a)
+
+
+def test_training_with_validation_logs_val_losses(tmp_path):
+    from gridgen.train import train
+
+    cfg = make_cfg(tmp_path, "trainer.max_steps=2", "lora.rank=4", "data.val_shards=${data.train_shards}",
+                   "trainer.val_check_interval=2",
+                   "trainer.limit_val_batches=1")
+    metrics = train(cfg)
+    for key in ("val/loss_base", "val/loss_flow", "val/loss_base_t0.25", "val/loss_flow_t0.75"):
+        assert key in metrics and metrics[key] > 0

@@ -145,13 +145,14 @@ class GridModule(L.LightningModule):
             return batch["latents"].to(self.device)
         return encode_images(self.pipe.vae, batch["pixel_values"].to(self.device))
 
-    def _noise_and_times(self, keys: list[str], x0: torch.Tensor, layout: GridLayout
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and t per sample from a generator keyed by (seed, step, sample key).
+    def _noise_and_times(self, keys: list[str], x0: torch.Tensor, layout: GridLayout, stream: str,
+                         fixed_t: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and t per sample from a generator keyed by (seed, stream, sample key).
 
         Keying by sample (not by rank or batch position) makes a step independent of how samples are
         spread over processes, so 2 DDP ranks reproduce 1 process with the doubled batch, and a resumed run
-        draws the same noise as an uninterrupted one.
+        draws the same noise as an uninterrupted one. Training streams include the step; validation uses a
+        fixed stream so held-out losses are comparable across steps, runs and ranks.
         """
         cfg = self.loss_cfg
         shift = cfg.get("timestep_shift", 3.0)
@@ -159,21 +160,26 @@ class GridModule(L.LightningModule):
             shift = float(torch.tensor(calculate_shift(layout.num_tokens)).exp())
         noises, times = [], []
         for key in keys:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.global_step}/{key}".encode()))
-            times.append(sample_timesteps(1, cfg.get("timestep_sampling", "uniform"),
-                                          logit_mean=cfg.get("logit_mean", 0.0), logit_std=cfg.get("logit_std", 1.0),
-                                          shift=float(shift), generator=gen))
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{stream}/{key}".encode()))
+            if fixed_t is None:
+                times.append(sample_timesteps(1, cfg.get("timestep_sampling", "uniform"),
+                                              logit_mean=cfg.get("logit_mean", 0.0),
+                                              logit_std=cfg.get("logit_std", 1.0), shift=float(shift), generator=gen))
+            else:
+                times.append(torch.tensor([float(fixed_t)]))
             noises.append(torch.randn(x0.shape[1:], generator=gen))
         noise = torch.stack(noises).to(device=x0.device, dtype=x0.dtype)  # (B, N, 64)
         return noise, torch.cat(times).to(x0.device)
 
     # ---- step -----------------------------------------------------------------------------------------
-    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def compute_losses(self, batch: dict[str, Any], fixed_t: float | None = None) -> dict[str, Any]:
+        """Eqs. (1)-(7) on one batch. ``fixed_t``: validation at a fixed time with fixed noise."""
         layout = GridLayout(**{k: int(v) for k, v in batch["layout"].items()})
         x0 = self._latents(batch)  # (B, N, 64)
         batch_size = x0.shape[0]
         keys = list(batch.get("__key__") or [f"{self.global_step}-{i}" for i in range(batch_size)])
-        noise, t = self._noise_and_times(keys, x0, layout)
+        stream = f"train/{self.global_step}" if fixed_t is None else "val"
+        noise, t = self._noise_and_times(keys, x0, layout, stream, fixed_t)
         x_t, target = add_noise(x0, noise, t)  # eq. (1)-(2)
         prompt_embeds, pooled, text_ids = self._text_conditioning(batch)
         dtype = next(self.transformer.parameters()).dtype
@@ -191,17 +197,31 @@ class GridModule(L.LightningModule):
         loss_base = base_loss(pred, target)  # eq. (4)
         loss_flow = temporal_flow_loss(pred, target, layout)  # eq. (5)-(7)
         return {"loss": loss_base + self.alpha * loss_flow, "loss_base": loss_base, "loss_flow": loss_flow,
-                "tokens": torch.tensor(batch_size * layout.num_tokens)}
+                "batch_size": batch_size}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.compute_losses(batch)
-        batch_size = len(batch["caption"]) if "caption" in batch else out["tokens"].item()
-        log_kw = {"on_step": True, "on_epoch": False, "batch_size": batch_size}
+        log_kw = {"on_step": True, "on_epoch": False, "batch_size": out["batch_size"]}
         self.log("train/loss", out["loss"], prog_bar=True, **log_kw)
         self.log("train/loss_base", out["loss_base"], **log_kw)
         self.log("train/loss_flow", out["loss_flow"], **log_kw)
         self.log("train/alpha", self.alpha, **log_kw)
         return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Held-out L_base and L_flow at fixed times with fixed noise: comparable across runs and ranks."""
+        times = [float(t) for t in self.loss_cfg.get("val_timesteps", (0.25, 0.5, 0.75))]
+        base, flow = [], []
+        for t in times:
+            out = self.compute_losses(batch, fixed_t=t)
+            kw = {"on_step": False, "on_epoch": True, "sync_dist": True, "batch_size": out["batch_size"]}
+            self.log(f"val/loss_base_t{t:g}", out["loss_base"], **kw)
+            self.log(f"val/loss_flow_t{t:g}", out["loss_flow"], **kw)
+            base.append(out["loss_base"])
+            flow.append(out["loss_flow"])
+        kw = {"on_step": False, "on_epoch": True, "sync_dist": True, "batch_size": out["batch_size"]}
+        self.log("val/loss_base", torch.stack(base).mean(), prog_bar=True, **kw)
+        self.log("val/loss_flow", torch.stack(flow).mean(), **kw)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
