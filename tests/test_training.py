@@ -239,3 +239,13 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
     assert ddp.keys() == single.keys()
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-3 * update, msg=key)
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2", "strategy=ddp",
+                                           "trainer.devices=8", "trainer.num_nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+    assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy._target_.endswith("DDPStrategy")
