@@ -11,11 +11,12 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 # Every `key=value` given on the command line (stage=, task=, model.pretrained=, ...) is a Hydra override.
-MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS
+MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS only ranks
+comma := ,
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
 
-.PHONY: help setup train curriculum sweep report test test-slow lint bench clean
+.PHONY: help setup train curriculum sweep report prepare test test-slow lint bench clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -39,7 +40,10 @@ curriculum: $(VENV)/.installed ## coarse then fine stage, the fine one starting 
 	$(PY) -m gridgen.train stage=fine $(filter-out stage=%,$(OVERRIDES)) $(ARGS)
 
 sweep: $(VENV)/.installed ## Hydra multirun over LoRA rank (one folder per rank, one W&B group)
-	$(PY) -m gridgen.train -m lora.rank=$(or $(ranks),4,8,16) $(filter-out ranks=%,$(OVERRIDES)) $(ARGS)
+	$(PY) -m gridgen.train -m lora.rank=$(or $(ranks),4,8,16) $(OVERRIDES) $(ARGS)
+
+prepare: $(VENV)/.installed ## raw data -> grid shards: make prepare data=webvid|tiktok|objaverse|frames prepare.src=... prepare.out=...
+	$(PY) -m gridgen.prepare $(OVERRIDES) $(ARGS)
 
 report: $(VENV)/.installed ## loss curves, alpha schedule, samples, sweep summary as PNG/Markdown: make report run=<folder>
 	$(PY) -m gridgen.report $(OVERRIDES) $(ARGS)
@@ -53,8 +57,10 @@ test-slow: $(VENV)/.installed ## only the checks marked slow
 lint: $(VENV)/.installed ## ruff
 	$(VENV)/bin/ruff check src tests bench
 
-bench: $(VENV)/.installed ## benchmarks -> bench/RESULTS.md
-	$(PY) bench/bench_train.py $(ARGS)
+BENCHES := $(patsubst bench/bench_%.py,%,$(wildcard bench/bench_*.py))
+bench: $(VENV)/.installed ## all benchmarks (or only=train,data,...) -> bench/RESULTS.md
+	@set -e; for b in $(or $(subst $(comma), ,$(only)),$(BENCHES)); do \
+	  echo "== bench/bench_$$b.py"; $(PY) bench/bench_$$b.py $(ARGS); done
 
 clean: ## remove outputs (not the venv or caches)
 	rm -rf outputs multirun

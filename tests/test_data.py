@@ -82,11 +82,18 @@ def test_shards_readable_and_match_manifest(shards, kind):
                 32,
             )
             assert meta["kind"] == kind and meta["source"] == "gridgen-sample"
-            assert meta["frame_indices"] == list(range(layout.num_cells))
-            assert ("fps" in meta) == (kind == "video")
-            assert meta["c_layout"] == layout.caption_prefix(kind)
-            assert s["txt"].startswith(meta["c_layout"])
-            assert s["txt"] == layout.caption(meta["c_content"], kind)
+            assert meta["source_id"] == s["__key__"]
+            first = meta["frame_indices"][0]  # video: 16 consecutive frames of a 20-frame mp4, seeded start
+            assert meta["frame_indices"] == list(range(first, first + layout.num_cells))
+            assert (0 <= first <= 4) if kind == "video" else first == 0
+            assert ("fps" in meta) == (kind == "video") and ("cameras" in meta) == (kind == "multiview")
+            # c_layout: "A 16-frame sequence ..." (video) and paper Table 4's "A 24-frame sequence ..." (multi-view)
+            assert meta["c_layout"] == layout.caption_prefix("video")
+            if kind == "multiview":
+                subject = f"{meta['metadata']['color']} {meta['metadata']['object']}"
+                assert meta["c_content"].startswith("Each frame captures a 3D model of ")
+                assert f" {subject} from a different angle, rotating 360 degrees." in meta["c_content"]
+            assert s["txt"] == f"{meta['c_layout']} {meta['c_content']}"
 
 
 def test_untile_recovers_moving_frames(shards):
@@ -102,7 +109,7 @@ def test_untile_recovers_moving_frames(shards):
             assert all(not torch.equal(frames[k], frames[k + 1]) for k in range(layout.num_cells - 1))
             if kind == "video":
                 # the shape (pixels unlike the background) is in every frame and its centroid travels
-                background = torch.tensor(sample_mod.BACKGROUND_COLORS[s["json"]["background"]])
+                background = torch.tensor(sample_mod.BACKGROUND_COLORS[s["json"]["metadata"]["background"]])
                 mask = (frames.int() - background[None, :, None, None]).abs().sum(1) > 30
                 area = mask.sum((1, 2)).float()
                 assert (area > 0).all()
@@ -142,8 +149,8 @@ def test_ensure_sample_shards_caches_and_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setenv("GRIDGEN_CACHE", str(tmp_path))
     path = ensure_sample_shards(seed=0)  # default root from $GRIDGEN_CACHE, default sizes
-    assert path == tmp_path / "sample-v1-seed0"
-    assert [p.name for p in tmp_path.iterdir()] == ["sample-v1-seed0"]  # no temp folder left
+    assert path == tmp_path / "sample-v2-seed0"
+    assert [p.name for p in tmp_path.iterdir()] == ["sample-v2-seed0"]  # no temp folder left
     counts = {k: v["counts"] for k, v in json.loads((path / "manifest.json").read_text())["kinds"].items()}
     assert counts == {"video": {"train": 64, "val": 4}, "multiview": {"train": 32, "val": 4}}
     assert len(list((path / "video").glob("train-*.tar"))) == 4
@@ -214,7 +221,8 @@ def test_train_batches_format_and_never_mixed(shards):
             assert len(kinds) == 1  # never a mixed batch
             kind = kinds.pop()
             assert (layout.rows, layout.cols) == {"video": (4, 4), "multiview": (4, 6)}[kind]
-            assert all(c.startswith(layout.caption_prefix(kind)) for c in batch["caption"])
+            assert all(c.startswith(layout.caption_prefix("video")) for c in batch["caption"])  # "N-frame", Table 4
+            assert all(("3D model of" in c) == (kind == "multiview") for c in batch["caption"])
             seen.add(layout.name)
     assert seen == {"4x4", "4x6"}
     assert dm.num_skipped == 0

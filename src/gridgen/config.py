@@ -9,14 +9,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gridgen.models.loading import ModelNotFoundError
-from gridgen.models.lora import LoraFileError
-
 # conf/ sits at the repository root (src/gridgen/config.py -> ../../conf); GRIDGEN_CONF overrides it.
 CONF_DIR = Path(os.environ.get("GRIDGEN_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 # Errors caused by what the user asked for: entry points print them as one line and exit non-zero.
-USER_ERRORS = (ValueError, FileNotFoundError, ModelNotFoundError, LoraFileError)
+# gridgen's own (ModelNotFoundError, LoraFileError, ...) subclass these, so this module imports no model code
+# and data tools start fast.
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _sample_data(cache_dir: str, subset: str) -> str:
@@ -49,6 +48,9 @@ def _sweep_subdir(override_dirname: str, job_num: int) -> str:
 
 
 def register_resolvers() -> None:
+    from gridgen.data.cards import register_card_resolver  # ${gridgen_card:<name>,<key>}: data cards
+
+    register_card_resolver()
     if not OmegaConf.has_resolver("gridgen_sample_data"):
         OmegaConf.register_new_resolver("gridgen_sample_data", _sample_data)
     if not OmegaConf.has_resolver("gridgen_sweep_subdir"):

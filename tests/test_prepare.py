@@ -1,0 +1,381 @@
+"""`make prepare`: raw videos / frame folders / multi-view renders -> grid shards (seconds on one core)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from gridgen.data.captions import VLMCaptioner
+from gridgen.data.cards import REQUIRED_KEYS, available_cards, card_value, load_card, read_card
+from gridgen.data.sample import moving_shape_clip
+from gridgen.data.sources import FrameSampling, VideoSource, camera_circle, write_video
+from gridgen.data.tiling import composite, fit_to_cell, tile_frames
+from gridgen.layout import GridLayout
+from gridgen.prepare import CONF_DIR, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT.parent / "shared" / "data" / "grid_demo_multiview"
+DATA_CONFIGS = sorted(p.stem for p in (CONF_DIR / "prepare" / "data").glob("*.yaml"))
+
+
+def compose_prepare(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR / "prepare"), version_base="1.3"):
+        return compose("prepare", overrides=list(overrides))
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def read_samples(folder: Path, split: str = "train", decode: str | None = "rgb8") -> list[dict]:
+    dataset = wds.WebDataset([str(p) for p in sorted(folder.glob(f"{split}-*.tar"))], shardshuffle=False)
+    return list(dataset.decode(decode) if decode else dataset)
+
+
+# ---- cards and configs ----------------------------------------------------------------------------
+
+
+def test_cards_are_complete_and_configs_read_them():
+    assert set(available_cards()) >= {"webvid", "tiktok", "objaverse", "sample", "grid_demo_multiview"}
+    for name in available_cards():
+        card = read_card(name)
+        assert set(REQUIRED_KEYS) <= set(card) and card["name"] == name and card["body"].strip()
+    for name in DATA_CONFIGS:
+        cfg = compose_prepare(f"data={name}", "prepare.src=/raw", "prepare.out=/out")
+        data = cfg.data  # every interpolation resolves
+        GridLayout.parse(data.layout, data.cell_height, data.cell_width)
+        if "card" in data:  # the card is the single source of truth
+            card = load_card(data.card)
+            assert data.layout == card["preprocessing"]["layout"]
+            assert (data.cell_height, data.cell_width) == (card["preprocessing"]["cell_height"],
+                                                           card["preprocessing"]["cell_width"])
+            assert data.source.kind == card["source"] and data.shards.maxcount == card["shards"]["maxcount"]
+            assert f"data={name} " in card["prepare_command"]
+    # an override wins over the card
+    assert compose_prepare("data=webvid", "data.layout=8x8", "prepare.src=a", "prepare.out=b").data.layout == "8x8"
+    assert card_value("objaverse", "preprocessing.layout") == "4x6"
+    with pytest.raises(KeyError, match="no key 'preprocessing.nope'"):
+        card_value("webvid", "preprocessing.nope")
+
+
+# ---- geometry -------------------------------------------------------------------------------------
+
+# Paper Table 5, rows in its order: X vector (x, y) and camera origin (x, y); z parts are 0, Y = (0, 0, -1).
+TABLE5 = [
+    ((1.0, 0.0), (0.0, -2.0)), ((0.96, 0.27), (0.54, -1.93)), ((-0.92, 0.4), (0.8, 1.83)),
+    ((-0.99, 0.14), (0.27, 1.98)), ((-0.99, -0.14), (-0.27, 1.98)), ((-0.92, -0.4), (-0.8, 1.83)),
+    ((-0.78, -0.63), (-1.26, 1.55)), ((-0.58, -0.82), (-1.63, 1.15)), ((-0.33, -0.94), (-1.88, 0.67)),
+    ((-0.07, -1.0), (-2.0, 0.14)), ((0.2, -0.98), (-1.96, -0.41)), ((0.46, -0.89), (-1.78, -0.92)),
+    ((0.85, 0.52), (1.04, -1.71)), ((0.68, -0.73), (-1.46, -1.37)), ((0.85, -0.52), (-1.04, -1.71)),
+    ((0.96, -0.27), (-0.54, -1.93)), ((1.0, -0.0), (-0.0, -2.0)), ((0.68, 0.73), (1.46, -1.37)),
+    ((0.46, 0.89), (1.78, -0.92)), ((0.2, 0.98), (1.96, -0.41)), ((-0.07, 1.0), (2.0, 0.14)),
+    ((-0.33, 0.94), (1.88, 0.67)), ((-0.58, 0.82), (1.63, 1.15)), ((-0.78, 0.63), (1.26, 1.55)),
+]
+
+
+def test_cameras_reproduce_paper_table5():
+    cams = camera_circle(24, 2.0, "table5")
+    order = sorted(range(24), key=str)  # the table lists views in lexicographic file order: 0, 1, 10, 11, ...
+    for row, view in enumerate(order):
+        c2w = np.array(cams["c2w"][view])
+        (xx, xy), (ox, oy) = TABLE5[row]
+        assert np.allclose(c2w[:3, 0], [xx, xy, 0], atol=0.006), (row, view)
+        assert np.allclose(c2w[:3, 1], [0, 0, -1]) and np.allclose(c2w[:3, 3], [ox, oy, 0], atol=0.006)
+        assert np.allclose(c2w[:3, 2], -c2w[:3, 3] / 2)  # every camera looks at the origin
+        assert np.allclose(np.linalg.det(c2w[:3, :3]), 1.0)
+    uniform = np.array(camera_circle(24, 2.0, "uniform")["c2w"][1])
+    assert not np.allclose(uniform[:3, 3], [0.54, -1.93, 0], atol=0.006)  # 15 deg steps are not the table's
+    assert cams["azimuth_deg"][1] == pytest.approx(360 / 23, abs=1e-6)
+
+
+def test_frame_sampling_windows():
+    rng = np.random.default_rng(0)
+    assert FrameSampling(stride=2, start=3).windows(40, 4, None, rng) == ([[3, 5, 7, 9]], None)
+    # 30 fps -> 10 fps is a step of 3; two windows of 10 frames packed from frame 0
+    windows, fps = FrameSampling(fps=10, start=0, grids_per_clip=2).windows(30, 4, 30.0, rng)
+    assert windows == [[0, 3, 6, 9], [10, 13, 16, 19]] and fps == pytest.approx(10.0)
+    assert FrameSampling(fps=60, start=0).windows(8, 4, 25.0, rng)[0] == [[0, 1, 2, 3]]  # never repeats frames
+    assert FrameSampling(stride=1).windows(3, 4, None, rng) == ([], None)  # too short
+    for seed in range(20):  # random starts: inside the clip, non-overlapping, in order
+        windows, _ = FrameSampling(stride=2, grids_per_clip=3).windows(30, 4, None, np.random.default_rng(seed))
+        assert len(windows) == 3
+        flat = [i for w in windows for i in w]
+        assert all(w[1] - w[0] == 2 for w in windows) and flat == sorted(flat) and 0 <= flat[0] and flat[-1] < 30
+        assert all(a[-1] < b[0] for a, b in zip(windows, windows[1:], strict=False))
+    draws = {tuple(FrameSampling().windows(40, 4, None, np.random.default_rng(s))[0][0]) for s in range(10)}
+    assert len(draws) > 3  # the start is random
+    with pytest.raises(ValueError, match="stride or data.sampling.fps, not both"):
+        FrameSampling(stride=2, fps=8)
+
+
+def test_fit_tile_and_composite_against_loops():
+    frame = np.arange(60 * 100 * 3, dtype=np.uint32).reshape(60, 100, 3).astype(np.uint8)
+    assert fit_to_cell(frame, 60, 60) is not None and np.array_equal(fit_to_cell(frame, 60, 60), frame[:, 20:80])
+    assert fit_to_cell(frame, 32, 48).shape == (32, 48, 3)
+    assert fit_to_cell(frame, 60, 100) is frame  # the cell size already: untouched
+    layout = GridLayout(2, 3, 16, 32)
+    frames = [np.full((16, 32, 3), k, np.uint8) + np.arange(32, dtype=np.uint8)[None, :, None] for k in range(6)]
+    grid = tile_frames(frames, layout)
+    expected = np.zeros((32, 96, 3), np.uint8)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        expected[r * 16:(r + 1) * 16, c * 32:(c + 1) * 32] = frames[k]
+    assert np.array_equal(grid, expected)
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4)).astype(np.uint8)
+    exact = (rgba[..., :3] * (rgba[..., 3:] / 255.0) + np.array([10, 200, 255]) * (1 - rgba[..., 3:] / 255.0))
+    assert np.array_equal(composite(rgba, (10, 200, 255)), np.rint(exact).astype(np.uint8))
+
+
+# ---- real multi-view renders ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not DEMO.is_dir(), reason="../shared/data/grid_demo_multiview is not on this machine")
+@pytest.mark.parametrize("background", ["black", "#ffffff"])
+def test_demo_multiview_grid_pixel_for_pixel(tmp_path, background):
+    cfg = compose_prepare("data=grid_demo_multiview", f"prepare.src={DEMO}", f"prepare.out={tmp_path}",
+                          f"data.source.background='{background}'", "prepare.progress=false")
+    entry = prepare(cfg)
+    assert entry["counts"]["samples"] == 1 and entry["counts"]["skipped"] == {}
+    (sample,) = read_samples(tmp_path)
+    grid, meta = sample["png"], sample["json"]
+    assert grid.shape == (1024, 1536, 3) and (meta["rows"], meta["cols"]) == (4, 6)
+    bg = (0, 0, 0) if background == "black" else (255, 255, 255)
+    for k in range(24):  # view k (multi_frame{k}.png, numeric order) composited on the background, cell divmod(k, 6)
+        rgba = np.asarray(Image.open(DEMO / f"multi_frame{k}.png").convert("RGBA")).astype(np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        view = np.rint(rgba[..., :3] * alpha + np.array(bg) * (1 - alpha)).astype(np.uint8)
+        r, c = divmod(k, 6)
+        assert np.array_equal(grid[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256], view), f"view {k}"
+    assert meta["cameras"] == camera_circle(24, 2.0, "table5") and meta["frame_indices"] == list(range(24))
+    assert sample["txt"].startswith("A 24-frame sequence arranged in a 4x6 grid. Each frame captures a 3D model of "
+                                    "a small green plant creature")
+    listing = subprocess.run(["tar", "tf", str(tmp_path / "train-000000.tar")], capture_output=True, text=True)
+    assert listing.returncode == 0 and sorted(listing.stdout.split()) == [
+        "grid_demo_multiview.json", "grid_demo_multiview.png", "grid_demo_multiview.txt"]
+
+
+# ---- videos from a WebVid-style CSV, bad inputs ---------------------------------------------------
+
+
+def write_webvid(folder: Path, n_good: int = 4, frames: int = 20) -> Path:
+    """A WebVid-style raw folder: `<page_dir>/<videoid>.mp4` + results.csv, with one of each bad input."""
+    (folder / "pd").mkdir(parents=True)
+    rows = []
+    for i in range(n_good):
+        clip, meta = moving_shape_clip(np.random.default_rng(i), frames, 48, 64)
+        write_video(folder / "pd" / f"{1000 + i}.mp4", clip, fps=8)
+        rows.append((str(1000 + i), meta["name"]))
+    write_video(folder / "pd" / "2000.mp4", moving_shape_clip(np.random.default_rng(9), 5, 48, 64)[0], fps=8)
+    (folder / "pd" / "2001.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20)
+    write_video(folder / "pd" / "2003.mp4", moving_shape_clip(np.random.default_rng(8), frames, 48, 64)[0], fps=8)
+    rows += [("2000", "too short"), ("2001", "corrupt"), ("2002", "never downloaded"), ("2003", ""),
+             ("1000", "a duplicate row")]
+    lines = ["videoid,contentUrl,duration,page_dir,name"]
+    lines += [f'{vid},http://x/{vid}.mp4,PT00H00M02S,pd,"{name}"' for vid, name in rows]
+    (folder / "results.csv").write_text("\n".join(lines) + "\n")
+    return folder / "results.csv"
+
+
+def video_cfg(src: Path, out: Path, *extra: str):
+    return compose_prepare("data=webvid", f"prepare.src={src}", f"prepare.out={out}", "data.cell_height=32",
+                           "data.cell_width=32", "data.shards.maxcount=2", "prepare.progress=false", *extra)
+
+
+def test_webvid_csv_to_shards_with_bad_inputs(tmp_path):
+    csv_path = write_webvid(tmp_path / "raw", frames=40)  # 40 frames at 8 fps; the short one has 5
+    entry = prepare(video_cfg(csv_path, tmp_path / "out", "data.sampling.fps=4"))  # every 2nd frame: 31 needed
+    counts = entry["counts"]
+    assert counts["samples"] == 4 and counts["inputs_done"] == 8 and counts["frames"] == 64
+    assert counts["skipped"] == {"too_short": 1, "unreadable": 1, "missing_file": 1, "missing_caption": 1,
+                                 "duplicate_id": 1}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["shards"]["train"] == ["train-000000.tar", "train-000001.tar"] and manifest["counts"] == {"train": 4}
+    samples = read_samples(tmp_path / "out")
+    assert [s["__key__"] for s in samples] == [f"webvid-{1000 + i}" for i in range(4)]
+    for s in samples:
+        meta = s["json"]
+        assert s["jpg"].shape == (128, 128, 3)
+        idx = meta["frame_indices"]
+        assert len(idx) == 16 and all(b - a == 2 for a, b in zip(idx, idx[1:], strict=False)) and idx[-1] < 40
+        assert meta["fps"] == 4.0 and meta["metadata"]["page_dir"] == "pd" and meta["source"] == "webvid"
+        assert s["txt"] == f"A 16-frame sequence arranged in a 4x4 grid. {meta['c_content']}"
+        assert meta["c_content"].startswith(("a ", "an "))  # the CSV's name column
+    # re-running the finished job changes nothing
+    before = shard_bytes(tmp_path / "out")
+    prepare(video_cfg(csv_path, tmp_path / "out", "data.sampling.fps=4"))
+    assert shard_bytes(tmp_path / "out") == before
+
+
+def test_workers_resume_and_no_partial_shards(tmp_path, monkeypatch):
+    csv_path = write_webvid(tmp_path / "raw", n_good=5, frames=40)
+    opts = ("data.sampling.stride=1", "data.sampling.fps=null", "data.sampling.grids_per_clip=2")  # 2 grids per clip: shards end mid-clip
+    ref = prepare(video_cfg(csv_path, tmp_path / "ref", *opts))
+    reference = shard_bytes(tmp_path / "ref")
+    assert ref["counts"]["samples"] == 10 and len(reference) == 5
+    assert [s["end"] for s in ref["shards"]] == [[1, 0], [2, 0], [3, 0], [4, 0], [9, 0]]  # 9 inputs
+
+    prepare(video_cfg(csv_path, tmp_path / "par", *opts, "prepare.workers=2"))
+    assert shard_bytes(tmp_path / "par") == reference  # workers change nothing
+
+    # an interrupt (Ctrl-C) while the 4th clip is processed: finished shards stay, no partial one appears
+    load = VideoSource.load
+    calls = []
+
+    def interrupted(self, item, *args, **kwargs):
+        calls.append(item.id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return load(self, item, *args, **kwargs)
+
+    monkeypatch.setattr(VideoSource, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(video_cfg(csv_path, tmp_path / "out", *opts, "data.shards.maxcount=3"))
+    monkeypatch.setattr(VideoSource, "load", load)
+    out = tmp_path / "out"
+    partial = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    assert not partial["complete"] and [s["end"] for s in partial["shards"]] == [[1, 1]]  # ends inside clip 1
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tar") == ["train-000000.tar"]
+    assert not (out / ".tmp-train").exists()
+
+    entry = prepare(video_cfg(csv_path, out, *opts, "data.shards.maxcount=3"))  # resume
+    ref3 = prepare(video_cfg(csv_path, tmp_path / "ref3", *opts, "data.shards.maxcount=3"))
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref3")  # nothing lost, nothing twice
+    assert entry["counts"] == ref3["counts"]
+    keys = [s["__key__"] for s in read_samples(out, decode=None)]
+    assert len(keys) == len(set(keys)) == 10
+
+    with pytest.raises(ValueError, match="another config.*prepare.overwrite=true"):
+        prepare(video_cfg(csv_path, out, *opts, "data.shards.maxcount=3", "data.shards.quality=50"))
+
+
+def test_video_folder_with_sidecar_captions_and_containers(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    for name, codec, seed in (("a.webm", "libvpx", 0), ("sub/b.avi", "mpeg4", 1), ("c.mp4", "libx264", 2)):
+        clip, meta = moving_shape_clip(np.random.default_rng(seed), 16, 48, 64)
+        write_video(raw / name, clip, fps=8, codec=codec)
+        if not name.startswith("c"):  # c.mp4 has no caption file
+            (raw / name).with_suffix(".txt").write_text(meta["name"] + "\n")
+    cfg = compose_prepare("data=video", f"prepare.src={raw}", f"prepare.out={tmp_path / 'out'}", "data.layout=2x2",
+                          "data.cell_height=32", "data.cell_width=32", "data.sampling.fps=null",
+                          "data.sampling.stride=5", "data.sampling.start=0", "prepare.progress=false")
+    entry = prepare(cfg)
+    assert entry["counts"]["samples"] == 2 and entry["counts"]["skipped"] == {"missing_caption": 1}
+    samples = read_samples(tmp_path / "out")
+    assert [s["__key__"] for s in samples] == ["a", "sub_b"]  # ids from relative paths, dots and slashes replaced
+    for s in samples:
+        assert s["json"]["frame_indices"] == [0, 5, 10, 15] and s["json"]["fps"] == pytest.approx(8 / 5)
+        assert s["jpg"].shape == (64, 64, 3) and " moves " in s["txt"]
+
+
+# ---- frame folders --------------------------------------------------------------------------------
+
+
+def test_tiktok_frame_folders_numeric_order(tmp_path):
+    for video in ("00001", "00002"):
+        images = tmp_path / "raw" / video / "images"
+        images.mkdir(parents=True)
+        for k in range(1, 13):  # 1.png ... 12.png: text order would put 10, 11, 12 before 2
+            Image.fromarray(np.full((40, 24, 3), 20 * k, np.uint8)).save(images / f"{k}.png")
+        (tmp_path / "raw" / video / "masks").mkdir()  # ignored
+    (tmp_path / "raw" / "00002" / "caption.txt").write_text("a person waves")
+    cfg = compose_prepare("data=tiktok", f"prepare.src={tmp_path / 'raw'}", f"prepare.out={tmp_path / 'out'}",
+                          "data.layout=2x2", "data.cell_height=32", "data.cell_width=16", "data.sampling.stride=3",
+                          "data.sampling.start=0", "prepare.progress=false")
+    entry = prepare(cfg)
+    assert entry["counts"]["samples"] == 2 and entry["counts"]["skipped"] == {}
+    samples = read_samples(tmp_path / "out")
+    assert [s["__key__"] for s in samples] == ["tiktok-00001-g0", "tiktok-00002-g0"]
+    for s in samples:
+        frames = GridLayout(2, 2, 32, 16).untile(torch.from_numpy(s["jpg"].copy()).permute(2, 0, 1))  # (4, 3, 32, 16)
+        levels = [float(f.float().median()) for f in frames]
+        assert [round(v / 20) for v in levels] == [1, 4, 7, 10]  # frames 1, 4, 7, 10 in numeric order
+        assert s["json"]["frame_indices"] == [0, 3, 6, 9] and s["json"]["fps"] == 10.0
+    assert samples[0]["json"]["c_content"] == load_card("tiktok")["captioning"]["default_caption"]
+    assert samples[1]["json"]["c_content"] == "a person waves"
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    src = write_webvid(tmp_path / "raw", n_good=1)
+    with pytest.raises(FileNotFoundError, match=r"prepare.src '.*nowhere' does not exist"):
+        prepare(video_cfg(tmp_path / "nowhere", tmp_path / "o"))
+    src.write_text("videoid,contentUrl,duration,page_dir\n1000,x,PT1S,pd\n")
+    with pytest.raises(ValueError, match=r"has no caption column 'name' \(columns: videoid, contentUrl, duration, "
+                                         r"page_dir\); set data.source.caption_column=<column>"):
+        prepare(video_cfg(src, tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"data.layout=4x4 with data.cell_height=100 .*multiple of 16 px.*pick e.g. 96"):
+        prepare(video_cfg(src, tmp_path / "o", "data.cell_height=100"))
+    if DEMO.is_dir():
+        with pytest.raises(ValueError, match="4x4 has 16 cells but objects have data.source.num_views=24"):
+            prepare(compose_prepare("data=grid_demo_multiview", f"prepare.src={DEMO}", f"prepare.out={tmp_path}/d",
+                                    "data.layout=4x4"))
+    with pytest.raises(FileNotFoundError, match="captioner weights '/no/such/vlm' are not on this machine"):
+        VLMCaptioner("/no/such/vlm", prompt="describe")
+
+
+def test_cli_one_line_error_and_success(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gridgen.prepare", "data=webvid", f"prepare.src={tmp_path}/missing",
+                           f"prepare.out={tmp_path}/out"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"gridgen.prepare: error: prepare.src '{tmp_path}/missing' does not exist; point it at the raw video data "
+        "(a folder, or a WebVid-style CSV for videos)"]
+    assert not any(tmp_path.iterdir())  # nothing written, not even Hydra's logs
+    src = write_webvid(tmp_path / "raw", n_good=2)
+    proc = subprocess.run([sys.executable, "-m", "gridgen.prepare", "data=webvid", f"prepare.src={src}",
+                           f"prepare.out={tmp_path}/out", "data.cell_height=32", "data.cell_width=32"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "samples        2 grids from 6 inputs" in proc.stdout
+    assert "skipped=" in proc.stderr and "clips/s" in proc.stderr  # the progress bar: rate and running skips
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+
+
+@pytest.mark.slow
+def test_killed_prepare_resumes_without_loss_or_duplicates(tmp_path):
+    """SIGKILL mid-run (no cleanup at all), then the same command again: same shards as one clean run."""
+    import signal
+    import time
+
+    src = write_webvid(tmp_path / "raw", n_good=40, frames=20)
+    args = [sys.executable, "-m", "gridgen.prepare", "data=webvid", f"prepare.src={src}", "data.cell_height=64",
+            "data.cell_width=64", "data.shards.maxcount=2", "prepare.progress=false"]
+    proc = subprocess.Popen([*args, f"prepare.out={tmp_path}/out"], cwd=tmp_path)
+    manifest = tmp_path / "out" / "manifest.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if manifest.is_file() and len(json.loads(manifest.read_text())["splits"]["train"]["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not json.loads(manifest.read_text())["splits"]["train"]["complete"], "finished before the kill"
+    subprocess.run([*args, f"prepare.out={tmp_path}/out"], cwd=tmp_path, check=True)
+    subprocess.run([*args, f"prepare.out={tmp_path}/ref"], cwd=tmp_path, check=True)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
+    done, ref = (json.loads((tmp_path / d / "manifest.json").read_text())["splits"]["train"] for d in ("out", "ref"))
+    assert done["counts"] == ref["counts"] and done["counts"]["samples"] == 40 and math.isfinite(done["seconds"])
+
+
+def test_bench_prepare_quick_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_prepare.py"), "--quick", "--no-write"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.startswith("<!-- bench:prepare:start -->") and out.rstrip().endswith("<!-- bench:prepare:end -->")
+    ratios = [float(v) for v in re.findall(r"\*\*ratio [^=*]+= ([\d.]+)\*\*", out)]
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), out
