@@ -16,7 +16,7 @@ comma := ,
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
 
-.PHONY: help setup train curriculum sweep report prepare test test-slow lint bench clean
+.PHONY: help setup train curriculum sweep report prepare generate test test-slow lint bench clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -44,6 +44,13 @@ sweep: $(VENV)/.installed ## Hydra multirun over LoRA rank (one folder per rank,
 
 prepare: $(VENV)/.installed ## raw data -> grid shards: make prepare data=webvid|tiktok|objaverse|frames prepare.src=... prepare.out=...
 	$(PY) -m gridgen.prepare $(OVERRIDES) $(ARGS)
+
+# task= prompt= prompts_file= ref= lora= layout= seed= T= are read from make's own variables and quoted, so spaces,
+# commas and quotes in a prompt survive; any other key=value is a Hydra override as for `make train`.
+GENERATE_KEYS := task prompt prompts_file ref lora layout seed T
+generate: $(VENV)/.installed ## omni inference: make generate task=i2v prompt="..." ref=<image> [lora=<run>] [layout=4x4] [seed=N]
+	$(PY) -m gridgen.generate $(foreach k,$(GENERATE_KEYS),$(if $(filter command line,$(origin $(k))),"$(k)=$$$(k)")) \
+		$(filter-out $(addsuffix =%,$(GENERATE_KEYS)),$(foreach w,$(OVERRIDES),$(if $(findstring =,$(w)),$(w)))) $(ARGS)
 
 report: $(VENV)/.installed ## loss curves, alpha schedule, samples, sweep summary as PNG/Markdown: make report run=<folder>
 	$(PY) -m gridgen.report $(OVERRIDES) $(ARGS)

@@ -1,0 +1,227 @@
+"""Omni inference entry point: ``python -m gridgen.generate task=<task> prompt="..." [ref=...] [lora=...]``.
+
+A thin ``@hydra.main`` around :func:`generate`, which builds everything from the config (``conf/generate.yaml``
+and ``conf/generate_task/``), writes the grids, frames, videos and ``manifest.json``, and returns the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import gridgen
+from gridgen.config import CONF_DIR, USER_ERRORS, register_resolvers
+from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
+from gridgen.inference.sampler import MASK_MODES, GridSampler, apply_lora, check_strength, resolve_lora_source
+from gridgen.inference.tasks import (
+    SampleRequest,
+    TaskSpec,
+    initial_frames,
+    keep_tokens,
+    read_requests,
+    reference_frames,
+    resolve_layout,
+)
+from gridgen.models.loading import load_flux_pipeline, parse_dtype, resolve_pretrained
+
+log = logging.getLogger("gridgen.generate")
+register_resolvers()
+
+# Command-line shorthands. `task` and `lora` are also names of training config groups (conf/task, conf/lora),
+# so Hydra would read `task=i2v` as a group choice; these spell out what they mean here.
+KEY_ALIASES = {"task": "generate_task@task", "lora": "lora.path"}
+# Free text and paths: quoted for Hydra so that commas, quotes and brackets in them stay literal.
+TEXT_KEYS = ("prompt", "prompts_file", "ref", "lora.path", "generate.out")
+
+
+def hydra_quote(value: str) -> str:
+    """A string as one Hydra override value: single-quoted, with quotes, trailing backslashes and ``${`` escaped."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def cli_overrides(argv: list[str]) -> list[str]:
+    """``task=i2v`` -> ``generate_task@task=i2v``, ``lora=<path>`` -> ``lora.path=<path>``; free-text values
+    (``prompt``, ``ref``, paths) are quoted unless already quoted or a ``[list]``. Other arguments pass through."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith(("-", "+", "~")):
+            key = KEY_ALIASES.get(key, key)
+            if key in TEXT_KEYS and value and value[0] not in "'\"[" and value != "null":
+                value = hydra_quote(value)
+            arg = f"{key}={value}"
+        out.append(arg)
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"generate.device={name} but no CUDA device is available; use generate.device=cpu")
+    return device
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "sample"
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
+    """Everything that can be wrong with the request alone, before any weights load."""
+    spec = TaskSpec.from_config(cfg.task)
+    T = check_strength(cfg.T)
+    if T < 1.0 and spec.init == "noise":
+        raise ValueError(f"task {spec.name} starts from pure noise, so T must be 1, got T={T}; "
+                         "T < 1 needs a reference grid (i2v, interpolate, i2mv, edit, style, restore)")
+    if cfg.mask.mode not in MASK_MODES:
+        raise ValueError(f"mask.mode must be one of {list(MASK_MODES)}, got {cfg.mask.mode!r}")
+    if int(cfg.generate.steps) < 1 or int(cfg.generate.batch_size) < 1:
+        raise ValueError(f"generate.steps and generate.batch_size must be >= 1, got {cfg.generate.steps} and "
+                         f"{cfg.generate.batch_size}")
+    if not 0 < float(cfg.ref_fit.min_kept) <= 1:
+        raise ValueError(f"ref_fit.min_kept must be in (0, 1], got {cfg.ref_fit.min_kept}")
+    if cfg.lora.path:
+        resolve_lora_source(cfg.lora.path)
+    return spec, T
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Generate one grid per request in ``cfg`` and export it; returns the manifest (also in ``manifest.json``)."""
+    started = time.perf_counter()
+    spec, T = check_config(cfg)
+    gen = cfg.generate
+    height = gen.height or (gen.grid_heights or {}).get(cfg.model.name, 1024)
+    layout = resolve_layout(cfg.layout, int(height), None if gen.width is None else int(gen.width))
+    requests = read_requests(cfg.prompt, cfg.prompts_file, _plain(cfg.ref), cfg.seed)
+
+    # References -> initial grids and kept cells, once per distinct ref (bad input fails before the model loads)
+    starts: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    for request in requests:
+        key = json.dumps(request.ref)
+        if key not in starts:
+            frames = reference_frames(spec, layout, request.ref, float(cfg.ref_fit.min_kept))
+            starts[key] = initial_frames(spec, layout, frames)
+
+    out = Path(str(gen.out)).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    device, dtype = resolve_device(gen.device), parse_dtype(gen.dtype)
+    load_started = time.perf_counter()
+    pipe = load_flux_pipeline(resolve_pretrained(cfg.model.pretrained), dtype=dtype, device=device,
+                              revision=cfg.model.get("revision"), variant=cfg.model.get("variant"))
+    pipe.set_progress_bar_config(disable=True)
+    lora = apply_lora(pipe.transformer, cfg.lora.path, float(cfg.lora.scale)) if cfg.lora.path else None
+    sampler = GridSampler(pipe, int(gen.max_sequence_length))
+    encoded = {key: (None if frames is None else sampler.encode_grid(layout.tile(frames)[None].to(dtype)),  # (1, N, 64)
+                     keep_tokens(layout, keep) if keep.any() else None)  # (1, N, 1)
+               for key, (frames, keep) in starts.items()}
+    load_s = time.perf_counter() - load_started
+
+    cameras = None
+    if spec.kind == "multiview":
+        cameras = cameras_document(layout, float(cfg.cameras.radius), cfg.cameras.step_deg,
+                                   float(cfg.cameras.elevation_deg), float(cfg.cameras.start_deg))
+    manifest: dict[str, Any] = {
+        "gridgen_version": gridgen.__version__,
+        "task": spec.name, "kind": spec.kind, "layout": {"name": layout.name, **layout.to_dict(),
+                                                         "height": layout.height, "width": layout.width},
+        "T": T, "steps": int(gen.steps), "guidance": float(gen.guidance),
+        "mask": cfg.mask.mode if spec.keep != "none" else None,
+        "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained), "dtype": str(dtype).removeprefix("torch.")},
+        "device": str(device), "lora": lora, "out": str(out), "samples": [],
+        "timing": {"load_s": round(load_s, 4)}, "config": _plain(cfg),
+    }
+    batch_size = int(gen.batch_size)
+    bar = tqdm(total=len(requests), desc=f"{spec.name} {layout.name}", unit="grid", disable=not gen.progress)
+    sampling_s = 0.0
+    for first in range(0, len(requests), batch_size):
+        batch: list[SampleRequest] = requests[first:first + batch_size]
+        batch_started = time.perf_counter()
+        captions = [spec.caption(layout, r.prompt) for r in batch]
+        starts_of_batch = [encoded[json.dumps(r.ref)] for r in batch]
+        init = None if spec.init == "noise" else torch.cat([s[0] for s in starts_of_batch])  # (B, N, 64)
+        keep = None if starts_of_batch[0][1] is None else torch.cat([s[1] for s in starts_of_batch])  # (B, N, 1)
+        text = sampler.encode_text(captions)
+        latents = sampler.sample(layout, text, [r.seed for r in batch], steps=int(gen.steps), T=T,
+                                 guidance=float(gen.guidance), init=init, keep=keep, mask_mode=cfg.mask.mode)
+        grids = to_uint8(sampler.decode(latents, layout))  # (B, H, W, 3)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        batch_s = time.perf_counter() - batch_started
+        sampling_s += batch_s
+        for k, (request, caption) in enumerate(zip(batch, captions, strict=True)):
+            folder = out / f"{request.index:03d}_{_slug(request.prompt)}"
+            files = export_sample(folder, grids[k], layout, spec.kind, int(cfg.export.fps), bool(cfg.export.frames),
+                                  bool(cfg.export.mp4), bool(cfg.export.gif), cameras)
+            if cfg.export.latents:
+                tensors = {"latents": latents[k].float().cpu().contiguous()}
+                if init is not None:
+                    tensors["init"] = init[k].float().cpu().contiguous()
+                if keep is not None:
+                    tensors["keep"] = keep[k].cpu().contiguous()
+                save_file(tensors, folder / "latents.safetensors")
+                files["latents"] = f"{folder.name}/latents.safetensors"
+            manifest["samples"].append({
+                "index": request.index, "prompt": request.prompt, "caption": caption, "seed": request.seed,
+                "ref": request.ref, "folder": folder.name, "files": files,
+                "timing": {"sample_s": round(batch_s / len(batch), 4),
+                           "per_frame_s": round(batch_s / len(batch) / layout.num_cells, 5)},
+            })
+            bar.update()
+        write_manifest(out / "manifest.json", manifest)  # after every batch: an interrupted run keeps its record
+    bar.close()
+    count = len(requests)
+    manifest["timing"].update({
+        "sampling_s": round(sampling_s, 4), "per_grid_s": round(sampling_s / count, 4),
+        "per_frame_s": round(sampling_s / count / layout.num_cells, 5),
+        "total_s": round(time.perf_counter() - started, 4),
+    })
+    write_manifest(out / "manifest.json", manifest)
+    return manifest
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        manifest = generate(cfg)
+    except USER_ERRORS as err:  # bad input: one line, non-zero exit, no traceback
+        print(f"gridgen.generate: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    out = Path(manifest["out"])
+    timing = manifest["timing"]
+    lines = [
+        f"output folder  {out}",
+        f"manifest       {out / 'manifest.json'}",
+        f"grids          {len(manifest['samples'])} x {manifest['layout']['name']} "
+        f"({manifest['layout']['height']}x{manifest['layout']['width']} px), task {manifest['task']}, "
+        f"T={manifest['T']}, {manifest['steps']} steps",
+        f"time           {timing['per_grid_s']:.3f} s per grid, {timing['per_frame_s'] * 1000:.1f} ms per frame "
+        f"(+ {timing['load_s']:.1f} s loading)",
+    ]
+    lines += [f"sample {s['index']:<7} {out / s['files']['grid']}" for s in manifest["samples"][:10]]
+    print("\n".join(lines), flush=True)  # the entry point's answer to the user
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *cli_overrides(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Export of generated grids: the grid PNG, every frame (view) as PNG, an mp4 and a GIF, multi-view cameras, manifest.
+
+Frames are cut from the grid by the layout (film-strip order), never by arithmetic here. Images are
+``(H, W, 3)`` uint8 arrays, converted from [-1, 1] tensors exactly as diffusers' ``VaeImageProcessor`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gridgen.layout import GridLayout
+
+log = logging.getLogger(__name__)
+
+VIDEO_CODECS = ("libx264", "mpeg4")  # first one the FFmpeg build of PyAV can encode
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(..., 3, H, W)`` in [-1, 1] -> ``(..., H, W, 3)`` uint8 (diffusers: ``(x / 2 + 0.5).clamp(0, 1)``, ``* 255``, round)."""
+    x = (images.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+    return (x.movedim(-3, -1).numpy() * 255).round().astype(np.uint8)
+
+
+def grid_frames(grid: np.ndarray, layout: GridLayout) -> np.ndarray:
+    """Grid image ``(H, W, 3)`` -> frames ``(F, h, w, 3)`` in film-strip order (``GridLayout.untile``)."""
+    frames = layout.untile(torch.from_numpy(grid).permute(2, 0, 1))  # (F, 3, h, w)
+    return frames.permute(0, 2, 3, 1).numpy()
+
+
+def save_png(path: Path, image: np.ndarray) -> Path:
+    Image.fromarray(image, "RGB").save(path, format="PNG")
+    return path
+
+
+def write_frames(folder: Path, frames: np.ndarray, stem: str = "frame") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(len(frames) - 1)))
+    return [save_png(folder / f"{stem}_{k:0{width}d}.png", frame) for k, frame in enumerate(frames)]
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> Path:
+    """Frames ``(F, h, w, 3)`` uint8 -> H.264 mp4 (yuv420p, plays everywhere); MPEG-4 part 2 without libx264."""
+    import av
+
+    codec = next((c for c in VIDEO_CODECS if c in av.codecs_available), None)
+    if codec is None:
+        raise RuntimeError(f"this PyAV/FFmpeg build has none of the encoders {VIDEO_CODECS}; set export.mp4=false")
+    _, height, width, _ = frames.shape
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(int(fps)))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": "medium"}
+        else:
+            stream.bit_rate = max(400_000, width * height * int(fps) * 2)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())  # flush
+    return path
+
+
+def write_gif(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
+    images = [Image.fromarray(f, "RGB") for f in frames]
+    duration = 10 * max(1, round(100 / fps))  # GIF frame delays are whole centiseconds
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=duration,
+                   loop=0, optimize=False)
+    return path
+
+
+# ---- multi-view cameras (paper A.9, Table 5) ----------------------------------------------------------
+def multiview_cameras(num_views: int = 24, radius: float = 2.0, step_deg: float | None = None,
+                      elevation_deg: float = 0.0, start_deg: float = 0.0) -> list[dict[str, Any]]:
+    """Camera-to-world poses on a circle around the origin, world z up, OpenCV axes (x right, y down, z forward).
+
+    View k sits at azimuth ``theta_k = start + k * step``: origin ``r (cos e sin theta, -cos e cos theta, sin e)``,
+    x = ``(cos theta, sin theta, 0)``, z = toward the origin, y = z cross x (= -world z at elevation 0). This
+    reproduces the paper's Table 5 (24 views, radius 2) with ``step = 360 / (views - 1)`` = 15.65 deg, the
+    default: the table's rows are the views in file-name order (0, 1, 10, 11, ..., 19, 2, 20, ...) and its
+    last view repeats the first. ``step_deg=15`` gives the text's 15 deg spacing.
+    """
+    if num_views < 1:
+        raise ValueError(f"need at least one view, got {num_views}")
+    step = 360.0 / max(1, num_views - 1) if step_deg is None else float(step_deg)
+    elevation = math.radians(elevation_deg)
+    cameras = []
+    for k in range(num_views):
+        theta = math.radians(start_deg + k * step)
+        origin = np.array([radius * math.cos(elevation) * math.sin(theta),
+                           -radius * math.cos(elevation) * math.cos(theta), radius * math.sin(elevation)])
+        z = -origin / np.linalg.norm(origin)
+        x = np.array([math.cos(theta), math.sin(theta), 0.0])
+        y = np.cross(z, x)
+        c2w = np.eye(4)
+        c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = x, y, z, origin
+        cameras.append({"view": k, "azimuth_deg": start_deg + k * step, "elevation_deg": elevation_deg,
+                        "x": x.tolist(), "y": y.tolist(), "z": z.tolist(), "origin": origin.tolist(),
+                        "c2w": c2w.tolist()})
+    return cameras
+
+
+def cameras_document(layout: GridLayout, radius: float = 2.0, step_deg: float | None = None,
+                     elevation_deg: float = 0.0, start_deg: float = 0.0) -> dict[str, Any]:
+    cameras = multiview_cameras(layout.num_cells, radius, step_deg, elevation_deg, start_deg)
+    for camera in cameras:
+        camera["cell"] = list(layout.cell_of_frame(camera["view"]))
+    return {
+        "convention": "camera-to-world; OpenCV camera axes (x right, y down, z forward toward the origin); world z up",
+        "source": "GRID paper A.9 / Table 5 (Diffusion4D cameras)",
+        "radius": radius,
+        "step_deg": cameras[1]["azimuth_deg"] - cameras[0]["azimuth_deg"] if len(cameras) > 1 else 0.0,
+        "layout": layout.name,
+        "cameras": cameras,
+    }
+
+
+# ---- one sample and the manifest ------------------------------------------------------------------------
+def export_sample(folder: Path, grid: np.ndarray, layout: GridLayout, kind: str = "video", fps: int = 8,
+                  frames: bool = True, mp4: bool = True, gif: bool = True,
+                  cameras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write one generated grid; returns the files written, relative to ``folder``'s parent."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "view" if kind == "multiview" else "frame"
+    files: dict[str, Any] = {"grid": save_png(folder / "grid.png", grid)}
+    sequence = grid_frames(grid, layout)  # (F, h, w, 3)
+    if frames:
+        files[f"{stem}s"] = write_frames(folder / f"{stem}s", sequence, stem)
+    if mp4:
+        files["mp4"] = write_mp4(folder / f"{stem}s.mp4", sequence, fps)
+    if gif:
+        files["gif"] = write_gif(folder / f"{stem}s.gif", sequence, fps)
+    if cameras is not None:
+        path = folder / "cameras.json"
+        path.write_text(json.dumps(cameras, indent=2))
+        files["cameras"] = path
+    root = folder.parent
+
+    def rel(value: Any) -> Any:
+        return [rel(v) for v in value] if isinstance(value, list) else str(Path(value).relative_to(root))
+
+    return {key: rel(value) for key, value in files.items()}
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+

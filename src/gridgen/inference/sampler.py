@@ -1,0 +1,336 @@
+"""The grid sampler: FLUX's shifted flow schedule from T to 0, Euler steps, guidance embedding, masks (eqs. 9-11).
+
+A grid is one FLUX image, so sampling is FLUX sampling over ``N = token_rows * token_cols`` packed tokens:
+
+    sigma_0 = T > sigma_1 > ... > sigma_S = 0      FLUX's exponential time shift, mu from N (calculate_shift)
+    x_{sigma_0} = (1 - T) x_init + T eps           eq. (9); x_init = 0 terms vanish at T = 1 (pure noise)
+    x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i, text, guidance)          Euler on eq. (2)'s field
+    x_{i+1} = (1 - M) * ref_{i+1} + M * x_{i+1}    eqs. (10)-(11); ref_{i+1} is the reference noised to
+                                                   sigma_{i+1} with the same eps (default) or the clean one
+
+With T = 1, no mask and the noise drawn as ``FluxPipeline.prepare_latents`` draws it, every operation is the
+one diffusers' ``FluxPipeline.__call__`` performs, in the same order and dtype, so the two agree to the bit.
+T < 1 keeps FLUX's schedule shape: ``steps`` points equally spaced in unshifted time from ``s_T`` down, with
+``s_T`` the unshifted time that the shift maps to T, so that the first sigma is T itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+
+from gridgen.layout import GridLayout
+from gridgen.models.flux import decode_tokens, encode_images, encode_prompts, pack_latents
+
+if TYPE_CHECKING:
+    from diffusers import FluxPipeline
+
+log = logging.getLogger(__name__)
+
+MASK_MODES = ("noised", "clean")
+LATENT_CHANNELS = 16  # FLUX VAE
+
+
+# ---- schedule ------------------------------------------------------------------------------------------
+def check_strength(T: float) -> float:
+    T = float(T)
+    if not 0.0 < T <= 1.0:
+        raise ValueError(f"T must be in (0, 1] (eq. 9 noise level; paper: 0.8-1.0 with a reference), got {T}")
+    return T
+
+
+def schedule_mu(scheduler: FlowMatchEulerDiscreteScheduler, num_tokens: int) -> float:
+    """FLUX's resolution shift: mu grows linearly with the image's token count, exactly as FluxPipeline."""
+    cfg = scheduler.config
+    return calculate_shift(num_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+
+
+def unshifted_time(scheduler: FlowMatchEulerDiscreteScheduler, mu: float, sigma: float) -> float:
+    """The time ``s`` that the scheduler's shift maps to ``sigma`` (inverse of ``time_shift``); 1 for sigma = 1."""
+    cfg = scheduler.config
+    if sigma >= 1.0:
+        return 1.0
+    if cfg.use_dynamic_shifting:
+        # exponential: sigma = e^mu / (e^mu + 1/s - 1);  linear: sigma = mu / (mu + 1/s - 1)
+        scale = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
+        return 1.0 / (1.0 + scale * (1.0 / sigma - 1.0))
+    shift = cfg.shift  # sigma = shift s / (1 + (shift - 1) s)
+    return sigma / (shift - (shift - 1.0) * sigma)
+
+
+def flux_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_tokens: int, steps: int, T: float = 1.0,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmas (steps + 1,), timesteps (steps,))`` from T down to 0, as FluxPipeline builds them for T = 1.
+
+    The scheduler passed in is not modified (a copy is configured).
+    """
+    T = check_strength(T)
+    if int(steps) < 1:
+        raise ValueError(f"generate.steps must be >= 1, got {steps}")
+    steps = int(steps)
+    mu = schedule_mu(scheduler, num_tokens)
+    start = unshifted_time(scheduler, mu, T)
+    sigmas = np.linspace(start, start / steps, steps)  # FluxPipeline: np.linspace(1.0, 1 / steps, steps)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    sched.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+    return sched.sigmas, sched.timesteps
+
+
+# ---- noise ---------------------------------------------------------------------------------------------
+def initial_noise(seeds: Sequence[int], layout: GridLayout, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Packed noise ``(B, N, 64)``, one CPU generator per seed, drawn as ``FluxPipeline.prepare_latents`` does.
+
+    diffusers draws ``(1, 16, H/8, W/8)`` per generator (``randn_tensor`` with a list of generators) and packs,
+    so ``FluxPipeline(..., generator=[torch.Generator().manual_seed(s) for s in seeds])`` starts from the same
+    noise. CPU generators make a seed give the same grid on any device.
+    """
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    shape = (len(generators), LATENT_CHANNELS, layout.latent_height, layout.latent_width)
+    latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
+    return pack_latents(latents)  # (B, N, 64)
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """``(1 - sigma) x0 + sigma eps`` in float32, returned in ``noise``'s dtype (eq. 1 / eq. 9)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=noise.device)
+    return ((1 - sigma) * x0.float() + sigma * noise.float()).to(noise.dtype)
+
+
+# ---- the sampling loop --------------------------------------------------------------------------------
+@dataclass
+class TextConditioning:
+    """FLUX text inputs: T5 ``prompt_embeds (B, L, D)``, CLIP ``pooled (B, D_clip)``, ``text_ids (L, 3)``."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+
+
+@torch.no_grad()
+def sample_grid(
+    transformer: torch.nn.Module,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    layout: GridLayout,
+    text: TextConditioning,
+    noise: torch.Tensor,
+    *,
+    steps: int = 20,
+    T: float = 1.0,
+    guidance: float | None = 3.5,
+    init: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    mask_mode: str = "noised",
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Sample packed grid latents ``(B, N, 64)``.
+
+    Args:
+        noise: ``(B, N, 64)`` eps, e.g. from :func:`initial_noise`; its dtype is the sampling dtype.
+        T: start of the schedule (eq. 9). T < 1 needs ``init``.
+        init: ``(B, N, 64)`` clean latents of the initialised grid (eq. 8 / the input sequence), or None.
+        keep: ``(B, N, 1)`` bool, True on tokens of reference cells (``M = 0``, eq. 10); they are reset to
+            ``init`` after every step (eq. 11), so they end exactly equal to it.
+        mask_mode: ``noised`` resets to ``init`` noised to the new sigma with the same eps (what inpainting
+            pipelines do); ``clean`` resets to ``init`` itself.
+        callback: called as ``callback(step, sigma, x)`` with the latents entering each step.
+    """
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask.mode must be one of {list(MASK_MODES)}, got {mask_mode!r}")
+    T = check_strength(T)
+    if init is None and (T < 1.0 or keep is not None):
+        raise ValueError("T < 1 and masks need an initial grid (a reference): pass init latents")
+    batch, num_tokens, _ = noise.shape
+    if num_tokens != layout.num_tokens:
+        raise ValueError(f"noise has {num_tokens} tokens, layout {layout.name} has {layout.num_tokens}")
+    device, dtype = noise.device, noise.dtype
+    sigmas, timesteps = flux_schedule(scheduler, layout.num_tokens, steps, T, device=device)
+
+    def reset(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # eq. (11)
+        if keep is None:
+            return x
+        target = noised(init, noise, sigma) if mask_mode == "noised" else init.to(dtype)
+        return torch.where(keep, target, x)
+
+    x = noise if init is None else noised(init, noise, sigmas[0])  # eq. (9); exactly eps at T = 1
+    x = reset(x, sigmas[0])
+    guidance_vec = None
+    if getattr(transformer.config, "guidance_embeds", False):
+        guidance_vec = torch.full([1], float(guidance), device=device, dtype=torch.float32).expand(batch)
+    img_ids = layout.image_ids(device, dtype)  # (N, 3)
+    for i, t in enumerate(timesteps):
+        if callback is not None:
+            callback(i, sigmas[i], x)
+        velocity = transformer(
+            hidden_states=x,
+            timestep=t.expand(batch).to(dtype) / 1000,  # FLUX takes t in [0, 1]; as FluxPipeline rounds it
+            guidance=guidance_vec,
+            pooled_projections=text.pooled,
+            encoder_hidden_states=text.prompt_embeds,
+            txt_ids=text.text_ids,
+            img_ids=img_ids,
+            joint_attention_kwargs={},
+            return_dict=False,
+        )[0]  # (B, N, 64)
+        # Euler step in float32, cast back to the model's dtype (FlowMatchEulerDiscreteScheduler.step)
+        x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
+        x = reset(x, sigmas[i + 1])
+    return x
+
+
+# ---- the FLUX pipeline around the loop ------------------------------------------------------------------
+class GridSampler:
+    """A loaded FLUX pipeline's parts with grid-level encode / sample / decode.
+
+    ``pipe`` is a diffusers ``FluxPipeline`` (``gridgen.models.load_flux_pipeline``); its transformer may carry
+    a LoRA (:func:`apply_lora`).
+    """
+
+    def __init__(self, pipe: FluxPipeline, max_sequence_length: int = 512) -> None:
+        self.pipe = pipe
+        self.max_sequence_length = int(max_sequence_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def encode_text(self, captions: list[str]) -> TextConditioning:
+        embeds, pooled, text_ids = encode_prompts(self.pipe, captions, self.max_sequence_length, device=self.device)
+        return TextConditioning(embeds, pooled, text_ids)
+
+    def encode_grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Grid images in [-1, 1] ``(B, 3, H, W)`` -> normalised packed latents ``(B, N, 64)``."""
+        return encode_images(self.pipe.vae, pixels.to(self.pipe.vae.device))
+
+    def decode(self, latents: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        """Packed latents ``(B, N, 64)`` -> grid images in [-1, 1] ``(B, 3, H, W)``."""
+        return decode_tokens(self.pipe.vae, latents.to(self.pipe.vae.device), layout)
+
+    def sample(self, layout: GridLayout, text: TextConditioning, seeds: Sequence[int], **kwargs: Any) -> torch.Tensor:
+        noise = initial_noise(seeds, layout, dtype=text.prompt_embeds.dtype, device=self.device)
+        init = kwargs.pop("init", None)
+        if init is not None:
+            init = init.to(device=self.device)
+        keep = kwargs.pop("keep", None)
+        if keep is not None:
+            keep = keep.to(device=self.device)
+        return sample_grid(self.pipe.transformer, self.pipe.scheduler, layout, text, noise, init=init, keep=keep,
+                           **kwargs)
+
+
+# ---- LoRA at inference -------------------------------------------------------------------------------
+def resolve_lora_source(path: str | Path) -> Path:
+    """A LoRA file, a ``.ckpt``, a training run folder (``lora/`` export, else ``checkpoints/last.ckpt``) -> a file."""
+    from gridgen.models.lora import LORA_FILE
+
+    source = Path(str(path)).expanduser()
+    candidates = [source] if source.is_file() else [
+        source / LORA_FILE, source / "lora" / LORA_FILE, source / "checkpoints" / "last.ckpt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"lora '{path}' is not a LoRA file, a .ckpt or a training run folder (looked for {LORA_FILE}, "
+        f"lora/{LORA_FILE}, checkpoints/last.ckpt); point lora= at a run folder under outputs/runs/"
+    )
+
+
+def _lora_from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, str]]:
+    from gridgen.models.lora import LoraFileError, build_lora_config
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = ckpt.get("hyper_parameters", {})
+    if "lora" not in hparams or "state_dict" not in ckpt:
+        raise LoraFileError(f"checkpoint '{path}' was not written by gridgen training (no LoRA hyper-parameters)")
+    lora = hparams["lora"]
+    config = build_lora_config(**{k: lora[k] for k in ("rank", "alpha", "dropout", "init", "target_modules")})
+    # "transformer.<module>.lora_A.default.weight" -> peft's "<module>.lora_A.weight"
+    state = {k.removeprefix("transformer.").replace(".default.", "."): v for k, v in ckpt["state_dict"].items()
+             if ".lora_" in k}
+    info = {"gridgen_model": str(hparams.get("model", {}).get("name", "")), "gridgen_step": str(ckpt.get("global_step"))}
+    return state, config, info
+
+
+def _lora_from_file(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, str]]:
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft import LoraConfig
+
+    from gridgen.models.lora import LoraFileError, read_lora_file
+
+    state, header = read_lora_file(path)
+    if not state or not all(".lora_A." in k or ".lora_B." in k for k in state):
+        raise LoraFileError(f"LoRA file '{path}' holds no peft LoRA weights (keys like '<module>.lora_A.weight')")
+    if LORA_ADAPTER_METADATA_KEY in header:  # diffusers' adapter config: rank, alpha, targets
+        prefix = "transformer."
+        meta = json.loads(header[LORA_ADAPTER_METADATA_KEY])
+        config = LoraConfig(**{k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)})
+    else:  # a plain LoRA file: rank from the shapes, scale 1, exactly the modules it holds
+        ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+        if len(ranks) != 1:
+            raise LoraFileError(f"LoRA file '{path}' has no adapter metadata and mixed ranks {sorted(ranks)}")
+        rank = ranks.pop()
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules)
+    return state, config, {k: v for k, v in header.items() if k.startswith("gridgen_")}
+
+
+def apply_lora(transformer: torch.nn.Module, path: str | Path, scale: float = 1.0) -> dict[str, Any]:
+    """Attach the LoRA in ``path`` (file, run folder or checkpoint) to ``transformer`` at ``scale``.
+
+    The adapter is rebuilt from the file's own config (rank, alpha, targets) and every key and shape is checked
+    against the model first: a LoRA trained for another model fails with one line naming the first mismatch.
+    Returns what the manifest records.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import set_peft_model_state_dict
+
+    from gridgen.models.lora import LoraFileError, lora_state_dict
+
+    source = resolve_lora_source(path)
+    if "default" in (getattr(transformer, "peft_config", None) or {}):
+        raise ValueError("this transformer already carries a LoRA adapter; load a fresh pipeline to apply another")
+    state, config, info = (_lora_from_checkpoint if source.suffix == ".ckpt" else _lora_from_file)(source)
+    transformer.requires_grad_(False)
+    try:
+        transformer.add_adapter(config)
+    except ValueError as e:  # peft: target modules not found in the model
+        raise LoraFileError(f"LoRA '{source}' does not fit this model: {str(e).splitlines()[0]}") from e
+    expected = lora_state_dict(transformer)
+    for key in sorted(set(expected) | set(state)):
+        if key not in state or key not in expected:
+            side = "the model has no" if key not in expected else "the file lacks"
+            transformer.delete_adapters("default")
+            raise LoraFileError(
+                f"LoRA '{source}' was trained for another model: {side} '{key}' "
+                f"({len(set(state) - set(expected))} unexpected, {len(set(expected) - set(state))} missing keys); "
+                f"use a LoRA trained on model.pretrained={getattr(transformer.config, '_name_or_path', '') or 'this model'}"
+            )
+        if state[key].shape != expected[key].shape:
+            transformer.delete_adapters("default")
+            raise LoraFileError(
+                f"LoRA '{source}' was trained for another model: '{key}' has shape {tuple(state[key].shape)}, "
+                f"this model's is {tuple(expected[key].shape)}"
+            )
+    set_peft_model_state_dict(transformer, {k: v.to(expected[k].dtype) for k, v in state.items()})
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", float(scale))  # scaling = scale * alpha / rank
+    transformer.eval()
+    return {"path": str(source), "scale": float(scale), "rank": int(config.r), "alpha": float(config.lora_alpha),
+            **info}
