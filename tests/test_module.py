@@ -104,3 +104,6 @@ def test_training_with_validation_logs_val_losses(tmp_path):
     metrics = train(cfg)
     for key in ("val/loss_base", "val/loss_flow", "val/loss_base_t0.25", "val/loss_flow_t0.75"):
         assert key in metrics and metrics[key] > 0
+    samples = tmp_path / "run" / "samples" / "step000002"  # fixed-seed sample grids of the t2v prompts
+    assert len(list(samples.glob("*_grid.png"))) == len(cfg.task.sample_prompts)
+    assert len(list((samples / "00" / "frames").glob("*.png"))) == 16 and (samples / "00" / "frames.mp4").is_file()

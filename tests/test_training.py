@@ -174,7 +174,8 @@ def test_cli_default_run_with_offline_wandb(tmp_path):
     from wandb_offline import summarise
 
     proc = run_cli("trainer.max_steps=6", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run",
-                   cwd=tmp_path)
+                   "data.val_shards=${data.train_shards}", "trainer.limit_val_batches=1", "trainer.val_check_interval=6",
+                   "callbacks.samples.steps=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     for line in ("run folder", "config", "metrics", "checkpoints", "LoRA export"):
@@ -184,7 +185,8 @@ def test_cli_default_run_with_offline_wandb(tmp_path):
     wandb_file = next(run.glob("wandb/offline-run-*/run-*.wandb"))
     info = summarise(wandb_file)
     assert {"train/loss", "train/loss_base", "train/loss_flow", "train/alpha", "train/grad_norm", "lr-AdamW",
-            "train/device/samples_per_sec", "train/device/items_per_sec"} <= info["keys"]
+            "train/device/samples_per_sec", "train/device/items_per_sec", "val/loss_base", "samples/grid",
+            "samples/video"} <= info["keys"]
     assert "stage:coarse" in info["tags"]
 
 

@@ -41,7 +41,7 @@ def summarise(path: str | Path) -> dict:
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+            keys |= {item.key or item.nested_key[0] for item in record.history.item}  # media: (key, field)
         elif kind == "run":
             group, tags = record.run.run_group, list(record.run.tags)
     return {"keys": keys, "group": group, "tags": tags}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -193,6 +194,8 @@ def main(cfg: DictConfig) -> None:
     try:
         out = report(cfg.run)
     except USER_ERRORS as err:
+        if os.environ.get("GRIDGEN_DEBUG"):  # full traceback for developers
+            raise
         print(f"gridgen.report: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(f"report         {out}", flush=True)

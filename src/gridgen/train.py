@@ -158,7 +158,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except USER_ERRORS as err:  # bad input: one line, non-zero exit, no traceback
+    except USER_ERRORS as err:
+        if os.environ.get("GRIDGEN_DEBUG"):  # full traceback for developers
+            raise  # bad input: one line, non-zero exit, no traceback
         print(f"gridgen.train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     return metrics.get("train/loss")  # lets Hydra sweepers optimise over runs
