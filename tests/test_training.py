@@ -251,3 +251,31 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy._target_.endswith("DDPStrategy")
+
+
+PRESETS = ("video_coarse", "video_fine", "i2v", "multiview", "multiview_ef")
+
+
+def test_every_paper_preset_runs_with_debug_override(tmp_path):
+    """Each preset composes for FLUX.1-dev and runs on the embedded default with debug=tiny (coarse before fine)."""
+    import yaml
+
+    targets = yaml.safe_load((ROOT / "experiments" / "paper_targets.yaml").read_text())
+    for name in PRESETS:
+        full = make_cfg(tmp_path, f"experiment={name}")
+        assert full.model.name == "flux_dev" and full.trainer.max_steps >= 1000
+        assert full.paper_targets.variant in targets[full.paper_targets.task]  # names real paper numbers
+        cfg = make_cfg(tmp_path, f"experiment={name}", "debug=tiny", f"paths.output_dir={tmp_path}/outputs/runs/{name}")
+        assert (cfg.model.name, cfg.trainer.accelerator, cfg.trainer.devices) == ("flux_tiny", "cpu", 1)
+        train(cfg)
+        _, header = read_lora_file(tmp_path / "outputs" / "runs" / name / "lora")
+        assert header["gridgen_rank"] == str(full.lora.rank)
+    assert make_cfg(tmp_path, "experiment=multiview_ef").lora.rank == 16
+
+
+def test_unknown_experiment_lists_the_available_ones(tmp_path):
+    proc = run_cli("experiment=nope", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'experiment/nope'" in proc.stderr
+    for name in PRESETS:
+        assert name in proc.stderr
