@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,6 +18,19 @@ CONF_DIR = Path(os.environ.get("GRIDGEN_CONF", Path(__file__).resolve().parents[
 # gridgen's own (ModelNotFoundError, LoraFileError, ...) subclass these, so this module imports no model code
 # and data tools start fast.
 USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+@contextmanager
+def exit_on_user_error(entry: str) -> Iterator[None]:
+    """Bad input ends an entry point with one line ``gridgen.<entry>: error: ...`` and exit code 2, no
+    traceback (``GRIDGEN_DEBUG=1`` re-raises for developers)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("GRIDGEN_DEBUG"):
+            raise
+        print(f"gridgen.{entry}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _sample_data(cache_dir: str, subset: str) -> str:

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gridgen.config import CONF_DIR, USER_ERRORS, register_resolvers
+from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.eval.clip import (
     ClipEmbedder,
     ClipModelNotFoundError,
@@ -519,11 +519,8 @@ def expand_shorthands(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
+    with exit_on_user_error("evaluate"):
         metrics = evaluate(cfg)
-    except USER_ERRORS as err:  # bad input: one line, non-zero exit, no traceback
-        print(f"gridgen.evaluate: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
     return metrics.get("fvd")
 
 

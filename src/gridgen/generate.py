@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import gridgen
-from gridgen.config import CONF_DIR, USER_ERRORS, register_resolvers
+from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
 from gridgen.inference.sampler import MASK_MODES, GridSampler, apply_lora, check_strength, resolve_lora_source
 from gridgen.inference.tasks import (
@@ -198,11 +198,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error("generate"):
         manifest = generate(cfg)
-    except USER_ERRORS as err:  # bad input: one line, non-zero exit, no traceback
-        print(f"gridgen.generate: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
     out = Path(manifest["out"])
     timing = manifest["timing"]
     lines = [

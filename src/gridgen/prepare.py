@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from gridgen.config import CONF_DIR, USER_ERRORS
+from gridgen.config import CONF_DIR, exit_on_user_error
 from gridgen.data.captions import Captioner, CaptionTemplates, build_captioner
 from gridgen.data.cards import register_card_resolver
 from gridgen.data.shards import ResumableShardWriter, config_hash
@@ -242,11 +241,8 @@ def prepare(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR / "prepare"), config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error("prepare"):
         entry = prepare(cfg)
-    except USER_ERRORS as err:  # bad input: one line, non-zero exit, no traceback
-        print(f"gridgen.prepare: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
     counts = entry["counts"]
     out = Path(str(cfg.prepare.out)).expanduser()
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(counts["skipped"].items())) or "none"

@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import matplotlib
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gridgen.config import CONF_DIR, USER_ERRORS
+from gridgen.config import CONF_DIR, exit_on_user_error
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -191,13 +189,8 @@ class SweepReport(Callback):
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error("report"):
         out = report(cfg.run)
-    except USER_ERRORS as err:
-        if os.environ.get("GRIDGEN_DEBUG"):  # full traceback for developers
-            raise
-        print(f"gridgen.report: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
     print(f"report         {out}", flush=True)
 
 

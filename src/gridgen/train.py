@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gridgen.config import CONF_DIR, USER_ERRORS, register_resolvers
+from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.models.lora import LORA_FILE, read_lora_file
 from gridgen.training.callbacks import LoraExport, config_hash
 from gridgen.training.module import GridModule
@@ -156,13 +155,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with exit_on_user_error("train"):
         metrics = train(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("GRIDGEN_DEBUG"):  # full traceback for developers
-            raise  # bad input: one line, non-zero exit, no traceback
-        print(f"gridgen.train: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
     return metrics.get("train/loss")  # lets Hydra sweepers optimise over runs
 
 
