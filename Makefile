@@ -16,7 +16,7 @@ comma := ,
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
 
-.PHONY: help setup train curriculum sweep report prepare generate eval test test-slow lint bench clean
+.PHONY: help setup train curriculum sweep report prepare cache generate eval test test-slow lint bench clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -45,6 +45,9 @@ sweep: $(VENV)/.installed ## Hydra multirun over LoRA rank (one folder per rank,
 
 prepare: $(VENV)/.installed ## raw data -> grid shards: make prepare data=webvid|tiktok|objaverse|frames prepare.src=... prepare.out=...
 	$(PY) -m gridgen.prepare $(OVERRIDES) $(ARGS)
+
+cache: $(VENV)/.installed ## encode shards once with the model's VAE + text encoders: make cache data=<name> model=<name>
+	$(PY) -m gridgen.cache $(OVERRIDES) $(ARGS)
 
 # task= prompt= prompts_file= ref= lora= layout= seed= T= are read from make's own variables and quoted, so spaces,
 # commas and quotes in a prompt survive; any other key=value is a Hydra override as for `make train`.

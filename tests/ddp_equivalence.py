@@ -41,8 +41,10 @@ def main() -> None:
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         strategy = ["strategy=ddp", "trainer.accelerator=cpu", f"trainer.devices={devices}"] if devices > 1 else []
+        # AdamW's eps=1e-4 (not 1e-8): Adam divides by sqrt(v), which turns float32 rounding in near-zero
+        # gradients (all-reduce order) into lr-sized steps; a larger eps keeps those at rounding size.
         cfg = compose("train", overrides=["paths.root_dir=/tmp", "paths.output_dir=/tmp", "lora.rank=4",
-                                          "optim.lr=1e-2", "trainer.max_steps=3", *strategy])
+                                          "optim.lr=1e-2", "optim.eps=1e-4", "trainer.max_steps=3", *strategy])
     video = cfg.data.train_shards  # the embedded video subset (train-*.tar and val-*.tar)
     samples = fixed_samples(video, 4)
     loader = DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=collate_grid_samples)

@@ -10,18 +10,32 @@ are therefore grouped by layout in a small buffer and a batch is emitted when on
 samples (:func:`batched_by_layout`); batching happens in the dataset and the loader runs with
 ``batch_size=None``.
 
+Several sources (coarse t2v: WebVid + TikTok) are streamed side by side and mixed sample by sample with
+webdataset's own ``RandomMix`` in proportion to their weights (:class:`SeededRandomMix` only makes it
+reproducible); each source resamples its own shards, split by node and by worker. A source is a shard spec (a
+folder, a brace or glob pattern, a ``pipe:`` command or an s3/gs/http URL) with a weight.
+
 Broken samples (a truncated png, a json without a layout, an unreadable shard) are skipped, counted in
-:attr:`GridDataModule.num_skipped` (shared with DataLoader workers) and logged, instead of killing a long run.
+:attr:`GridDataModule.num_skipped` (shared with DataLoader workers), logged, and written to the Lightning
+loggers as ``data/skipped`` (summed over ranks), instead of killing a long run.
+
+With ``cached=True`` the shards come from ``make cache`` (:mod:`gridgen.data.cache`): samples carry latents and
+text embeddings instead of (or next to) the image, and with ``cache_model`` set a cache built for another model or
+max sequence length is refused with one line.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
+import math
 import multiprocessing
 import os
+import random
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -32,6 +46,13 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from gridgen.data.cache import (
+    CACHE_MEMBER,
+    CacheMismatchError,
+    check_cached_sample,
+    load_cached_sample,
+    verify_cache_folders,
+)
 from gridgen.layout import GridLayout
 
 log = logging.getLogger(__name__)
@@ -100,17 +121,47 @@ def resolve_shards(spec: ShardSpec, split: str = "train", name: str | None = Non
     return urls
 
 
+def _manifest_counts(folder: Path) -> dict[str, int]:
+    """``{shard file name: samples}`` from the folder's ``manifest.json`` (``make prepare``) or ``cache.json``
+    (``make cache``); empty if there is neither."""
+    counts: dict[str, int] = {}
+    for name in ("manifest.json", "cache.json"):
+        try:
+            manifest = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        shards = manifest.get("shards")
+        if name == "cache.json" and isinstance(shards, dict):
+            counts.update({k: int(v["samples"]) for k, v in shards.items() if isinstance(v, dict) and "samples" in v})
+        for split in (manifest.get("splits") or {}).values():
+            for shard in split.get("shards", []) if isinstance(split, dict) else []:
+                if isinstance(shard, dict) and "name" in shard and "samples" in shard:
+                    counts[shard["name"]] = int(shard["samples"])
+    return counts
+
+
 def count_samples(urls: Iterable[str]) -> int:
-    """Number of samples (distinct keys) in local tar shards; reads tar headers only, not the data."""
+    """Number of samples in local tar shards.
+
+    Taken from the shard folder's manifest (``manifest.json`` of ``make prepare``, ``cache.json`` of ``make
+    cache``) when it lists the shard, so that starting a run on 10K shards does not read 10M tar headers;
+    otherwise counted from the tar headers (distinct keys), never from the data.
+    """
     total = 0
+    manifests: dict[Path, dict[str, int]] = {}
     for url in urls:
         if _is_remote(url):
             raise ValueError(
                 f"cannot count the samples of remote shard {url!r}; set data.samples_per_epoch explicitly"
             )
+        path = Path(url.removeprefix("file:"))
+        listed = manifests.setdefault(path.parent, _manifest_counts(path.parent))
+        if path.name in listed:
+            total += listed[path.name]
+            continue
         keys: set[str] = set()
         try:
-            with tarfile.open(url.removeprefix("file:")) as tar:
+            with tarfile.open(path) as tar:
                 for member in tar:
                     prefix, _ = base_plus_ext(member.name)
                     # "__xyz__" members are webdataset metadata, not samples
@@ -121,6 +172,127 @@ def count_samples(urls: Iterable[str]) -> int:
             log.warning("shard %s is damaged (%s); counting its %d readable samples", url, exn, len(keys))
         total += len(keys)
     return total
+
+
+# ---- sources and mixing ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stream of the training mix: its shards and its share of the samples (weights need not sum to 1)."""
+
+    name: str
+    shards: ShardSpec
+    weight: float = 1.0
+    config_key: str = "train_shards"  # where the user sets it, for error messages
+
+
+def _weight(value: Any, key: str) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    return weight
+
+
+def parse_sources(
+    train_shards: ShardSpec | None = None,
+    sources: Mapping[str, Any] | None = None,
+    weights: Sequence[float] | None = None,
+) -> list[Source]:
+    """The training sources of a data config, with their weights.
+
+    * ``train_shards`` alone: one source (a list of specs is concatenated into it).
+    * ``train_shards`` as a list + ``weights``: one source per list entry, one weight each.
+    * ``sources``: ``{name: {shards: spec, weight: w}}`` (or ``{name: spec}``, weight 1), named so that
+      ``data.sources.tiktok.weight=0.5`` reads as what it does. A weight of 0 drops the source.
+
+    Bad combinations raise one line naming the keys and the fix.
+    """
+    if sources and train_shards is not None:
+        raise ValueError(
+            f"data.train_shards and data.sources are both set (sources: {', '.join(map(str, sources))}); "
+            "set data.train_shards=null to stream the weighted sources, or use a single-source data config (data=shards)"
+        )
+    if sources:
+        if weights is not None:
+            raise ValueError("data.weights weighs the entries of a data.train_shards list; with data.sources give each "
+                             "source its own weight (data.sources.<name>.weight=...)")
+        parsed = []
+        for name, entry in sources.items():
+            key = f"data.sources.{name}"
+            if entry is None:
+                continue  # removed by an override (data.sources.tiktok=null)
+            if isinstance(entry, Mapping):
+                unknown = set(entry) - {"shards", "weight"}
+                if unknown:
+                    raise ValueError(f"{key} has unknown keys {sorted(unknown)}; a source has `shards` and `weight`")
+                if entry.get("shards") in (None, ""):
+                    raise ValueError(f"{key}.shards is not set; point it at the source's shards (a folder, brace "
+                                     "pattern, pipe: command or URL)")
+                parsed.append(Source(str(name), entry["shards"], _weight(entry.get("weight", 1.0), f"{key}.weight"),
+                                     f"sources.{name}.shards"))
+            else:
+                parsed.append(Source(str(name), entry, 1.0, f"sources.{name}"))
+    elif train_shards is not None:
+        if weights is None:
+            parsed = [Source("train", train_shards)]
+        else:
+            specs = [train_shards] if isinstance(train_shards, str | os.PathLike) else list(train_shards)
+            values = list(weights) if isinstance(weights, Sequence) and not isinstance(weights, str) else [weights]
+            if len(values) != len(specs):
+                raise ValueError(
+                    f"data.weights has {len(values)} value(s) for {len(specs)} data.train_shards entr"
+                    f"{'y' if len(specs) == 1 else 'ies'}; give one weight per shard spec, e.g. "
+                    f"data.weights=[{','.join(['1'] * len(specs))}]"
+                )
+            parsed = [Source(f"train_shards[{i}]", spec, _weight(w, f"data.weights[{i}]"), f"train_shards[{i}]")
+                      for i, (spec, w) in enumerate(zip(specs, values, strict=True))]
+    else:
+        raise ValueError("no training data: set data.train_shards=<shards> or data.sources.<name>.shards=<shards> "
+                         "(see conf/data/)")
+    if not parsed:
+        raise ValueError("data.sources is empty; give at least one source with shards and a weight > 0")
+    active = [src for src in parsed if src.weight > 0]
+    if not active:
+        raise ValueError(f"every training source has weight 0 ({', '.join(s.name for s in parsed)}); give at least "
+                         "one a weight > 0")
+    for src in parsed:
+        if src.weight == 0:
+            log.info("source %s has weight 0: not streamed", src.name)
+    return active
+
+
+class SeededRandomMix(wds.RandomMix):
+    """webdataset's ``RandomMix`` (each sample from source ``i`` with probability ``w_i / sum(w)``), reproducible.
+
+    ``RandomMix`` draws from Python's global ``random``; this runs it on a private generator seeded from
+    (seed, rank, worker, epoch), swapped in around each draw, so the same seed gives the same mix and the
+    caller's global random state is left alone.
+    """
+
+    def __init__(self, datasets: list[Any], probs: list[float], seed: int = 0) -> None:
+        super().__init__(datasets, probs=probs, longest=False)
+        self.seed = seed
+        self.epoch = -1  # like ResampledShards: a new draw every epoch (persistent workers keep the counter)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.epoch += 1
+        rng = random.Random(wds.utils.make_seed(wds.utils.pytorch_worker_seed(), self.epoch, self.seed))
+        mixed = super().__iter__()
+        while True:
+            outer = random.getstate()
+            random.setstate(rng.getstate())
+            try:
+                sample = next(mixed)
+            except StopIteration:
+                return
+            finally:
+                rng.setstate(random.getstate())
+                random.setstate(outer)
+            yield sample
 
 
 # ---- pipeline stages ------------------------------------------------------------------------------
@@ -153,6 +325,8 @@ class SkipCounter:
         self._consecutive = 0
 
     def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, CacheMismatchError):
+            raise exn  # a stale cache is the run's configuration, not a broken sample: stop
         with self._total.get_lock():
             self._total.value += 1
             total = self._total.value
@@ -197,6 +371,19 @@ def _stack_or_list(values: list[Any]) -> Any:
     if all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
         return torch.stack(values)
     return values
+
+
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[0, 255]`` -> float32 ``[-1, 1]`` as ``(pixels - 127.5) / 127.5``: two passes, exact at both ends."""
+    return torch.sub(pixels, 127.5).div_(127.5)
+
+
+def pixels_to_float(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch's uint8 ``pixel_values`` -> float32 ``[-1, 1]`` (in place in the batch dict; floats pass)."""
+    pixels = batch.get("pixel_values")
+    if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
+        batch["pixel_values"] = unit_range(pixels)
+    return batch
 
 
 def collate_grid_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -244,17 +431,32 @@ def _batched_by_layout(
 batched_by_layout = wds.pipelinefilter(_batched_by_layout)
 
 
-class _ToSample:
+def decode_cache_member(key: str, data: bytes) -> dict[str, torch.Tensor] | None:
+    """webdataset decoder for ``<key>.cache.safetensors`` members (the tensors written by ``make cache``)."""
+    return load_cached_sample(data) if key.lower().endswith(".safetensors") else None
+
+
+class ToSample:
     """Decoded webdataset sample -> ``{__key__, pixel_values, caption, layout, extras}``.
 
-    A class rather than a closure so the pipeline pickles into spawned DataLoader workers.
+    ``cached``: pass decoded tensors through under their member name (a ``cache.safetensors`` member is unpacked
+    into ``latents``, ``prompt_embeds``, ...); the image becomes optional. ``cache_model``: check that cached
+    samples were built for this model (:func:`~gridgen.data.cache.check_cached_sample`). ``keep_meta``: keep the
+    json as ``meta`` (the cache writer copies it). ``float_pixels=False``: keep the image uint8 (the loaders
+    convert it later, see :func:`pixels_to_float`). A class rather than a closure so the pipeline pickles into
+    spawned DataLoader workers.
     """
 
-    def __init__(self, image_key: str, caption_key: str, cached: bool, skips: SkipCounter) -> None:
+    def __init__(self, image_key: str, caption_key: str, cached: bool, skips: SkipCounter,
+                 cache_model: Mapping[str, Any] | None = None, keep_meta: bool = False,
+                 float_pixels: bool = True) -> None:
         self.image_key = image_key
         self.caption_key = caption_key
         self.cached = cached
         self.skips = skips
+        self.cache_model = dict(cache_model) if cache_model is not None else None
+        self.keep_meta = keep_meta
+        self.float_pixels = float_pixels
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = sample.get("json")
@@ -269,9 +471,12 @@ class _ToSample:
         if image is not None:
             _, height, width = image.shape
             out["layout"] = layout_from_meta(meta, height, width)
-            out["pixel_values"] = image.to(torch.float32).div_(127.5).sub_(1.0)  # uint8 [0,255] -> [-1,1]
+            # uint8 [0, 255] -> float [-1, 1] here, or after the hand-over (pixels_to_float): 4x fewer bytes to move
+            out["pixel_values"] = unit_range(image) if self.float_pixels else image
         else:
             out["layout"] = layout_from_meta(meta)
+        if self.keep_meta:
+            out["meta"] = meta
         if self.cached:
             # seam for cached latents / prompt embeddings: pass decoded tensors through under their keys
             used = {"json", self.caption_key, *image_keys}
@@ -280,8 +485,12 @@ class _ToSample:
                     continue
                 if isinstance(value, np.ndarray):
                     value = torch.from_numpy(value)
-                if isinstance(value, torch.Tensor):
+                if key == CACHE_MEMBER and isinstance(value, dict):
+                    out.update(value)  # latents, prompt_embeds, pooled_prompt_embeds, text_mask
+                elif isinstance(value, torch.Tensor):
                     out[key] = value
+            if self.cache_model is not None:
+                check_cached_sample(out["__key__"], meta, out["layout"], out, self.cache_model)
         self.skips.ok()
         return out
 
@@ -294,26 +503,34 @@ class GridDataModule(L.LightningDataModule):
 
     Batches are dicts: ``pixel_values`` float32 ``(B, 3, H, W)`` in ``[-1, 1]``, ``caption`` ``list[str]``,
     ``layout`` ``{rows, cols, cell_height, cell_width}`` (shared by the whole batch), ``__key__`` ``list[str]``,
-    plus, with ``cached=True``, any extra decoded tensors (e.g. ``latents.pth``) under their own keys.
+    plus, with ``cached=True``, the cached tensors: ``latents`` ``(B, N, 64)``, ``prompt_embeds`` ``(B, L, D)``,
+    ``pooled_prompt_embeds`` ``(B, D)``, ``text_mask`` ``(B, L)`` (and any other decoded tensor under its own key).
+    Under a Trainer the loaders yield ``pixel_values`` as uint8 ``[0, 255]`` and :meth:`on_after_batch_transfer`
+    makes them float on the device (4x fewer bytes between processes and to the GPU); the module sees float.
 
     Args:
         train_shards: folder, brace/glob pattern, ``pipe:``/URL string, or a list of these (see
-            :func:`resolve_shards`).
+            :func:`resolve_shards`): one source, or one source per entry with ``weights``.
         val_shards: same, for validation; ``None`` disables validation.
         batch_size: samples per batch (per process).
         num_workers: DataLoader worker processes; shards are split between them.
         shuffle_buffer: samples held for shuffling (before decoding, so they are still compressed); <= 1: off.
-        seed: seeds shard resampling and shuffling; same seed, same world size and workers -> same batches.
+        seed: seeds shard resampling, mixing and shuffling; same seed, world size and workers -> same batches.
         samples_per_epoch: samples per epoch over all processes; default: the number of training samples (read
             from the tar headers of local shards; required for remote shards).
         image_key: the grid image member, alternatives separated by ``;``.
         caption_key: the full-caption member.
         cached: samples carry cached tensors (latents, prompt embeddings); pass them through, image optional.
+        sources: named weighted sources ``{name: {shards, weight}}`` mixed sample by sample (instead of
+            ``train_shards``), see :func:`parse_sources`.
+        weights: one weight per entry of a ``train_shards`` list.
+        cache_model: with ``cached``, the model the cache must have been built for (``name``, ``pretrained``,
+            ``revision``, ``variant``, ``max_sequence_length``); ``None``: no check.
     """
 
     def __init__(
         self,
-        train_shards: ShardSpec,
+        train_shards: ShardSpec | None = None,
         val_shards: ShardSpec | None = None,
         batch_size: int = 2,
         num_workers: int = 0,
@@ -323,6 +540,9 @@ class GridDataModule(L.LightningDataModule):
         image_key: str = "png;jpg;jpeg",
         caption_key: str = "txt",
         cached: bool = False,
+        sources: Mapping[str, Any] | None = None,
+        weights: Sequence[float] | None = None,
+        cache_model: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -339,10 +559,23 @@ class GridDataModule(L.LightningDataModule):
         self.image_key = image_key
         self.caption_key = caption_key
         self.cached = cached
+        self.cache_model = dict(cache_model) if cached and cache_model is not None else None
         self.skips = SkipCounter()
+        self._source_config = (train_shards, sources, weights)
+        self._sources: list[Source] | None = None
+        self.source_urls: dict[str, list[str]] | None = None
         self.train_urls: list[str] | None = None
         self.val_urls: list[str] | None = None
         self.batches_per_epoch: int | None = None
+        self._skips_logged_at = -1
+
+    @property
+    def sources(self) -> list[Source]:
+        """The weighted training sources (parsed on first use, so that a bad config fails in ``setup`` inside
+        ``trainer.fit``, where the entry point turns it into one line, not inside Hydra's ``instantiate``)."""
+        if self._sources is None:
+            self._sources = parse_sources(*self._source_config)
+        return self._sources
 
     @property
     def num_skipped(self) -> int:
@@ -351,14 +584,45 @@ class GridDataModule(L.LightningDataModule):
 
     # ---- Lightning hooks ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the shard lists (fails here, with a clear message, if shards are missing)."""
+        """Resolve the shard lists and check caches (fails here, with one clear line, on missing or stale data)."""
         if stage in (None, "fit") and self.train_urls is None:
-            self.train_urls = resolve_shards(self.train_shards, "train", name="train_shards")
+            self.source_urls = {src.name: resolve_shards(src.shards, "train", name=src.config_key)
+                                for src in self.sources}
+            self.train_urls = [url for urls in self.source_urls.values() for url in urls]
+            if self.cache_model is not None:
+                verify_cache_folders(self.train_urls, self.cache_model)
         if stage in (None, "fit", "validate") and self.val_shards is not None and self.val_urls is None:
             self.val_urls = resolve_shards(self.val_shards, "val", name="val_shards")
+            if self.cache_model is not None:
+                verify_cache_folders(self.val_urls, self.cache_model)
+
+    def _on_device_float(self) -> bool:
+        """Under a Trainer, uint8 pixels travel to the device and become float there (``on_after_batch_transfer``)."""
+        return isinstance(self.trainer, L.Trainer)
+
+    def _to_float_stage(self, loader: wds.WebLoader) -> wds.WebLoader:
+        return loader if self._on_device_float() else loader.map(pixels_to_float)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 pixels -> float [-1, 1] on the device; ``data/skipped`` to the loggers every ``log_every_n_steps``."""
+        batch = pixels_to_float(batch) if isinstance(batch, dict) else batch
+        trainer = self.trainer
+        if trainer is None or not trainer.training or not trainer.loggers:
+            return batch
+        step = trainer.global_step
+        if step % max(1, trainer.log_every_n_steps) or step == self._skips_logged_at:
+            return batch
+        self._skips_logged_at = step
+        # every rank gets here at the same step (with_epoch keeps them in lockstep), so the sum cannot hang
+        count = torch.tensor(float(self.num_skipped), device=trainer.strategy.root_device)
+        total = trainer.strategy.reduce(count, reduce_op="sum")
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/skipped": float(total)}, step=step)
+        return batch
 
     def train_dataloader(self) -> wds.WebLoader:
-        """Endless resampled stream cut into epochs of a fixed number of batches per process."""
+        """Endless resampled (mixed) stream cut into epochs of a fixed number of batches per process."""
         self.setup("fit")
         assert self.train_urls is not None
         world_size = self.trainer.world_size if self.trainer is not None else 1
@@ -366,7 +630,7 @@ class GridDataModule(L.LightningDataModule):
         # every rank runs exactly this many steps per epoch: ranks stay in lockstep whatever the shards hold
         self.batches_per_epoch = max(1, samples // (self.batch_size * world_size))
         loader = wds.WebLoader(
-            self.train_dataset(),
+            self.train_dataset(float_pixels=False),
             batch_size=None,  # batches are built by batched_by_layout
             shuffle=False,
             num_workers=self.num_workers,
@@ -375,15 +639,19 @@ class GridDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
         log.info(
-            "train: %d shards, %d samples/epoch -> %d batches of %d per process (world size %d)",
-            len(self.train_urls),
+            "train: %s; %d samples/epoch -> %d batches of %d per process (world size %d)",
+            ", ".join(f"{name} {len(urls)} shards x{src.weight:g}" for src, (name, urls)
+                      in zip(self.sources, self.source_urls.items(), strict=True)),
             samples,
             self.batches_per_epoch,
             self.batch_size,
             world_size,
         )
-        # with_length tells Lightning (progress bar, schedulers) the epoch length that with_epoch enforces
-        return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch, silent=True)
+        # uint8 leaves the workers (4x fewer bytes to hand over and to copy to the GPU); it becomes float on the
+        # device under a Trainer, else here in the main process. with_length tells Lightning (progress bar,
+        # schedulers) the epoch length that with_epoch enforces.
+        loader = self._to_float_stage(loader).with_epoch(self.batches_per_epoch)
+        return loader.with_length(self.batches_per_epoch, silent=True)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Each validation shard once, in order, unshuffled; the last batch of each layout may be partial.
@@ -394,44 +662,57 @@ class GridDataModule(L.LightningDataModule):
         self.setup("validate")
         if self.val_urls is None:
             return []  # no validation configured
-        return wds.WebLoader(
-            self.val_dataset(),
+        return self._to_float_stage(wds.WebLoader(
+            self.val_dataset(float_pixels=False),
             batch_size=None,
             shuffle=False,
             # workers beyond the shard count would sit idle
             num_workers=min(self.num_workers, len(self.val_urls)),
             persistent_workers=min(self.num_workers, len(self.val_urls)) > 0,
-        )
+        ))
 
     # ---- pipelines --------------------------------------------------------------------------------
-    def _decode_and_batch(self, partial: bool) -> list[Any]:
+    def _decode_and_batch(self, partial: bool, float_pixels: bool = True) -> list[Any]:
         """The stages shared by training and validation: decode, build samples, batch by layout."""
         # decode only what the batch uses (unless cached tensors must be passed through)
         only = None if self.cached else [*self.image_key.split(";"), "json", self.caption_key]
+        decoders = [decode_cache_member, "torchrgb8"] if self.cached else ["torchrgb8"]
+        to_sample = ToSample(self.image_key, self.caption_key, self.cached, self.skips, self.cache_model,
+                             float_pixels=float_pixels)
         return [
-            wds.decode("torchrgb8", handler=self.skips, only=only),
-            wds.map(_ToSample(self.image_key, self.caption_key, self.cached, self.skips), handler=self.skips),
+            wds.decode(*decoders, handler=self.skips, only=only),
+            wds.map(to_sample, handler=self.skips),
             batched_by_layout(self.batch_size, partial=partial),
         ]
 
-    def train_dataset(self) -> wds.DataPipeline:
-        """The training pipeline (an endless iterable of batches)."""
-        self.setup("fit")
+    def _source_stream(self, index: int, urls: list[str]) -> wds.DataPipeline:
+        """One source's raw samples: its shards resampled forever, split by node and by worker."""
         # ResampledShards(deterministic=True) instead of WebDataset(resampled=True): the latter seeds from the
-        # clock; this one from (seed, rank, worker, epoch), so a run is reproducible
-        stages: list[Any] = [
-            wds.ResampledShards(self.train_urls, seed=self.seed, deterministic=True),
+        # clock; this one from (seed, source, rank, worker, epoch), so a run is reproducible
+        seed = self.seed if index == 0 else wds.utils.make_seed(self.seed, index)
+        return wds.DataPipeline(
+            wds.ResampledShards(urls, seed=seed, deterministic=True),
             wds.split_by_node,
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=self.skips),
-        ]
+        )
+
+    def train_dataset(self, float_pixels: bool = True) -> wds.DataPipeline:
+        """The training pipeline (an endless iterable of batches); ``float_pixels=False``: uint8 images."""
+        self.setup("fit")
+        assert self.source_urls is not None
+        streams = [self._source_stream(i, urls) for i, urls in enumerate(self.source_urls.values())]
+        if len(streams) == 1:
+            stages: list[Any] = [*streams[0].pipeline]
+        else:
+            stages = [SeededRandomMix(streams, [src.weight for src in self.sources], seed=self.seed)]
         if self.shuffle_buffer > 1:
             # shuffle raw (still compressed) samples: a big buffer costs little memory
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed))
-        return wds.DataPipeline(*stages, *self._decode_and_batch(partial=False))
+        return wds.DataPipeline(*stages, *self._decode_and_batch(partial=False, float_pixels=float_pixels))
 
-    def val_dataset(self) -> wds.DataPipeline:
-        """The validation pipeline (a finite, deterministic iterable of batches)."""
+    def val_dataset(self, float_pixels: bool = True) -> wds.DataPipeline:
+        """The validation pipeline (a finite, deterministic iterable of batches); ``float_pixels=False``: uint8."""
         self.setup("validate")
         if self.val_urls is None:
             raise ValueError("no validation shards configured (data.val_shards is null)")
@@ -443,4 +724,4 @@ class GridDataModule(L.LightningDataModule):
             workersplitter=wds.split_by_worker,
             empty_check=False,  # a worker may get no shard when there are more workers than shards
         )
-        return dataset.compose(*self._decode_and_batch(partial=True))
+        return dataset.compose(*self._decode_and_batch(partial=True, float_pixels=float_pixels))

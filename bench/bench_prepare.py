@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Prepare throughput: ``gridgen.prepare`` (decode -> fit -> tile -> JPEG -> shard) vs PyAV decoding alone.
+
+    python bench/bench_prepare.py [--videos 8] [--frames 64] [--repeats 3] [--quick] [--no-write]
+
+Input: ``--videos`` H.264 mp4 clips of WebVid's size (596x336 px, 25 fps, ``--frames`` frames each; a moving
+textured square on a gradient, so the encoder has real work), written once into a temp folder.
+
+A. PyAV alone: open every clip, decode every frame and convert it to an RGB ndarray
+   (``frame.to_ndarray(format="rgb24")``), the least any pipeline does to get pixels. A second row decodes
+   without the RGB conversion (the pure decoder).
+B. prepare: ``prepare()`` with the generic ``data=video`` config, 4x4 grids of 144x256 cells (WebVid's card),
+   stride 1 from frame 0 and ``grids_per_clip = frames / 16``, so every decoded frame lands in a grid, JPEG q95,
+   shards written, one process (``prepare.workers=0``), like A.
+
+Frames/s counts source frames that went through (A: decoded; B: put into grids). A and B alternate
+(A B, B A, ...) ``--repeats`` times; the ratio is the median of per-repeat ratios B / A. Target: >= 0.7.
+The section between ``<!-- bench:prepare:start -->`` and ``<!-- bench:prepare:end -->`` in bench/RESULTS.md is
+replaced (the rest of the file is left alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+import webdataset as wds  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from gridgen.data.sources import write_video  # noqa: E402
+from gridgen.prepare import CONF_DIR, prepare  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+START, END = "<!-- bench:prepare:start -->", "<!-- bench:prepare:end -->"
+HEIGHT, WIDTH, FPS = 336, 596, 25
+TARGET = 0.7
+
+
+def make_videos(folder: Path, count: int, frames: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    paths = []
+    for v in range(count):
+        base = ((xx * (v + 1) + yy * 2) % 256).astype(np.uint8)
+        texture = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+        clip = np.empty((frames, HEIGHT, WIDTH, 3), np.uint8)
+        for t in range(frames):
+            clip[t] = base[..., None] // np.array([1, 2, 3], np.uint8)
+            x, y = 20 + (t * 7) % (WIDTH - 120), 30 + (t * 3) % (HEIGHT - 120)
+            clip[t, y:y + 80, x:x + 80] = texture
+        path = folder / f"{v:04d}.mp4"
+        write_video(path, clip, fps=FPS, options={"preset": "veryfast", "crf": "23"})
+        path.with_suffix(".txt").write_text(f"a textured square moves across gradient number {v}")
+        paths.append(path)
+    return paths
+
+
+def decode_alone(paths: list[Path], convert: bool) -> tuple[int, float]:
+    start, frames = time.perf_counter(), 0
+    for path in paths:
+        with av.open(str(path)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if convert:
+                    frame.to_ndarray(format="rgb24")
+                frames += 1
+    return frames, time.perf_counter() - start
+
+
+SCENARIOS = {
+    # every decoded frame goes into a grid: the worst case for prepare (a conversion + resize per frame)
+    "every frame": ["data.sampling.stride=1", "data.sampling.fps=null"],
+    # WebVid's card: 16 frames at 8 fps (every 3.125th frame of 25 fps), windows packed from frame 0
+    "webvid (8 fps)": ["data.sampling.fps=8"],
+}
+
+
+def run_prepare(src: Path, out: Path, frames: int, scenario: str) -> tuple[int, float]:
+    """Frames prepare decoded (up to the last frame a grid uses, per clip) and the seconds it took."""
+    shutil.rmtree(out, ignore_errors=True)
+    with initialize_config_dir(config_dir=str(CONF_DIR / "prepare"), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            "data=video", f"prepare.src={src}", f"prepare.out={out}", "data.cell_height=144", "data.cell_width=256",
+            *SCENARIOS[scenario], "data.sampling.start=0", f"data.sampling.grids_per_clip={frames // 16}",
+            "prepare.progress=false", "prepare.workers=0"])
+    start = time.perf_counter()
+    prepare(cfg)
+    seconds = time.perf_counter() - start
+    last: dict[str, int] = {}
+    for sample in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False).decode():
+        meta = sample["json"]
+        last[meta["source_id"]] = max(last.get(meta["source_id"], 0), max(meta["frame_indices"]) + 1)
+    return sum(last.values()), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--videos", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 videos x 48 frames, 1 repeat (smoke run)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    if args.quick:
+        args.videos, args.frames, args.repeats = 2, 48, 1
+    if args.frames % 16:
+        parser.error("--frames must be a multiple of 16 (4x4 grids use every frame)")
+
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        src, out = Path(tmp) / "raw", Path(tmp) / "shards"
+        src.mkdir()
+        paths = make_videos(src, args.videos, args.frames)
+        decode_alone(paths[:1], True)  # warm caches and imports
+        runs: dict[str, list[tuple[int, float]]] = {"rgb": [], "decode": [], **{k: [] for k in SCENARIOS}}
+        for name in SCENARIOS:
+            run_prepare(src, out, args.frames, name)  # warm-up
+        for r in range(args.repeats):
+            order = ["rgb", *SCENARIOS] if r % 2 == 0 else [*reversed(SCENARIOS), "rgb"]
+            for name in order:
+                runs[name].append(decode_alone(paths, True) if name == "rgb" else
+                                  run_prepare(src, out, args.frames, name))
+            runs["decode"].append(decode_alone(paths, False))
+
+    fps = {k: [n / t for n, t in v] for k, v in runs.items()}
+
+    def row(label: str, key: str) -> str:
+        return f"| {label} | {statistics.median(fps[key]):.0f} | {', '.join(f'{v:.0f}' for v in fps[key])} |"
+
+    def ratio(key: str, base: str = "rgb") -> float:
+        return statistics.median(p / a for p, a in zip(fps[key], fps[base], strict=True))
+
+    main_ratio = ratio("webvid (8 fps)")
+    lines = [
+        START,
+        "## Prepare throughput (`bench/bench_prepare.py`)",
+        "",
+        f"{datetime.date.today()} · {platform.machine()} · {os.cpu_count()} CPUs (shared) · Python "
+        f"{platform.python_version()} · PyAV {av.__version__} · 1 process each · {args.videos} H.264 clips of "
+        f"{WIDTH}x{HEIGHT} px at {FPS} fps, {args.frames} frames each · {args.repeats} repeats, interleaved",
+        "",
+        "Frames/s = source frames decoded per second (prepare stops decoding a clip after the last frame its grids use).",
+        "",
+        "| pipeline | frames/s (median) | per repeat |",
+        "| --- | --- | --- |",
+        row("A. PyAV alone: decode + `to_ndarray(rgb24)` every frame", "rgb"),
+        row("A'. PyAV alone: decode only (no RGB conversion)", "decode"),
+        row("B1. prepare, WebVid setting: 4x4 grids at 8 fps, 144x256 cells, JPEG q95, shards", "webvid (8 fps)"),
+        row("B2. prepare, every frame in a grid (stride 1), same cells and encoding", "every frame"),
+        "",
+        f"**ratio B1 / A = {main_ratio:.2f}** (target >= {TARGET}: {'PASS' if main_ratio >= TARGET else 'FAIL'}) · "
+        f"**ratio B2 / A = {ratio('every frame'):.2f}** · B1 / A' = {ratio('webvid (8 fps)', 'decode'):.2f} · "
+        f"B2 / A' = {ratio('every frame', 'decode'):.2f}",
+        "",
+        "prepare converts to RGB only the frames a grid uses, resizing inside FFmpeg's conversion (swscale, area "
+        "filter), then tiles (one copy) and encodes one JPEG per 16 frames. With WebVid's setting a grid uses one "
+        "decoded frame in ~3; with every frame used (B2) the per-frame resize and the JPEG encoding of full grids "
+        "are what it costs over bare decoding. More throughput: `prepare.workers=N` (one process per clip).",
+        END,
+    ]
+    section = "\n".join(lines)
+    print(section)
+    if args.no_write:
+        return
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"  # re-read right before writing
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

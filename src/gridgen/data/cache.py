@@ -1,0 +1,358 @@
+"""Latent and text caches: encode grid shards once with a model's VAE and text encoders, then train without them.
+
+A cache folder mirrors its source shards one to one (``train-000000.tar`` ... ``val-000000.tar``) and holds,
+per sample **key** (the source sample's ``__key__``; tensors are paired with their sample by key, never by
+batch position, the mistake that pairs cached latents with other captions in diffusers' FLUX script):
+
+    <key>.cache.safetensors  latents (N, 64)            packed (z - shift) * scale, exactly encode_images()
+                             prompt_embeds (L, D_t5)     T5 sequence embedding, L = max_sequence_length
+                             pooled_prompt_embeds (D)    CLIP pooled embedding
+                             text_mask (L,) uint8        T5 attention mask (1 = caption token, 0 = padding)
+    <key>.json               the source json, its cell size, and "gridgen_cache": fingerprint + hash
+    <key>.txt                the caption
+
+and a manifest ``cache.json``: format, the fingerprint (model id = ``model.pretrained`` + revision + variant,
+``max_sequence_length``), one hash per layout/resolution, counts, the source of every shard and the command
+that rebuilds it. A cache is only valid for the model and max sequence length it was built with: training
+with ``data.cached=true`` checks the manifest of every local cache folder when the datamodule is set up and the
+hash of every sample as it streams (so ``pipe:`` / URL caches are checked too), and refuses a stale cache with
+one line naming the value and the fix (:class:`CacheMismatchError`).
+
+The fingerprint helpers at the top import no model code (the datamodule uses them); the writer below imports
+diffusers lazily: like the architecture says, ``cache.py`` is the one data module that runs a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gridgen.layout import GridLayout
+
+if TYPE_CHECKING:
+    from diffusers import FluxPipeline
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "gridgen-cache/1"
+CACHE_MANIFEST = "cache.json"
+CACHE_MEMBER = "cache.safetensors"  # the sample member holding the tensors
+CACHE_TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "text_mask")
+# what a cache depends on; named like the model config keys so that messages can say `model.<key>=...`
+FINGERPRINT_KEYS = ("pretrained", "revision", "variant", "max_sequence_length")
+_REBUILD = "make cache data={data} model={model}"
+
+
+class CacheMismatchError(ValueError):
+    """A cache that does not belong to this run (another model, max sequence length or layout); never skipped."""
+
+
+# ---- fingerprints (no model code) -----------------------------------------------------------------
+
+
+def cache_fingerprint(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a model config a cache depends on: ``{pretrained, revision, variant, max_sequence_length}``."""
+    if model.get("pretrained") in (None, ""):
+        raise ValueError("the cache fingerprint needs model.pretrained (the model id the cache is built with)")
+    return {
+        "pretrained": str(model["pretrained"]).strip(),
+        "revision": None if model.get("revision") in (None, "") else str(model["revision"]),
+        "variant": None if model.get("variant") in (None, "") else str(model["variant"]),
+        "max_sequence_length": int(model["max_sequence_length"]),
+    }
+
+
+def layout_hash(fingerprint: Mapping[str, Any], layout: GridLayout) -> str:
+    """Hash of (model id, revision, variant, max sequence length, layout and resolution, cache format)."""
+    payload = {**{k: fingerprint.get(k) for k in FINGERPRINT_KEYS}, "format": CACHE_FORMAT,
+               "layout": layout.name, "height": layout.height, "width": layout.width}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _mismatch(built: Mapping[str, Any], expected: Mapping[str, Any], where: str, data: str) -> str | None:
+    """One line naming the first fingerprint value that differs and both fixes; None when they agree."""
+    built_name, run_name = built.get("name") or "<model>", expected.get("name") or "<model>"
+    for key in FINGERPRINT_KEYS:
+        have, want = built.get(key), expected.get(key)
+        if have == want:
+            continue
+        if key == "pretrained":
+            return (f"{where} was built for model.pretrained={have} (model={built_name}), this run uses "
+                    f"model.pretrained={want}; rebuild it with `{_REBUILD.format(data=data, model=run_name)}` "
+                    f"or train on it with model={built_name}")
+        return (f"{where} was built with model.{key}={have}, this run uses model.{key}={want}; rebuild it with "
+                f"`{_REBUILD.format(data=data, model=run_name)} model.{key}={want}` or train with model.{key}={have}")
+    return None
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(folder) / CACHE_MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def verify_cache_folders(urls: Iterable[str], expected: Mapping[str, Any]) -> None:
+    """Check the manifest of every local folder among ``urls`` against the run's model; raise one line if stale.
+
+    Remote shards (``pipe:``, URLs) have no readable folder: their samples are checked one by one as they stream
+    (:func:`check_cached_sample`).
+    """
+    expected_fp = cache_fingerprint(expected)
+    folders = sorted({str(Path(u.removeprefix("file:")).parent) for u in urls if not _is_remote(u)})
+    for folder in folders:
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"'{folder}' holds no gridgen cache (no {CACHE_MANIFEST}): data.cached=true trains on shards written "
+                f"by `make cache data=<name> model=<name>`; build one, or set data.cached=false to train on raw shards"
+            )
+        if manifest.get("format") != CACHE_FORMAT:
+            raise CacheMismatchError(
+                f"cache '{folder}' has format {manifest.get('format')!r}, this gridgen reads {CACHE_FORMAT!r}; "
+                f"rebuild it with `{manifest.get('command') or 'make cache'}`"
+            )
+        built = {**manifest["fingerprint"], "name": manifest.get("model")}
+        problem = _mismatch(built, {**expected_fp, "name": expected.get("name")}, f"cache '{folder}'",
+                            manifest.get("data") or "<name>")
+        if problem:
+            raise CacheMismatchError(problem)
+        if manifest.get("status") != "complete":
+            raise CacheMismatchError(
+                f"cache '{folder}' is incomplete (`make cache` was interrupted); run `{manifest.get('command')}` "
+                "again to finish it (finished shards are kept)"
+            )
+
+
+def check_cached_sample(key: str, meta: Mapping[str, Any], layout: GridLayout, tensors: Mapping[str, Any],
+                        expected: Mapping[str, Any]) -> None:
+    """A streamed cached sample belongs to this run: fingerprint hash, latent tokens and text length agree."""
+    info = meta.get("gridgen_cache")
+    if not isinstance(info, Mapping) or "latents" not in tensors:
+        raise CacheMismatchError(
+            f"sample {key!r} carries no cached latents (no {CACHE_MEMBER} / gridgen_cache): data.cached=true trains "
+            "on shards written by `make cache data=<name> model=<name>`; point the shards there or set data.cached=false"
+        )
+    expected_fp = cache_fingerprint(expected)
+    if info.get("hash") != layout_hash(expected_fp, layout):
+        built = {**{k: info.get(k) for k in FINGERPRINT_KEYS}, "name": info.get("name")}
+        problem = _mismatch(built, {**expected_fp, "name": expected.get("name")}, f"cached sample {key!r}",
+                            info.get("data") or "<name>")
+        raise CacheMismatchError(problem or (
+            f"cached sample {key!r} was built for another layout or cache format than its json says ({layout.name}, "
+            f"{layout.height}x{layout.width} px); rebuild the cache with `make cache`"))
+    latents, embeds = tensors["latents"], tensors.get("prompt_embeds")
+    if tuple(latents.shape) != (layout.num_tokens, 64):
+        raise CacheMismatchError(f"cached sample {key!r} has latents {tuple(latents.shape)}, layout {layout.name} of "
+                                 f"{layout.height}x{layout.width} px needs ({layout.num_tokens}, 64); rebuild the cache")
+    if embeds is not None and embeds.shape[0] != expected_fp["max_sequence_length"]:
+        raise CacheMismatchError(f"cached sample {key!r} has {embeds.shape[0]} text tokens, model.max_sequence_length="
+                                 f"{expected_fp['max_sequence_length']}; rebuild the cache with that length")
+
+
+def _is_remote(url: str) -> bool:
+    from gridgen.data.datamodule import _is_remote as is_remote
+
+    return is_remote(url)
+
+
+# ---- encoding (runs the model) --------------------------------------------------------------------
+
+
+def load_encoders(model: Mapping[str, Any], device: str | torch.device = "cpu") -> FluxPipeline:
+    """The VAE, CLIP and T5 (with tokenizers) of ``model.pretrained``, without the transformer.
+
+    Same resolution as :func:`gridgen.models.loading.load_flux_pipeline` (``embedded:tiny``, a local diffusers
+    folder, or a hub id from the local cache only), but caching never runs the transformer, so it is not loaded
+    (FLUX.1-dev's is 24 GB in bf16).
+    """
+    from diffusers import FluxPipeline
+
+    from gridgen.models.loading import (
+        _HINT,
+        ModelNotFoundError,
+        _dtype_kwarg,
+        _short_reason,
+        looks_local,
+        parse_dtype,
+        resolve_pretrained,
+    )
+
+    name = resolve_pretrained(model["pretrained"])
+    kwargs = {_dtype_kwarg(): parse_dtype(model.get("dtype", "float32")), "variant": model.get("variant"),
+              "transformer": None}
+    if looks_local(name):
+        if not (Path(name).expanduser() / "model_index.json").is_file():
+            raise ModelNotFoundError(f"model folder '{name}' does not exist or is not a diffusers folder; {_HINT}")
+        source, kwargs = str(Path(name).expanduser()), kwargs
+    else:
+        source, kwargs = name, {**kwargs, "revision": model.get("revision"), "local_files_only": True}
+    try:
+        pipe = FluxPipeline.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(f"could not load the encoders of '{name}': {_short_reason(err)}; {_HINT}") from err
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        part.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def encode_for_cache(pipe: FluxPipeline, samples: list[dict[str, Any]], max_sequence_length: int
+                     ) -> list[dict[str, torch.Tensor]]:
+    """Per sample, in the order given: ``{latents (N, 64), prompt_embeds (L, D), pooled_prompt_embeds (D,),
+    text_mask (L,)}`` on the CPU, computed with the functions training uses (``encode_images``, ``encode_prompts``).
+
+    Images of different layouts cannot share a VAE batch: they are encoded per layout and every result is put
+    back at the index of the sample it came from.
+    """
+    from gridgen.models.flux import encode_images, encode_prompts
+
+    device = pipe.vae.device
+    captions = [s["caption"] for s in samples]
+    prompt_embeds, pooled, _ = encode_prompts(pipe, captions, max_sequence_length, device=device)  # (B, L, D), (B, D)
+    mask = pipe.tokenizer_2(captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                            return_tensors="pt").attention_mask.to(torch.uint8)  # (B, L)
+    latents: list[torch.Tensor | None] = [None] * len(samples)
+    by_layout: dict[GridLayout, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_layout.setdefault(sample["layout"], []).append(index)
+    for indices in by_layout.values():
+        pixels = torch.stack([samples[i]["pixel_values"] for i in indices]).to(device)  # (b, 3, H, W)
+        for row, z in zip(indices, encode_images(pipe.vae, pixels), strict=True):  # z: (N, 64)
+            latents[row] = z
+    return [{"latents": latents[i].cpu().contiguous(), "prompt_embeds": prompt_embeds[i].cpu().contiguous(),
+             "pooled_prompt_embeds": pooled[i].cpu().contiguous(), "text_mask": mask[i].contiguous()}
+            for i in range(len(samples))]
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / f".{CACHE_MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, folder / CACHE_MANIFEST)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def cache_shards(
+    pipe: FluxPipeline,
+    shards: Mapping[str, list[str]],
+    out: str | os.PathLike,
+    model: Mapping[str, Any],
+    *,
+    batch_size: int = 8,
+    image_key: str = "png;jpg;jpeg",
+    caption_key: str = "txt",
+    overwrite: bool = False,
+    data_name: str = "<name>",
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Encode ``shards`` (``{split: [url, ...]}``) into ``out/{split}-{i:06d}.tar`` plus ``out/cache.json``.
+
+    Resumable: shards already written (atomically, via a temp file) are kept when the fingerprint matches, so an
+    interrupted run continues where it stopped. Broken source samples are skipped and counted per shard. A
+    folder holding a cache for another model is refused unless ``overwrite``. Returns the manifest.
+    """
+    import safetensors.torch
+    import webdataset as wds
+
+    from gridgen.data.datamodule import SkipCounter, ToSample
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = cache_fingerprint(model)
+    old = read_manifest(out)
+    if old is not None and old.get("fingerprint") != fingerprint:
+        if not overwrite:
+            problem = _mismatch({**old.get("fingerprint", {}), "name": old.get("model")},
+                                {**fingerprint, "name": model.get("name")}, f"cache.out '{out}'", data_name)
+            raise CacheMismatchError(f"{problem or f'cache.out {out} holds another cache'} "
+                                     "(or set cache.out=<another folder>, or cache.overwrite=true to replace it)")
+        old = None
+    if old is None or overwrite:
+        for stale in out.glob("*.tar"):
+            stale.unlink()
+        old = None
+    manifest: dict[str, Any] = {
+        "format": CACHE_FORMAT, "status": "incomplete", "fingerprint": fingerprint,
+        "model": model.get("name"), "data": data_name, "dtype": str(model.get("dtype", "float32")),
+        "command": command or _REBUILD.format(data=data_name, model=model.get("name")),
+        "members": {CACHE_MEMBER: {
+            "latents": "(N, 64) packed VAE latents, normalised (z - shift_factor) * scaling_factor",
+            "prompt_embeds": "(L, D) T5 sequence embedding, L = max_sequence_length",
+            "pooled_prompt_embeds": "(D,) CLIP pooled embedding",
+            "text_mask": "(L,) uint8 T5 attention mask"},
+            "json": "source json + cell size + gridgen_cache {fingerprint, hash}", "txt": "caption"},
+        "layouts": dict((old or {}).get("layouts", {})),
+        "shards": dict((old or {}).get("shards", {})),
+    }
+    _write_manifest(out, manifest)
+    info = {**fingerprint, "name": model.get("name"), "data": data_name}
+    max_len = fingerprint["max_sequence_length"]
+    for split, urls in shards.items():
+        for index, url in enumerate(urls):
+            name = f"{split}-{index:06d}.tar"
+            target = out / name
+            done = manifest["shards"].get(name)
+            if target.is_file() and done and done.get("source") == url:
+                log.info("cache: %s already written (%d samples), skipped", name, done["samples"])
+                continue
+            skips = SkipCounter()
+            started, written = time.perf_counter(), 0
+            samples = wds.DataPipeline(
+                wds.SimpleShardList([url]),
+                wds.tarfile_to_samples(handler=skips),
+                wds.decode("torchrgb8", handler=skips, only=[*image_key.split(";"), "json", caption_key]),
+                wds.map(ToSample(image_key, caption_key, cached=False, skips=skips, keep_meta=True), handler=skips),
+            )
+            tmp = out / f".{name}.tmp"
+            with wds.TarWriter(str(tmp), mtime=0) as sink:
+                for chunk in _chunks(samples, batch_size):
+                    for sample, tensors in zip(chunk, encode_for_cache(pipe, chunk, max_len), strict=True):
+                        layout: GridLayout = sample["layout"]
+                        meta = {**sample["meta"], "cell_height": layout.cell_height, "cell_width": layout.cell_width,
+                                "gridgen_cache": {**info, "hash": layout_hash(fingerprint, layout)}}
+                        manifest["layouts"][f"{layout.name}@{layout.height}x{layout.width}"] = layout_hash(
+                            fingerprint, layout)
+                        sink.write({"__key__": sample["__key__"],  # paired by key, never by position
+                                    CACHE_MEMBER: safetensors.torch.save(tensors),
+                                    "json": json.dumps(meta, sort_keys=True).encode(),
+                                    "txt": sample["caption"].encode()})
+                        written += 1
+            os.replace(tmp, target)
+            seconds = time.perf_counter() - started
+            manifest["shards"][name] = {"source": url, "split": split, "samples": written, "skipped": skips.count}
+            _write_manifest(out, manifest)
+            log.info("cache: %s <- %s: %d samples, %d skipped, %.1f samples/s", name, url, written, skips.count,
+                     written / max(seconds, 1e-9))
+    expected = {f"{split}-{i:06d}.tar" for split, urls in shards.items() for i in range(len(urls))}
+    manifest["shards"] = {k: v for k, v in manifest["shards"].items() if k in expected}
+    manifest["counts"] = {split: sum(v["samples"] for v in manifest["shards"].values() if v["split"] == split)
+                          for split in shards}
+    manifest["skipped"] = sum(v["skipped"] for v in manifest["shards"].values())
+    manifest["status"] = "complete"
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def load_cached_sample(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of one ``cache.safetensors`` member."""
+    import safetensors.torch
+
+    return safetensors.torch.load(bytes(data))
