@@ -53,7 +53,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision notices from transformers' imports
@@ -72,7 +71,7 @@ import gridgen.training.module as module_lib  # noqa: E402
 from gridgen.config import CONF_DIR, register_resolvers  # noqa: E402
 from gridgen.layout import GridLayout  # noqa: E402
 from gridgen.losses import base_loss, temporal_flow_loss  # noqa: E402
-from gridgen.models.lora import LORA_FILE, attach_lora, save_lora  # noqa: E402
+from gridgen.models.lora import LORA_FILE, save_lora  # noqa: E402
 from gridgen.models.tiny import TINY_FLUX_CONFIG  # noqa: E402
 from gridgen.training.module import GridModule  # noqa: E402
 
@@ -267,19 +266,10 @@ def build_bench(args: argparse.Namespace, tmp: Path) -> Bench:
 
     module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss, seed=cfg.seed,
                         max_steps=cfg.trainer.max_steps)
-    # What configure_model does, minus from_pretrained: frozen base in `dtype`, LoRA attached (its init seeded
-    # by the module's seed), adapters in fp32.
+    # configure_model minus from_pretrained: a random transformer of the benchmark's size, adopted by the module
+    # (frozen base in `dtype`, LoRA with its seeded init, adapters in fp32); batches carry cached conditioning.
     torch.manual_seed(args.seed)
-    transformer = FluxTransformer2DModel(**flux_config).to(dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(module.seed)
-        module.num_trainable = attach_lora(transformer, module._lora_config)
-    for param in transformer.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    module.transformer = transformer.train()
-    # Seam: on_fit_start moves pipe.vae / text encoders; a cached-data run without them still needs a pipe here.
-    module.pipe = SimpleNamespace(vae=None, text_encoder=None, text_encoder_2=None)
+    module.adopt_transformer(FluxTransformer2DModel(**flux_config).to(dtype))
 
     gen = torch.Generator().manual_seed(args.seed)
     b, seq = args.batch_size, int(cfg.model.max_sequence_length)

@@ -87,7 +87,16 @@ class GridModule(L.LightningModule):
         for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             if part is not None:
                 part.requires_grad_(False).eval()
-        transformer = pipe.transformer.train()  # from_pretrained returns eval(); LoRA dropout needs train()
+        self.adopt_transformer(pipe.transformer)
+        # The frozen encoders stay outside the module's parameters (not in checkpoints, not wrapped by
+        # DDP/FSDP); they follow the module's device in on_fit_start.
+        self.pipe = pipe
+        self.pipe.transformer = None
+
+    def adopt_transformer(self, transformer: torch.nn.Module) -> None:
+        """Freeze a FLUX transformer, attach the LoRA and make it this module's (also for benchmarks/notebooks
+        that build the transformer themselves)."""
+        transformer.train()  # from_pretrained returns eval(); LoRA dropout needs train()
         # LoRA's random init comes from the seed alone, not from whatever drew random numbers before (the
         # launcher, samplers): every process and every launch mode starts from the same adapter.
         with torch.random.fork_rng(devices=[]):
@@ -98,18 +107,16 @@ class GridModule(L.LightningModule):
         for param in transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-        if cfg.get("gradient_checkpointing", False):
+        if self.model_cfg.get("gradient_checkpointing", False):
             transformer.enable_gradient_checkpointing()
         if self.init_lora:
             header = load_lora_weights_into(transformer, self.init_lora)
             log.info("initialised LoRA from %s (stage %s)", self.init_lora, header.get("gridgen_stage", "?"))
         self.transformer = transformer
-        # The frozen encoders stay outside the module's parameters (not in checkpoints, not wrapped by
-        # DDP/FSDP); they follow the module's device in on_fit_start.
-        self.pipe = pipe
-        self.pipe.transformer = None
 
     def on_fit_start(self) -> None:
+        if self.pipe is None:  # transformer adopted directly; batches must carry cached latents and embeddings
+            return
         for part in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
             if part is not None:
                 part.to(self.device)
@@ -224,9 +231,10 @@ class GridModule(L.LightningModule):
         self.log("val/loss_flow", torch.stack(flow).mean(), **kw)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+        grads = [p.grad for p in optimizer.param_groups[0]["params"] if p.grad is not None]
+        if grads:  # one fused kernel over all LoRA tensors (before clipping)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     # ---- optimiser ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
