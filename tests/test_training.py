@@ -279,3 +279,51 @@ def test_unknown_experiment_lists_the_available_ones(tmp_path):
     assert "Could not find 'experiment/nope'" in proc.stderr
     for name in PRESETS:
         assert name in proc.stderr
+
+
+def test_resume_mid_epoch_ends_with_the_uninterrupted_lora(tmp_path):
+    """Kill-and-resume: from a mid-epoch checkpoint the run continues at the same step, alpha, LR and data
+    position (epoch counters restored, consumed batches skipped) and ends with the same LoRA."""
+    common = ["trainer.max_steps=7", "optim.lr=1e-2", "lora.rank=4", "data.samples_per_epoch=6",  # 3 batches/epoch
+              "callbacks.checkpoint.every_n_train_steps=4", "optim.scheduler=cosine"]
+    train(make_cfg(tmp_path / "a", *common))
+    straight, _ = read_lora_file(tmp_path / "a" / "run" / "lora")
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "step000004.ckpt"  # epoch 1, one batch into it
+    train(make_cfg(tmp_path / "b", *common, f"ckpt_path={ckpt}"))
+    resumed, _ = read_lora_file(tmp_path / "b" / "run" / "lora")
+    restarted = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert restarted["global_step"] == 7
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(trained_run, monkeypatch):
+    """Checkpoints go through Lightning's TorchCheckpointIO (serialise, then an fsspec transaction that writes a
+    temporary file and moves it into place): a write that dies half-way leaves last.ckpt loadable."""
+    import fsspec.implementations.local as local
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    run, _, _ = trained_run
+    path = run / "checkpoints" / "last.ckpt"
+    before = torch.load(path, map_location="cpu", weights_only=True)
+    files = sorted(p.name for p in path.parent.iterdir())
+    original_write = local.LocalFileOpener.write
+
+    def dying_write(self, data):
+        original_write(self, data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", dying_write)
+    with pytest.raises(OSError, match="disk full"):
+        TorchCheckpointIO().save_checkpoint({**before, "global_step": 999}, path)
+    monkeypatch.undo()
+    after = torch.load(path, map_location="cpu", weights_only=True)
+    assert after["global_step"] == before["global_step"] == 4
+    assert sorted(p.name for p in path.parent.iterdir()) == files  # no half-written file left behind
+
+
+def test_sweep_over_a_key_that_does_not_exist(tmp_path):
+    proc = run_cli("-m", "lora.rnk=4,8", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not override 'lora.rnk'" in proc.stderr and "Key 'rnk' is not in struct" in proc.stderr
+    assert not list((tmp_path / "sweep").glob("lora.rnk=*"))  # no job ran

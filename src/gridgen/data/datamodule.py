@@ -498,6 +498,24 @@ class ToSample:
 # ---- the datamodule -------------------------------------------------------------------------------
 
 
+class _SkipFirst:
+    """A loader whose first iteration skips ``skip`` batches (the part of an epoch trained before a resume)."""
+
+    def __init__(self, loader: Any, skip: int) -> None:
+        self.loader, self.skip = loader, skip
+
+    def __len__(self) -> int:
+        # the full epoch: Lightning restores how many batches of it ran and counts on from there
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.loader)
+        skip, self.skip = self.skip, 0
+        for _ in range(skip):
+            next(iterator, None)
+        yield from iterator
+
+
 class GridDataModule(L.LightningDataModule):
     """Streams grid images and captions from WebDataset shards, in batches of one layout each.
 
@@ -629,8 +647,17 @@ class GridDataModule(L.LightningDataModule):
         samples = self.samples_per_epoch or count_samples(self.train_urls)
         # every rank runs exactly this many steps per epoch: ranks stay in lockstep whatever the shards hold
         self.batches_per_epoch = max(1, samples // (self.batch_size * world_size))
+        # Resume: a restored trainer is at (epoch, step) already. Start the resampling/mixing epoch counters
+        # there (set before the workers get their copy) and skip the batches this epoch already consumed, so
+        # a resumed run sees the batches an uninterrupted one would.
+        epoch, done = 0, 0
+        if self.trainer is not None and self.trainer.global_step > 0:
+            epoch = self.trainer.current_epoch
+            consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            done = max(0, consumed - epoch * self.batches_per_epoch)
+        dataset = self.train_dataset(float_pixels=False, start_epoch=epoch)
         loader = wds.WebLoader(
-            self.train_dataset(float_pixels=False),
+            dataset,
             batch_size=None,  # batches are built by batched_by_layout
             shuffle=False,
             num_workers=self.num_workers,
@@ -651,7 +678,11 @@ class GridDataModule(L.LightningDataModule):
         # device under a Trainer, else here in the main process. with_length tells Lightning (progress bar,
         # schedulers) the epoch length that with_epoch enforces.
         loader = self._to_float_stage(loader).with_epoch(self.batches_per_epoch)
-        return loader.with_length(self.batches_per_epoch, silent=True)
+        loader = loader.with_length(self.batches_per_epoch, silent=True)
+        if done:
+            log.info("resuming at epoch %d: skipping the %d batches it already trained on", epoch, done)
+            return _SkipFirst(loader, done)
+        return loader
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Each validation shard once, in order, unshuffled; the last batch of each layout may be partial.
@@ -697,15 +728,22 @@ class GridDataModule(L.LightningDataModule):
             wds.tarfile_to_samples(handler=self.skips),
         )
 
-    def train_dataset(self, float_pixels: bool = True) -> wds.DataPipeline:
-        """The training pipeline (an endless iterable of batches); ``float_pixels=False``: uint8 images."""
+    def train_dataset(self, float_pixels: bool = True, start_epoch: int = 0) -> wds.DataPipeline:
+        """The training pipeline (an endless iterable of batches); ``float_pixels=False``: uint8 images.
+
+        ``start_epoch``: the epoch its first iteration draws (resume), as if it had been iterated before.
+        """
         self.setup("fit")
         assert self.source_urls is not None
         streams = [self._source_stream(i, urls) for i, urls in enumerate(self.source_urls.values())]
+        for stream in streams:  # ResampledShards counts epochs from -1 (incremented on each iteration)
+            stream.pipeline[0].epoch = start_epoch - 1
         if len(streams) == 1:
             stages: list[Any] = [*streams[0].pipeline]
         else:
-            stages = [SeededRandomMix(streams, [src.weight for src in self.sources], seed=self.seed)]
+            mix = SeededRandomMix(streams, [src.weight for src in self.sources], seed=self.seed)
+            mix.epoch = start_epoch - 1
+            stages = [mix]
         if self.shuffle_buffer > 1:
             # shuffle raw (still compressed) samples: a big buffer costs little memory
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=self.seed))
