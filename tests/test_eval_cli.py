@@ -277,3 +277,27 @@ def test_two_processes_give_the_one_process_results(tmp_path):
     assert record["protocol"]["processes"].startswith("2 (cpu)")
     assert record["metrics"]["fvd"] == pytest.approx(one["fvd"], rel=1e-6)
     assert record["metrics"]["fvd_n_fake"] == 3 and record["metrics"]["time_per_sequence_s"] == pytest.approx(3.0)
+
+
+def test_eval_metrics_logged_into_the_training_runs_wandb(tmp_path):
+    """eval.wandb.run=<training run>: eval/<metric> lands in that run's (offline) W&B run, same run id."""
+    import wandb
+
+    from wandb_offline import summarise
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train_run = wandb.init(mode="offline", dir=str(run_dir), project="gridgen")
+    train_run.log({"train/loss": 1.0})
+    train_run.finish()
+    real = [clip_video(i, t=16) for i in range(2)]
+    for i, frames in enumerate(real):
+        save_frames(tmp_path / "real" / f"sample_{i:02d}", frames)
+    generate_like(tmp_path / "fake", real, [1.0, 2.0])
+    metrics = evaluate(make_cfg(tmp_path, "task=interpolate", f"eval.real={tmp_path / 'real'}",
+                                f"eval.fake={tmp_path / 'fake'}", f"eval.out={run_dir / 'eval'}",
+                                "eval.wandb.enabled=true", f"eval.wandb.run={run_dir}"))
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    assert len(files) == 2 and {f.name for f in files} == {f"run-{train_run.id}.wandb"}  # resumed, same id
+    assert {"eval/psnr", "eval/ssim", "eval/interpolate_table"} <= summarise(files[-1])["keys"]
+    assert metrics["psnr"] > 40  # identical videos

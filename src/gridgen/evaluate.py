@@ -490,9 +490,43 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         targets = Path(ec.targets) if ec.targets else CONF_DIR.parent / "experiments" / "paper_targets.yaml"
         paper = paper_targets(targets, ev)
         paths = write_results(ev, out, paper)
+        if ec.get("wandb") and ec.wandb.get("enabled"):
+            log_to_wandb(ev, paper, ec.wandb, out)
         print(render_table(ev, paper), flush=True)
         print(f"results        {paths[0]}\n               {paths[1]}", flush=True)
     return ev.metrics
+
+
+def log_to_wandb(ev: Evaluation, paper: dict[str, Any], wb: DictConfig, out: Path) -> None:
+    """Log ``eval/<metric>`` (and a table beside the paper's numbers) to W&B.
+
+    With ``eval.wandb.run=<training run folder>`` the metrics go into that run's own W&B run (resumed by its
+    id, offline unless an API key is set), so a run's dashboard shows its evaluation next to its losses.
+    """
+    import wandb
+
+    kwargs: dict[str, Any] = {"project": wb.get("project", "gridgen"), "job_type": "eval",
+                              "mode": "online" if os.environ.get("WANDB_API_KEY") or
+                              os.environ.get("WANDB_MODE") == "online" else "offline"}
+    run_dir = Path(str(wb.run)).expanduser() if wb.get("run") else None
+    if run_dir is not None:
+        runs = sorted((run_dir / "wandb").glob("*run-*-*"))
+        if not runs:
+            raise FileNotFoundError(f"eval.wandb.run '{run_dir}' has no W&B run (no wandb/*run-*); pass a training "
+                                    "run folder trained with logger=wandb, or leave eval.wandb.run=null")
+        kwargs.update(id=runs[-1].name.rsplit("-", 1)[-1], resume="allow", dir=str(run_dir))
+    else:
+        kwargs.update(dir=str(out), name=f"eval-{ev.task}")
+    run = wandb.init(**kwargs)
+    numbers = {f"eval/{k}": v for k, v in ev.metrics.items() if isinstance(v, int | float)}
+    run.log(numbers)
+    def paper_values(metric: str) -> str:  # {variant: value} of the paper's rows for this metric
+        return json.dumps({variant: row[metric] for variant, row in paper.items()
+                           if isinstance(row, dict) and metric in row})
+
+    rows = [[k, v, paper_values(k.removeprefix("eval/"))] for k, v in sorted(numbers.items())]
+    run.log({f"eval/{ev.task}_table": wandb.Table(columns=["metric", "ours", "paper"], data=rows)})
+    run.finish()
 
 
 # ---------------------------------------------------------------------------------------------- sweeps

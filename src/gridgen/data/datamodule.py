@@ -651,7 +651,7 @@ class GridDataModule(L.LightningDataModule):
         # there (set before the workers get their copy) and skip the batches this epoch already consumed, so
         # a resumed run sees the batches an uninterrupted one would.
         epoch, done = 0, 0
-        if self.trainer is not None and self.trainer.global_step > 0:
+        if self.trainer is not None and getattr(self.trainer, "global_step", 0) > 0:
             epoch = self.trainer.current_epoch
             consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
             done = max(0, consumed - epoch * self.batches_per_epoch)
