@@ -39,7 +39,11 @@ def test_sweep_summary_one_row_per_rank(tmp_path):
     for rank in (16, 4, 8):
         fake_run(sweep / f"lora.rank={rank}", rank, [(1.0, 2.0), (0.9 - rank / 100, 1.0)])
     (sweep / "multirun.yaml").write_text("{}\n")
+    # evaluation written into a job (`make eval ... eval.out=<job>/eval`) becomes a column of the summary
+    (sweep / "lora.rank=8" / "eval").mkdir()
+    (sweep / "lora.rank=8" / "eval" / "t2v.json").write_text(json.dumps({"task": "t2v", "metrics": {"fvd": 412.5}}))
     md = report_sweep(sweep).read_text()
+    assert "eval/fvd" in md.splitlines()[2] and "| 412.5 |" in md
     lines = [line for line in md.splitlines() if line.startswith("| lora.rank=")]
     assert [line.split("|")[2].strip() for line in lines] == ["16", "4", "8"]  # one row per job
     assert "| lora.rank=8 | 8 | 0.82 | 1 | 8000 | 0.8 | 508 |" in md
