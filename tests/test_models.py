@@ -146,6 +146,8 @@ def test_load_skips_components_and_casts(tiny_dir: Path) -> None:
     assert p.vae is None and p.text_encoder is None and p.text_encoder_2 is None
     assert p.tokenizer is None and p.tokenizer_2 is None
     assert p.transformer.dtype == torch.bfloat16
+    encoders = load_flux_pipeline(str(tiny_dir), load_transformer=False)  # what `make cache` loads
+    assert encoders.transformer is None and encoders.vae is not None and encoders.text_encoder_2 is not None
 
 
 # ----------------------------------------------------------------------------------------------- determinism

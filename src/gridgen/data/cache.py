@@ -170,35 +170,13 @@ def _is_remote(url: str) -> bool:
 def load_encoders(model: Mapping[str, Any], device: str | torch.device = "cpu") -> FluxPipeline:
     """The VAE, CLIP and T5 (with tokenizers) of ``model.pretrained``, without the transformer.
 
-    Same resolution as :func:`gridgen.models.loading.load_flux_pipeline` (``embedded:tiny``, a local diffusers
-    folder, or a hub id from the local cache only), but caching never runs the transformer, so it is not loaded
-    (FLUX.1-dev's is 24 GB in bf16).
+    :func:`gridgen.models.loading.load_flux_pipeline` with ``load_transformer=False``: caching never runs the
+    transformer, so it is not loaded (FLUX.1-dev's is 24 GB in bf16).
     """
-    from diffusers import FluxPipeline
+    from gridgen.models.loading import load_flux_pipeline
 
-    from gridgen.models.loading import (
-        _HINT,
-        ModelNotFoundError,
-        _dtype_kwarg,
-        _short_reason,
-        looks_local,
-        parse_dtype,
-        resolve_pretrained,
-    )
-
-    name = resolve_pretrained(model["pretrained"])
-    kwargs = {_dtype_kwarg(): parse_dtype(model.get("dtype", "float32")), "variant": model.get("variant"),
-              "transformer": None}
-    if looks_local(name):
-        if not (Path(name).expanduser() / "model_index.json").is_file():
-            raise ModelNotFoundError(f"model folder '{name}' does not exist or is not a diffusers folder; {_HINT}")
-        source, kwargs = str(Path(name).expanduser()), kwargs
-    else:
-        source, kwargs = name, {**kwargs, "revision": model.get("revision"), "local_files_only": True}
-    try:
-        pipe = FluxPipeline.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise ModelNotFoundError(f"could not load the encoders of '{name}': {_short_reason(err)}; {_HINT}") from err
+    pipe = load_flux_pipeline(model["pretrained"], dtype=model.get("dtype", "float32"), load_transformer=False,
+                              revision=model.get("revision"), variant=model.get("variant"))
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         part.requires_grad_(False).eval()
     return pipe.to(device)

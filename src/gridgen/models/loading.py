@@ -102,14 +102,16 @@ def load_flux_pipeline(
     device: str | torch.device = "cpu",
     load_vae: bool = True,
     load_text_encoders: bool = True,
+    load_transformer: bool = True,
     revision: str | None = None,
     variant: str | None = None,
     local_files_only: bool = True,
 ) -> FluxPipeline:
     """Load a ``FluxPipeline`` from a local diffusers folder, a hub id (local HF cache) or ``"embedded:tiny"``.
 
-    ``load_vae=False`` / ``load_text_encoders=False`` skip those components (they are ``None`` in the pipeline),
-    e.g. when latents or text embeddings are precomputed. ``local_files_only=False`` allows downloading a hub id.
+    ``load_vae=False`` / ``load_text_encoders=False`` / ``load_transformer=False`` skip those components (they
+    are ``None`` in the pipeline), e.g. when latents or text embeddings are precomputed, or when only the
+    encoders run (``make cache``). ``local_files_only=False`` allows downloading a hub id.
     Raises ``ModelNotFoundError`` (one line) when the weights are not there.
     """
     from diffusers import FluxPipeline
@@ -121,6 +123,8 @@ def load_flux_pipeline(
         skipped["vae"] = None
     if not load_text_encoders:
         skipped.update(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    if not load_transformer:
+        skipped["transformer"] = None
     kwargs = {_dtype_kwarg(): torch_dtype, "variant": variant, **skipped}
 
     if isinstance(pretrained, Path) or looks_local(name):
