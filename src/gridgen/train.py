@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
-from gridgen.models.lora import LORA_FILE, read_lora_file
+from gridgen.models.lora import LORA_FILE, read_lora_header
 from gridgen.training.callbacks import LoraExport, config_hash
 from gridgen.training.module import GridModule
 
@@ -26,7 +26,7 @@ def find_coarse_lora(output_root: Path, task: str, model: str) -> Path:
     """The newest LoRA exported by a coarse run of this task and model under ``output_root``."""
     candidates = []
     for path in output_root.glob(f"**/lora/{LORA_FILE}"):
-        _, header = read_lora_file(path)
+        header = read_lora_header(path)  # metadata only: coarse runs' LoRAs can be large
         if (header.get("gridgen_stage"), header.get("gridgen_task"), header.get("gridgen_model")) == (
             "coarse", task, model):
             candidates.append(path)

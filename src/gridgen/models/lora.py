@@ -101,8 +101,7 @@ def save_lora(directory: str | Path, transformer: torch.nn.Module, metadata: dic
     return directory / LORA_FILE
 
 
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A gridgen/diffusers LoRA file (or a folder holding one) -> (peft state dict, header metadata)."""
+def _lora_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / LORA_FILE
@@ -111,8 +110,19 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             f"LoRA file '{path}' does not exist; point to a pytorch_lora_weights.safetensors written by "
             "gridgen (runs write it under <run>/lora/)"
         )
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    return path
+
+
+def read_lora_header(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of a LoRA file (or its folder), without reading the tensors."""
+    with safetensors.safe_open(str(_lora_path(path)), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A gridgen/diffusers LoRA file (or a folder holding one) -> (peft state dict, header metadata)."""
+    path = _lora_path(path)
+    header = read_lora_header(path)
     state = safetensors.torch.load_file(str(path))
     prefix = f"{FluxPipeline.transformer_name}."
     return {k.removeprefix(prefix): v for k, v in state.items()}, header
