@@ -62,11 +62,21 @@ def _sweep_subdir(override_dirname: str, job_num: int) -> str:
     return ",".join(parts) or override_dirname or f"job{job_num}"
 
 
+def _root_dir() -> str:
+    """Where ``outputs/`` goes: ``$GRIDGEN_ROOT`` or the directory the command was started in.
+
+    Not ``${hydra:runtime.cwd}``: ``hydra.sweep.dir`` is resolved before Hydra's runtime exists, so every
+    multirun with the default sweep folder failed on it."""
+    return os.environ.get("GRIDGEN_ROOT") or os.getcwd()
+
+
 def register_resolvers() -> None:
     from gridgen.data.cards import register_card_resolver  # ${gridgen_card:<name>,<key>}: data cards
 
     register_card_resolver()
     if not OmegaConf.has_resolver("gridgen_sample_data"):
         OmegaConf.register_new_resolver("gridgen_sample_data", _sample_data)
+    if not OmegaConf.has_resolver("gridgen_root"):
+        OmegaConf.register_new_resolver("gridgen_root", _root_dir)
     if not OmegaConf.has_resolver("gridgen_sweep_subdir"):
         OmegaConf.register_new_resolver("gridgen_sweep_subdir", _sweep_subdir)
