@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import gridgen
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
-from gridgen.inference.sampler import MASK_MODES, GridSampler, apply_lora, check_strength, resolve_lora_source
+from gridgen.inference.sampler import MASK_MODES, GridSampler, apply_lora, check_lora_source, check_strength
 from gridgen.inference.tasks import (
     SampleRequest,
     TaskSpec,
@@ -98,8 +98,23 @@ def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
     if not 0 < float(cfg.ref_fit.min_kept) <= 1:
         raise ValueError(f"ref_fit.min_kept must be in (0, 1], got {cfg.ref_fit.min_kept}")
     if cfg.lora.path:
-        resolve_lora_source(cfg.lora.path)
+        check_lora_source(cfg.lora.path)  # a missing, corrupt or foreign file fails here, before weights load
     return spec, T
+
+
+def _task_kinds(group: str) -> dict[str, str]:
+    """Task name -> kind (video | multiview) for a task config group (``task`` for training, ``generate_task``)."""
+    return {path.stem: str(OmegaConf.load(path).get("kind")) for path in sorted((CONF_DIR / group).glob("*.yaml"))}
+
+
+def lora_task_mismatch(lora_task: str | None, spec: TaskSpec) -> str | None:
+    """The warning for a LoRA trained for the other kind of grid (multi-view vs video) than ``spec``, else None."""
+    lora_kind = _task_kinds("task").get(str(lora_task)) if lora_task else None
+    if lora_kind is None or lora_kind == spec.kind:
+        return None
+    fitting = [name for name, kind in _task_kinds("generate_task").items() if kind == lora_kind]
+    return (f"LoRA was trained for task {lora_task}, generating {spec.name}: it learned {lora_kind} grids, not "
+            f"{spec.kind} ones; use it with task={'|'.join(fitting)} or pick a LoRA trained for a {spec.kind} task")
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
@@ -127,6 +142,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                               revision=cfg.model.get("revision"), variant=cfg.model.get("variant"))
     pipe.set_progress_bar_config(disable=True)
     lora = apply_lora(pipe.transformer, cfg.lora.path, float(cfg.lora.scale)) if cfg.lora.path else None
+    if lora and (mismatch := lora_task_mismatch(lora.get("gridgen_task"), spec)):
+        log.warning(mismatch)
     sampler = GridSampler(pipe, int(gen.max_sequence_length))
     encoded = {key: (None if frames is None else sampler.encode_grid(layout.tile(frames)[None].to(dtype)),  # (1, N, 64)
                      keep_tokens(layout, keep) if keep.any() else None)  # (1, N, 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,15 +252,46 @@ def resolve_lora_source(path: str | Path) -> Path:
     )
 
 
+def check_lora_source(path: str | Path) -> Path:
+    """:func:`resolve_lora_source`, then a cheap look at the file (safetensors header or checkpoint zip), so that a
+    corrupt or foreign LoRA stops with one line before any model loads."""
+    from gridgen.models.lora import read_lora_header
+
+    source = resolve_lora_source(path)
+    if source.suffix == ".ckpt":
+        _check_checkpoint_zip(source)
+    else:
+        read_lora_header(source)
+    return source
+
+
+def _check_checkpoint_zip(path: Path) -> None:
+    from gridgen.models.lora import LoraFileError
+
+    # torch.save writes zip archives; anything else would go to the legacy pickle reader, which we never use
+    if not zipfile.is_zipfile(path):
+        raise LoraFileError(f"checkpoint '{path}' is not a PyTorch zip checkpoint; expected a gridgen training "
+                            "checkpoint such as <run>/checkpoints/last.ckpt, or a LoRA .safetensors file")
+
+
 def _lora_from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, str]]:
     from gridgen.models.lora import LoraFileError, build_lora_config
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = ckpt.get("hyper_parameters", {})
-    if "lora" not in hparams or "state_dict" not in ckpt:
-        raise LoraFileError(f"checkpoint '{path}' was not written by gridgen training (no LoRA hyper-parameters)")
-    lora = hparams["lora"]
-    config = build_lora_config(**{k: lora[k] for k in ("rank", "alpha", "dropout", "init", "target_modules")})
+    _check_checkpoint_zip(path)
+    expected = "expected a gridgen training checkpoint such as <run>/checkpoints/last.ckpt"
+    try:  # tensors and plain containers only: a checkpoint from elsewhere is never unpickled
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign archives; all mean "not ours"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LoraFileError(f"checkpoint '{path}' cannot be read as tensors only ({type(err).__name__}: {reason}); "
+                            f"{expected}") from err
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    lora = hparams.get("lora") if isinstance(hparams, dict) else None
+    keys = ("rank", "alpha", "dropout", "init", "target_modules")
+    if not isinstance(lora, dict) or not all(k in lora for k in keys) or not isinstance(ckpt.get("state_dict"), dict):
+        raise LoraFileError(f"checkpoint '{path}' was not written by gridgen training (no LoRA hyper-parameters); "
+                            f"{expected}")
+    config = build_lora_config(**{k: lora[k] for k in keys})
     # "transformer.<module>.lora_A.default.weight" -> peft's "<module>.lora_A.weight"
     state = {k.removeprefix("transformer.").replace(".default.", "."): v for k, v in ckpt["state_dict"].items()
              if ".lora_" in k}
@@ -273,9 +305,10 @@ def _lora_from_file(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str,
 
     from gridgen.models.lora import LoraFileError, read_lora_file
 
-    state, header = read_lora_file(path)
-    if not state or not all(".lora_A." in k or ".lora_B." in k for k in state):
-        raise LoraFileError(f"LoRA file '{path}' holds no peft LoRA weights (keys like '<module>.lora_A.weight')")
+    state, header = read_lora_file(path)  # unreadable, kohya-format and non-LoRA files fail here
+    if not all(".lora_A." in k or ".lora_B." in k for k in state):
+        other = next(k for k in state if ".lora_A." not in k and ".lora_B." not in k)
+        raise LoraFileError(f"LoRA file '{path}' holds other tensors than LoRA weights (e.g. '{other}')")
     if LORA_ADAPTER_METADATA_KEY in header:  # diffusers' adapter config: rank, alpha, targets
         prefix = "transformer."
         meta = json.loads(header[LORA_ADAPTER_METADATA_KEY])

@@ -1,0 +1,295 @@
+"""LoRA files: kohya/ComfyUI export parity through diffusers, refusal of non-finite weights, corrupt or foreign
+LoRA files as one-line errors (library and command line), and the LoRA task-mismatch warning of generate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+from hydra import compose, initialize_config_dir
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from gridgen.config import CONF_DIR
+from gridgen.generate import cli_overrides, generate
+from gridgen.models.loading import load_flux_pipeline
+from gridgen.models.lora import (
+    KOHYA_LORA_FILE,
+    LORA_FILE,
+    LoraFileError,
+    NonFiniteLoraError,
+    attach_lora,
+    build_lora_config,
+    kohya_state_dict,
+    load_lora_weights_into,
+    lora_state_dict,
+    read_lora_header,
+    save_lora,
+)
+from gridgen.models.tiny import TINY_FLUX_CONFIG, ensure_tiny_flux
+
+DIM = TINY_FLUX_CONFIG["num_attention_heads"] * TINY_FLUX_CONFIG["attention_head_dim"]  # 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_pipe() -> FluxPipeline:
+    pipe = load_flux_pipeline(ensure_tiny_flux())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def randomize_lora(transformer: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero A and B everywhere (peft's init leaves B = 0, which would hide a wrong up/down mapping)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
+    """One FLUX forward on fixed inputs: 8x8 latent tokens, 6 text tokens, t = 0.7, guidance 3.5."""
+    gen = torch.Generator().manual_seed(1)
+    tokens, text = 64, 6
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"),
+                          dim=-1).reshape(tokens, 3)  # (1, 8, 8, 3) -> (N, 3)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, tokens, TINY_FLUX_CONFIG["in_channels"], generator=gen),
+            encoder_hidden_states=torch.randn(1, text, TINY_FLUX_CONFIG["joint_attention_dim"], generator=gen),
+            pooled_projections=torch.randn(1, TINY_FLUX_CONFIG["pooled_projection_dim"], generator=gen),
+            timestep=torch.tensor([0.7]), guidance=torch.tensor([3.5]),
+            img_ids=img_ids, txt_ids=torch.zeros(text, 3), return_dict=False,
+        )[0]
+
+
+def tiny_lora(rank: int = 4, targets: tuple[str, ...] = ("attn.to_q", "attn.to_k"), seed: int = 0):
+    transformer = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
+    attach_lora(transformer, build_lora_config(rank, rank, 0.0, "gaussian", list(targets)))
+    randomize_lora(transformer, seed)
+    return transformer
+
+
+# ---- kohya / ComfyUI export ---------------------------------------------------------------------------------
+# Every block module diffusers' kohya converter maps, except the single blocks' fused linear1: for that one the
+# converter hard-codes FLUX.1-dev's widths (3072, 3072, 3072, 12288); test_kohya_linear1_* covers it at those
+# widths. attn.to_v is left out on purpose: img_attn_qkv then carries a zero block for it.
+PARITY_TARGETS = (r"^(transformer_blocks\.\d+\.(attn\.(to_q|to_k|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
+                  r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear|norm1_context\.linear)"
+                  r"|single_transformer_blocks\.\d+\.(proj_out|norm\.linear))$")
+
+
+def test_kohya_export_loads_in_diffusers_like_the_diffusers_file(tmp_path):
+    pipe = tiny_pipe()
+    base = transformer_output(pipe.transformer)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=PARITY_TARGETS))  # scale 2
+    randomize_lora(pipe.transformer)
+    ours = transformer_output(pipe.transformer)
+    path = save_lora(tmp_path, pipe.transformer, {"gridgen_task": "t2v"}, formats=["diffusers", "kohya"])
+    assert path == tmp_path / LORA_FILE and (tmp_path / KOHYA_LORA_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LORA_FILE, KOHYA_LORA_FILE])  # no temporary files
+
+    kohya = load_file(tmp_path / KOHYA_LORA_FILE)
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in kohya)
+    names = {k.split(".")[0] for k in kohya}
+    assert len(names) == 2 * 10 + 2 * 2  # per double block 8 plain + 2 fused qkv; per single block linear2, modulation
+    qkv = "lora_unet_double_blocks_1_img_attn_qkv"
+    down, up = kohya[f"{qkv}.lora_down.weight"], kohya[f"{qkv}.lora_up.weight"]
+    assert down.shape == (12, DIM) and up.shape == (3 * DIM, 12) and kohya[f"{qkv}.alpha"].item() == 24.0
+    state = lora_state_dict(pipe.transformer)
+    assert torch.equal(down[:4], state["transformer_blocks.1.attn.to_q.lora_A.weight"])
+    assert torch.equal(up[DIM:2 * DIM, 4:8], state["transformer_blocks.1.attn.to_k.lora_B.weight"])
+    assert not up[2 * DIM:].any() and not down[8:].any()  # to_v is not adapted: zero block
+    assert not up[:DIM, 4:].any()  # block-diagonal
+    assert kohya["lora_unet_single_blocks_0_linear2.alpha"].item() == 8.0
+    header = read_lora_header(tmp_path / KOHYA_LORA_FILE)
+    assert header["gridgen_task"] == "t2v" and "lora_adapter_metadata" not in header
+
+    outputs = {}
+    for name in (LORA_FILE, KOHYA_LORA_FILE):
+        fresh = tiny_pipe()
+        fresh.load_lora_weights(tmp_path, weight_name=name)
+        outputs[name] = transformer_output(fresh.transformer)
+    assert (ours - base).abs().max() > 1e-2  # the LoRA changes the output
+    torch.testing.assert_close(outputs[LORA_FILE], ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outputs[KOHYA_LORA_FILE], ours, rtol=0, atol=1e-5)
+
+
+def test_kohya_linear1_at_flux_dev_widths_is_exact_through_diffusers_converter():
+    """Single blocks: to_q, to_k, to_v (+ proj_mlp, here not adapted) fuse into linear1 of FLUX.1-dev's widths."""
+    rank, in_features, scale = 2, 8, 0.5
+    widths = {"attn.to_q": 3072, "attn.to_k": 3072, "attn.to_v": 3072, "proj_mlp": 12288}
+    gen = torch.Generator().manual_seed(0)
+    prefix = "single_transformer_blocks.5."
+    state = {}
+    for member in ("attn.to_q", "attn.to_k", "attn.to_v"):
+        state[f"{prefix}{member}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen)
+        state[f"{prefix}{member}.lora_B.weight"] = torch.randn(widths[member], rank, generator=gen)
+    kohya = kohya_state_dict(state, {prefix + m: scale for m in widths}, {prefix + "proj_mlp": 12288})
+    name = "lora_unet_single_blocks_5_linear1"
+    assert sorted(kohya) == [f"{name}.alpha", f"{name}.lora_down.weight", f"{name}.lora_up.weight"]
+
+    def delta(member: str) -> torch.Tensor:  # the update LoRA adds to the member's weight
+        if member == "proj_mlp":
+            return torch.zeros(widths[member], in_features)
+        return scale * state[f"{prefix}{member}.lora_B.weight"] @ state[f"{prefix}{member}.lora_A.weight"]
+
+    # plain oracle: the fused update is the members' updates stacked row-wise
+    fused = kohya[f"{name}.alpha"] / kohya[f"{name}.lora_down.weight"].shape[0] * (
+        kohya[f"{name}.lora_up.weight"] @ kohya[f"{name}.lora_down.weight"])
+    torch.testing.assert_close(fused, torch.cat([delta(m) for m in widths]), rtol=0, atol=1e-5)
+    # diffusers' own reader splits it back (its loader then uses scale 1: alpha is folded into lora_A)
+    back = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
+    for member in widths:
+        key = f"transformer.{prefix}{member}"
+        torch.testing.assert_close(back[f"{key}.lora_B.weight"] @ back[f"{key}.lora_A.weight"], delta(member),
+                                   rtol=0, atol=1e-5)
+
+
+def test_kohya_refuses_modules_it_cannot_name():
+    state = {"x_embedder.lora_A.weight": torch.ones(2, 4), "x_embedder.lora_B.weight": torch.ones(4, 2)}
+    with pytest.raises(ValueError, match="LoRA on 'x_embedder' cannot be exported in kohya format"):
+        kohya_state_dict(state, {"x_embedder": 1.0})
+    with pytest.raises(ValueError, match=r"lora.export_formats must list distinct formats from \['diffusers', 'kohya'\], got \['comfy'\]"):
+        save_lora("unused", tiny_lora(), formats=["comfy"])
+
+
+# ---- non-finite weights -----------------------------------------------------------------------------------------
+def test_non_finite_lora_is_refused_and_nothing_is_written(tmp_path):
+    transformer = tiny_lora()
+    save_lora(tmp_path / "lora", transformer, formats=["diffusers", "kohya"])  # a previous, good export
+    before = {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()}
+    name = "single_transformer_blocks.1.attn.to_k.lora_B.weight"
+    param = dict(transformer.named_parameters())[name.replace(".lora_B.weight", ".lora_B.default.weight")]
+    with torch.no_grad():
+        param[0, :2] = float("nan")
+        param[3, 0] = float("inf")
+    for target in (tmp_path / "lora", tmp_path / "new"):
+        with pytest.raises(NonFiniteLoraError) as info:
+            save_lora(target, transformer, formats=["diffusers", "kohya"])
+        message = str(info.value)
+        assert f"LoRA tensor '{name}' has 3 non-finite (NaN/inf) of {DIM * 4} values" in message
+        assert "1 of 16 tensors" in message and str(target) in message and "\n" not in message
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()} == before  # untouched, no temporary files
+
+
+# ---- corrupt or foreign files -------------------------------------------------------------------------------------
+def test_init_lora_garbage_kohya_and_foreign_files_are_one_line_errors(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"definitely not a safetensors file " * 8)
+    with pytest.raises(LoraFileError, match=r"LoRA file '.*garbage.safetensors' is not a readable safetensors file") as info:
+        load_lora_weights_into(tiny_lora(), garbage)
+    assert "\n" not in str(info.value)
+    with pytest.raises(LoraFileError, match="is not a readable safetensors file"):
+        read_lora_header(garbage)  # what stage.init_lora=auto reads
+    truncated = tmp_path / "truncated" / LORA_FILE
+    save_lora(truncated.parent, tiny_lora())
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(LoraFileError, match="is not a readable safetensors file"):
+        load_lora_weights_into(tiny_lora(), truncated.parent)
+
+    save_lora(tmp_path / "k", tiny_lora(), formats=["kohya"])
+    with pytest.raises(LoraFileError, match="is in kohya/ComfyUI format"):
+        load_lora_weights_into(tiny_lora(), tmp_path / "k" / KOHYA_LORA_FILE)
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.ones(2, 2)}, tmp_path / "model.safetensors")
+    with pytest.raises(LoraFileError, match="holds no LoRA weights .*first key 'transformer_blocks.0.attn.to_q.weight'"):
+        load_lora_weights_into(tiny_lora(), tmp_path / "model.safetensors")
+
+
+def test_init_lora_rank_and_targets_must_match_the_config(tmp_path):
+    save_lora(tmp_path / "r8", tiny_lora(rank=8))
+    with pytest.raises(LoraFileError) as info:
+        load_lora_weights_into(tiny_lora(rank=4), tmp_path / "r8")
+    assert str(info.value) == (f"init LoRA '{tmp_path / 'r8'}' has rank 8, lora.rank=4: set lora.rank=8 or pick a "
+                               "LoRA of rank 4")
+    save_lora(tmp_path / "q", tiny_lora(targets=("attn.to_q",)))
+    with pytest.raises(LoraFileError) as info:
+        load_lora_weights_into(tiny_lora(), tmp_path / "q")
+    assert str(info.value) == (f"init LoRA '{tmp_path / 'q'}' adapts [attn.to_q], lora.target_modules adapts "
+                               "[attn.to_k,attn.to_q]: set lora.target_modules=[attn.to_q] or pick a LoRA trained "
+                               "with these targets")
+    source = tiny_lora(seed=5)  # a fitting LoRA loads exactly
+    save_lora(tmp_path / "ok", source, {"gridgen_stage": "coarse"})
+    target = tiny_lora(seed=6)
+    assert load_lora_weights_into(target, tmp_path / "ok")["gridgen_stage"] == "coarse"
+    theirs, ours = lora_state_dict(source), lora_state_dict(target)
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def gen_cfg(tmp: Path, *overrides: str):
+    args = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", f"generate.out={tmp}/out",
+            "generate.progress=false", "generate.steps=1", "export.mp4=false", "export.gif=false",
+            "export.frames=false", *overrides]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("generate", overrides=cli_overrides(args))
+
+
+def foreign_files(tmp: Path) -> dict[str, Path]:
+    files = {"garbage.safetensors": b"\x00\x01 not a LoRA " * 20, "garbage.ckpt": b"e" * 130}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    with zipfile.ZipFile(tmp / "notorch.ckpt", "w") as archive:  # a zip, but no torch archive
+        archive.writestr("readme.txt", "hello")
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp / "foreign.ckpt")  # a torch checkpoint of something else
+    return {p.name: p for p in tmp.iterdir()}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("garbage.safetensors", r"LoRA file '.*garbage.safetensors' is not a readable safetensors file"),
+    ("garbage.ckpt", r"checkpoint '.*garbage.ckpt' is not a PyTorch zip checkpoint; expected a gridgen training"),
+    ("notorch.ckpt", r"checkpoint '.*notorch.ckpt' cannot be read as tensors only .*; expected a gridgen training"),
+    ("foreign.ckpt", r"checkpoint '.*foreign.ckpt' was not written by gridgen training"),
+])
+def test_generate_refuses_foreign_lora_files(tmp_path, name, message):
+    path = foreign_files(tmp_path)[name]
+    with pytest.raises(LoraFileError, match=message) as info:
+        generate(gen_cfg(tmp_path, "prompt=x", f"lora={path}"))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("garbage.safetensors", "is not a readable safetensors file"),
+    ("garbage.ckpt", "is not a PyTorch zip checkpoint"),
+])
+def test_cli_garbage_lora_is_one_line_exit_2(tmp_path, name, message):
+    path = foreign_files(tmp_path)[name]
+    env = {**os.environ, "GRIDGEN_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gridgen.generate", "prompt=x", f"lora={path}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.generate: error:")]
+    assert len(errors) == 1 and message in errors[0] and str(path) in errors[0]
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("**/manifest.json"))
+
+
+# ---- task mismatch ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lora_task, task, warned", [
+    ("multiview", "t2v", True), ("t2v", "t2mv", True), ("i2v", "t2v", False), ("multiview", "t2mv", False),
+])
+def test_generate_warns_when_the_lora_was_trained_for_the_other_kind(tmp_path, caplog, lora_task, task, warned):
+    save_lora(tmp_path / "lora", tiny_lora(), {"gridgen_task": lora_task})
+    with caplog.at_level(logging.WARNING, logger="gridgen.generate"):
+        manifest = generate(gen_cfg(tmp_path, f"task={task}", "prompt=x", f"lora={tmp_path / 'lora'}"))
+    assert manifest["lora"]["gridgen_task"] == lora_task and len(manifest["samples"]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "gridgen.generate"]
+    if warned:
+        assert len(warnings) == 1 and warnings[0].startswith(f"LoRA was trained for task {lora_task}, generating {task}: ")
+        assert ("task=i2mv|t2mv" if lora_task == "multiview" else "task=edit|i2v|interpolate") in warnings[0]
+    else:
+        assert warnings == []
