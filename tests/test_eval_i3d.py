@@ -172,3 +172,14 @@ def test_torchscript_i3d_is_accepted(tmp_path):
         expected = module.head(preprocess_fvd(video).mean(dim=(2, 3, 4))).double()
     assert features.shape == (2, 400) and torch.isfinite(features).all()
     torch.testing.assert_close(features, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_torchscript_is_loaded_only_from_a_path_the_user_gave(monkeypatch, tmp_path):
+    """TorchScript can carry code: a TorchScript archive found in place of the package's weights is refused;
+    the same file named by eval.fvd.i3d loads."""
+    path = tmp_path / "found.pt"
+    torch.jit.script(nn.Linear(3, 400)).save(str(path))
+    monkeypatch.setattr(i3d_lib, "find_i3d_checkpoint", lambda: path)
+    with pytest.raises(I3DWeightsNotFoundError, match="loaded only when named: set eval.fvd.i3d=<that file>"):
+        load_i3d()
+    assert isinstance(load_i3d(path), i3d_lib.TorchScriptI3D)

@@ -83,6 +83,34 @@ def test_shards_in_the_gridgen_data_format(tmp_path):
     assert len(list_videos(str(tmp_path / "val-{000000..000000}.tar"))) == 3
 
 
+class PlantedPayload:
+    """Unpickling this creates ``marker`` (what a crafted ``.pyd``/``.pickle`` shard member could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_shard_reader_never_unpickles_members(tmp_path):
+    """Only the image, json and txt members are read; .pyd / .pickle members are left alone (no code runs)."""
+    import pickle
+
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(PlantedPayload(marker))
+    pickle.loads(payload)  # the payload is live: loading it creates the marker
+    assert marker.is_file()
+    marker.unlink()
+    layout, clip = GridLayout(2, 2, 16, 16), video(3, t=4, h=16, w=16)
+    with wds.TarWriter(str(tmp_path / "train-000000.tar"), encoder=False) as sink:  # bytes as given, no encoding
+        sink.write({"__key__": "s0", "png": png_bytes(layout.tile(clip)), "json": json.dumps(layout.to_dict()).encode(),
+                    "txt": b"a clip", "pyd": payload, "extra.pickle": payload})
+    (item,) = list_videos(tmp_path)
+    torch.testing.assert_close(item.frames(), clip, rtol=0, atol=0)
+    assert item.caption == "a clip" and not marker.exists()
+
+
 def test_generate_output_folders_with_manifest(tmp_path):
     frames = video(4, t=5)
     sample = tmp_path / "000001"

@@ -1,12 +1,13 @@
 """Offline reports from run and sweep folders (no W&B)."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from gridgen.report import read_metrics, report, report_sweep
+from gridgen.reporting import plot_series, plot_sweep, read_metrics, report, report_sweep
 
 
 def fake_run(folder, rank, losses):
@@ -58,3 +59,47 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("gridgen.report: error: ")
+
+
+def tick_labels(axis, which: str = "both") -> list[str]:
+    return [t.get_text() for t in axis.get_ticklabels(which=which) if t.get_visible() and t.get_text()]
+
+
+@pytest.mark.parametrize("low, high", [(2.55, 2.75), (0.05, 3.0)])
+def test_run_plots_have_axis_labels_and_plain_log_ticks(low, high):
+    """Loss curves on a log axis read as numbers (2.6, 0.05), not 2.6x10^0 or 10^-1 in mathtext."""
+    series = {"train/loss": [(s, high - (high - low) * s / 9) for s in range(10)], "train/alpha": [(0, 0.0), (9, 0.5)]}
+    fig = plot_series(series, ["train/loss"], "losses", "loss", logy=True)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_yscale()) == ("step", "loss", "log")
+    labels = tick_labels(ax.yaxis)
+    assert labels and all(re.fullmatch(r"\d+(\.\d+)?", text) for text in labels), labels
+    shown = [float(text) for text in labels]
+    assert any(low <= v <= high for v in shown)  # at least one labelled tick inside the data's range
+    fig = plot_series(series, ["train/alpha"], "alpha schedule", "alpha")
+    fig.canvas.draw()
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("step", "alpha")
+
+
+def test_sweep_plot_ticks_at_each_rank_without_offset_text():
+    rows = [{"lora.rank": rank, "final_loss_base": 2.5501 + rank * 1e-5, "final_loss_flow": 1.0 / rank,
+             "trainable_parameters": 123_456 * rank, "step_time_s": 0.1, "peak_memory_mb": 512.0 + rank}
+            for rank in (16, 4, 8)]
+    fig = plot_sweep(rows)
+    fig.canvas.draw()
+    assert len(fig.axes) == 5
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "LoRA rank" and ax.get_ylabel() and ax.get_title()
+        assert tick_labels(ax.xaxis, "major") == ["4", "8", "16"] and tick_labels(ax.xaxis, "minor") == []
+        assert ax.yaxis.get_offset_text().get_text() == ""  # would sit on top of the title
+        assert all("e" not in text and "×" not in text for text in tick_labels(ax.yaxis))
+
+
+def test_report_without_run_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gridgen.report"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "gridgen.report: error: run= is not set; pass run=<run folder or sweep folder>, e.g. make report "
+        "run=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny"]

@@ -1,242 +1,24 @@
 """Prepare entry point: ``python -m gridgen.prepare data=<name> prepare.src=<folder|csv> prepare.out=<folder>``.
 
-Raw clips, frame folders or multi-view renders -> grid WebDataset shards (:mod:`gridgen.data.shards`):
-``source.items()`` lists the inputs, workers turn each into grids (sample frames, fit them to the cells, tile
-with :class:`~gridgen.layout.GridLayout`, caption, encode) and the main process writes them in input order,
-so the shards depend on the seed and the inputs only, never on the number of workers. Re-running the same
-command resumes after the last finished shard.
-
-Configs: ``conf/prepare/prepare.yaml`` and one file per dataset in ``conf/prepare/data/`` whose values come
-from the dataset's card in ``data_cards/`` (``${gridgen_card:<name>,<key>}``).
+A thin ``@hydra.main`` around :func:`gridgen.data.prepare.prepare` (raw clips, frame folders or multi-view
+renders -> grid WebDataset shards + ``manifest.json``). Configs: ``conf/prepare/prepare.yaml`` and one file per
+dataset in ``conf/prepare/data/`` whose values come from the dataset's card in ``data_cards/``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import multiprocessing
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import hydra
-import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
+from omegaconf import DictConfig
 
 from gridgen.config import CONF_DIR, exit_on_user_error
-from gridgen.data.captions import Captioner, CaptionTemplates, build_captioner
 from gridgen.data.cards import register_card_resolver
-from gridgen.data.shards import ResumableShardWriter, config_hash
-from gridgen.data.sources import FrameSampling, MultiViewSource, RawItem, SkipInput, build_source, safe_key
-from gridgen.data.tiling import IMAGE_FORMATS, encode_image, tile_frames
-from gridgen.layout import GridLayout
+from gridgen.data.prepare import prepare
 
-log = logging.getLogger("gridgen.prepare")
-register_card_resolver()
+__all__ = ["CONF_DIR", "main", "prepare"]
 
-
-
-def build_layout(data: dict[str, Any]) -> GridLayout:
-    """``data.layout`` ("4x6") with ``data.cell_height`` x ``data.cell_width`` px cells, or a one-line error."""
-    spec, height, width = data.get("layout"), data.get("cell_height"), data.get("cell_width") or data.get("cell_height")
-    try:
-        return GridLayout.parse(str(spec), int(height), int(width))
-    except (TypeError, ValueError) as exn:
-        raise ValueError(f"data.layout={spec} with data.cell_height={height} data.cell_width={width} does not fit: "
-                         f"{exn}") from exn
-
-
-def item_rng(seed: int, item_id: str) -> np.random.Generator:
-    """A generator that depends on the seed and the input's id only (not its position or the worker)."""
-    digest = hashlib.sha256(item_id.encode("utf-8")).digest()
-    return np.random.default_rng(np.random.SeedSequence([seed, *np.frombuffer(digest[:16], dtype=np.uint32)]))
-
-
-@dataclass
-class ItemResult:
-    index: int
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    frames: int = 0
-    skipped: str | None = None
-    detail: str = ""
-
-
-class ItemProcessor:
-    """One raw input -> its WebDataset samples (``__key__``, image, ``json``, ``txt``). Runs in the workers."""
-
-    def __init__(self, source: Any, layout: GridLayout, sampling: FrameSampling, templates: CaptionTemplates,
-                 captioner: Captioner, *, name: str, seed: int, key_prefix: str = "", image_format: str = "jpg",
-                 quality: int = 95, grids_per_clip: int = 1) -> None:
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"data.shards.format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-        if not 1 <= int(quality) <= 100:
-            raise ValueError(f"data.shards.quality must be in 1..100, got {quality!r}")
-        self.source, self.layout, self.sampling = source, layout, sampling
-        self.templates, self.captioner = templates, captioner
-        self.name, self.seed, self.key_prefix = name, seed, key_prefix
-        self.image_format, self.quality = image_format, int(quality)
-        self.numbered = grids_per_clip > 1  # keys get a grid suffix when a clip may give several grids
-
-    def __call__(self, task: tuple[int, RawItem]) -> ItemResult:
-        index, item = task
-        try:
-            return self._process(index, item)
-        except SkipInput as skip:
-            return ItemResult(index, skipped=skip.reason, detail=skip.detail or item.id)
-
-    def _process(self, index: int, item: RawItem) -> ItemResult:
-        layout = self.layout
-        caption = None if self.captioner.needs_pixels else self.captioner(item, None, None)  # fail before decoding
-        clips = self.source.load(item, layout.cell_height, layout.cell_width, layout.num_cells, self.sampling,
-                                 item_rng(self.seed, item.id))
-        result = ItemResult(index)
-        for grid_index, clip in enumerate(clips):
-            grid = tile_frames(clip.frames, layout)  # (H, W, 3), film-strip order
-            text = caption if caption is not None else self.captioner(item, clip, grid)
-            c_layout, c_content, full = self.templates.compose(layout, text)
-            record: dict[str, Any] = {
-                **layout.to_dict(), "kind": self.source.kind, "source": self.name, "source_id": item.id,
-                "frame_indices": list(clip.frame_indices), "c_layout": c_layout, "c_content": c_content,
-            }
-            if clip.fps is not None:
-                record["fps"] = round(float(clip.fps), 6)
-            record.update(clip.extra)
-            if item.metadata:
-                record["metadata"] = item.metadata
-            key = self.key_prefix + safe_key(item.id) + (f"-g{grid_index}" if self.numbered else "")
-            result.samples.append({
-                "__key__": key,
-                self.image_format: encode_image(grid, self.image_format, self.quality),
-                "json": json_bytes(record),
-                "txt": full.encode("utf-8"),
-            })
-            result.frames += len(clip.frame_indices)
-        return result
-
-
-def json_bytes(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True).encode("utf-8")
-
-
-_WORKER: ItemProcessor | None = None
-
-
-def _init_worker(processor: ItemProcessor) -> None:
-    global _WORKER
-    import torch
-
-    torch.set_num_threads(1)  # parallelism comes from the processes
-    _WORKER = processor
-
-
-def _run_in_worker(task: tuple[int, RawItem]) -> ItemResult:
-    assert _WORKER is not None
-    return _WORKER(task)
-
-
-def run_items(processor: ItemProcessor, tasks: Iterable[tuple[int, RawItem]], workers: int) -> Iterator[ItemResult]:
-    """Results in input order, from ``workers`` processes (0: in this process)."""
-    if workers <= 0:
-        yield from map(processor, tasks)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(processor,)) as pool:
-        yield from pool.imap(_run_in_worker, tasks, chunksize=1)
-
-
-def _container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(cfg, DictConfig):
-        for key in ("src", "out"):
-            if OmegaConf.is_missing(cfg.prepare, key):
-                raise ValueError(f"prepare.{key} is not set; run `make prepare data=<name> prepare.src=<folder "
-                                 "or csv> prepare.out=<folder>`")
-        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    for key in ("src", "out"):
-        if cfg["prepare"].get(key) in (None, "", "???"):
-            raise ValueError(f"prepare.{key} is not set; run `make prepare data=<name> prepare.src=<folder or csv> "
-                             "prepare.out=<folder>`")
-    return cfg  # type: ignore[return-value]
-
-
-def prepare(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """Write the shards of ``cfg.data`` from ``cfg.prepare.src`` into ``cfg.prepare.out``; returns the split's
-    manifest entry (counts, skipped inputs by reason, shards, throughput)."""
-    conf = _container(cfg)
-    data, opts = conf["data"], conf["prepare"]
-    layout = build_layout(data)
-    source = build_source(data["source"], opts["src"])
-    if isinstance(source, MultiViewSource) and source.num_views != layout.num_cells:
-        raise ValueError(f"data.layout={layout.name} has {layout.num_cells} cells but objects have "
-                         f"data.source.num_views={source.num_views} views; use a layout with rows x cols = "
-                         f"{source.num_views} (the paper: 4x6)")
-    sampling = FrameSampling(**(data.get("sampling") or {}))
-    captions = data.get("captions") or {}
-    templates = CaptionTemplates(captions.get("layout_template") or CaptionTemplates.layout,
-                                 captions.get("content_template") or CaptionTemplates.content)
-    captioner = build_captioner(captions.get("captioner", "metadata"), captions.get("vlm"))
-    shard_cfg = data.get("shards") or {}
-    seed = int(opts.get("seed", 0))
-    processor = ItemProcessor(
-        source, layout, sampling, templates, captioner, name=data["name"], seed=seed,
-        key_prefix=str(data.get("key_prefix") or ""), image_format=shard_cfg.get("format", "jpg"),
-        quality=shard_cfg.get("quality", 95), grids_per_clip=sampling.grids_per_clip)
-
-    items = source.items()
-    if opts.get("limit"):
-        items = items[: int(opts["limit"])]
-    out, split = Path(str(opts["out"])).expanduser(), str(opts.get("split", "train"))
-    record_cfg = {"data": data, "seed": seed}  # what the shards' bytes depend on (not src, workers, progress)
-    writer = ResumableShardWriter(
-        out, split, header={"name": data["name"], "kind": source.kind, "layout": layout.to_dict()},
-        config_hash=config_hash(record_cfg), inputs=len(items),
-        inputs_hash=config_hash([item.id for item in items]), maxcount=int(shard_cfg.get("maxcount", 1000)),
-        maxsize=float(shard_cfg.get("maxsize", 1e9)), overwrite=bool(opts.get("overwrite", False)))
-    if writer.complete:
-        log.info("%s: %s shards are complete (%d samples); nothing to do", out, split, writer.counts["samples"])
-        return writer.entry
-    writer.add_skips("duplicate_id", getattr(source, "duplicates", 0))
-    start = writer.cursor[0]
-    if start:
-        log.info("resuming %s/%s after input %d of %d", out, split, start, len(items))
-
-    began = time.perf_counter()
-    done_before, frames_before = writer.counts["inputs_done"], writer.counts["frames"]
-    bar = tqdm(total=len(items), initial=start, unit="clips", desc=f"prepare {data['name']}/{split}",
-               disable=not opts.get("progress", True), dynamic_ncols=True, mininterval=0.5)
-    try:
-        tasks = ((i, items[i]) for i in range(start, len(items)))
-        for result in run_items(processor, tasks, int(opts.get("workers", 0))):
-            # an input the resumed cursor points into: its first grids are in the last finished shard
-            skip_grids = writer.cursor[1] if result.index == writer.cursor[0] else 0
-            for grid_index, sample in enumerate(result.samples):
-                if grid_index >= skip_grids:
-                    writer.write(sample, result.index, grid_index)
-            writer.input_done(result.index, len(result.samples), result.frames, result.skipped, result.detail)
-            bar.update(1)
-            skipped = sum(writer.counts["skipped"].values())
-            if skipped:
-                bar.set_postfix(skipped=skipped, refresh=False)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - began
-    processed = writer.counts["inputs_done"] - done_before
-    entry = writer.close({
-        "src": str(opts["src"]), "seed": seed, "config": record_cfg, "seconds": round(elapsed, 3),
-        "clips_per_sec": round(processed / elapsed, 3) if elapsed > 0 else None,
-        "frames_per_sec": round((writer.counts["frames"] - frames_before) / elapsed, 3) if elapsed > 0 else None,
-    })
-    counts = entry["counts"]
-    if counts["samples"] == 0:
-        log.warning("no grid came out of %d inputs (skipped: %s)", len(items), counts["skipped"])
-    return entry
+register_card_resolver()  # ${gridgen_card:<name>,<key>} in conf/prepare/data/
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR / "prepare"), config_name="prepare")

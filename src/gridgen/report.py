@@ -1,197 +1,23 @@
-"""Offline reports without W&B: ``python -m gridgen.report run=<run folder | sweep folder>``.
+"""Report entry point: ``python -m gridgen.report run=<run folder | sweep folder>`` (``make report run=...``).
 
-A run folder (``summary.json`` / ``metrics/metrics.csv``) gets ``report/``: loss curves, the alpha and
-learning-rate schedule as PNG, the latest sample grids and a Markdown summary. A sweep folder (Hydra's
-``multirun.yaml``) gets ``sweep_summary.{md,csv,png}``: per job final L_base, L_flow, trainable parameters,
-step time, peak memory and any evaluation metrics, plus every job's own report. ``SweepReport`` writes the
-sweep summary automatically at the end of a multirun.
+A thin ``@hydra.main`` around :func:`gridgen.reporting.report`: loss curves, alpha and learning rate as PNG with
+a Markdown summary in ``<run>/report/``, or ``sweep_summary.{md,csv,png}`` for a sweep folder, without W&B.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
-import shutil
-from pathlib import Path
-from typing import Any
-
 import hydra
-import matplotlib
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gridgen.config import CONF_DIR, exit_on_user_error
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-log = logging.getLogger("gridgen.report")
-LOSS_KEYS = ("train/loss", "train/loss_base", "train/loss_flow")
-SWEEP_COLUMNS = ("job", "lora.rank", "final_loss_base", "final_loss_flow", "trainable_parameters", "step_time_s",
-                 "peak_memory_mb")
-
-
-def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """``metrics/metrics.csv`` (Lightning CSVLogger) -> {metric: [(step, value), ...]}."""
-    path = run / "metrics" / "metrics.csv"
-    series: dict[str, list[tuple[int, float]]] = {}
-    if not path.is_file():
-        return series
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(key, []).append((step, float(value)))
-    return series
-
-
-def is_run(path: Path) -> bool:
-    return (path / "summary.json").is_file() or (path / "metrics" / "metrics.csv").is_file()
-
-
-def is_sweep(path: Path) -> bool:
-    return (path / "multirun.yaml").is_file()
-
-
-def _plot(series: dict[str, list[tuple[int, float]]], keys: list[str], title: str, out: Path,
-          logy: bool = False) -> Path | None:
-    keys = [k for k in keys if series.get(k)]
-    if not keys:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        steps, values = zip(*series[key], strict=True)
-        ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None)
-    ax.set(xlabel="step", title=title)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def report_run(run: Path) -> Path:
-    """Write ``<run>/report/`` and return its folder."""
-    if not is_run(run):
-        raise FileNotFoundError(f"'{run}' is not a gridgen run folder (no summary.json or metrics/metrics.csv); "
-                                "pass run=<outputs/runs/<date>/<time>_...> or a sweep folder")
-    out = run / "report"
-    out.mkdir(exist_ok=True)
-    series = read_metrics(run)
-    figures = [
-        _plot(series, list(LOSS_KEYS), "training losses (eq. 3: L = L_base + alpha L_flow)", out / "losses.png", True),
-        _plot(series, ["train/alpha"], "alpha schedule", out / "alpha.png"),
-        _plot(series, [k for k in series if k.startswith("lr-")], "learning rate", out / "lr.png"),
-        _plot(series, sorted(k for k in series if k.startswith("val/")), "validation losses", out / "val.png"),
-    ]
-    samples = sorted((run / "samples").glob("step*/")) if (run / "samples").is_dir() else []
-    latest = []
-    if samples:  # newest validation sample grids
-        for image in sorted(samples[-1].glob("*.png")):
-            shutil.copy2(image, out / f"latest_{image.name}")
-            latest.append(out / f"latest_{image.name}")
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    lines = [f"# Report: {run.name}", ""]
-    if summary:
-        lines += ["| quantity | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in summary.items() if k != "metrics"]
-        lines += [f"| {k} | {v:.6g} |" for k, v in sorted(summary.get("metrics", {}).items())]
-        lines.append("")
-    lines += [f"![{f.stem}]({f.name})" for f in figures + latest if f is not None]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    log.info("report written to %s", out)
-    return out
-
-
-def _job_row(job: Path) -> dict[str, Any]:
-    summary = json.loads((job / "summary.json").read_text())
-    config = OmegaConf.load(job / "config.yaml") if (job / "config.yaml").is_file() else OmegaConf.create()
-    metrics = summary.get("metrics", {})
-    row: dict[str, Any] = {
-        "job": job.name,
-        "lora.rank": OmegaConf.select(config, "lora.rank"),
-        "final_loss_base": metrics.get("train/loss_base"),
-        "final_loss_flow": metrics.get("train/loss_flow"),
-        "trainable_parameters": summary.get("trainable_parameters"),
-        "step_time_s": summary.get("step_time_s"),
-        "peak_memory_mb": summary.get("peak_memory_mb"),
-    }
-    for eval_file in sorted(job.glob("eval/*.json")):  # task metrics when evaluation ran for this job
-        for key, value in json.loads(eval_file.read_text()).get("metrics", {}).items():
-            if isinstance(value, int | float):
-                row[f"eval/{key}"] = value
-    return row
-
-
-def report_sweep(sweep: Path) -> Path:
-    """Write ``sweep_summary.{csv,md,png}`` in the sweep folder (and each job's report)."""
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").is_file())
-    if not jobs:
-        raise FileNotFoundError(f"sweep folder '{sweep}' has no finished jobs (no */summary.json)")
-    rows = [_job_row(job) for job in jobs]
-    for job in jobs:
-        report_run(job)
-    columns = list(SWEEP_COLUMNS) + sorted({k for r in rows for k in r} - set(SWEEP_COLUMNS))
-    with (sweep / "sweep_summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    table = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    table += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    (sweep / "sweep_summary.md").write_text(f"# Sweep {sweep.name}\n\n" + "\n".join(table) +
-                                            "\n\n![sweep](sweep_summary.png)\n")
-    ranked = [r for r in rows if r["lora.rank"] is not None]
-    ranked.sort(key=lambda r: r["lora.rank"])
-    panels = [c for c in ("final_loss_base", "final_loss_flow", "trainable_parameters", "step_time_s",
-                          "peak_memory_mb") if any(r.get(c) is not None for r in ranked)]
-    if ranked and panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3))
-        for ax, column in zip(list(getattr(axes, "flat", [axes])), panels, strict=True):
-            points = [(r["lora.rank"], r[column]) for r in ranked if r.get(column) is not None]
-            ax.plot(*zip(*points, strict=True), marker="o")
-            ax.set(xscale="log", xlabel="LoRA rank", title=column)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(sweep / "sweep_summary.png", dpi=100)
-        plt.close(fig)
-    log.info("sweep summary written to %s", sweep / "sweep_summary.md")
-    return sweep / "sweep_summary.md"
-
-
-def report(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"report: '{path}' is not a folder; pass run=<run folder or sweep folder>")
-    if is_sweep(path):
-        return report_sweep(path)
-    return report_run(path)
-
-
-class SweepReport(Callback):
-    """Hydra callback: writes the sweep summary when a multirun ends."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        try:
-            report_sweep(sweep)
-        except FileNotFoundError as err:  # e.g. every job failed: say so, do not mask the jobs' own errors
-            log.warning("no sweep summary: %s", err)
+from gridgen.reporting import report
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error("report"):
         out = report(cfg.run)
-    print(f"report         {out}", flush=True)
+    print(f"report         {out}", flush=True)  # the entry point's answer to the user
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Real datasets are large and licensed; tests, smoke runs and ``make train`` need data with the on-disk formats
 of real ones, made in seconds. This module writes *raw inputs* like the real datasets' and runs them through
-the same prepare path (:func:`gridgen.prepare.prepare`) as WebVid and Objaverse:
+the same prepare path (:func:`gridgen.data.prepare.prepare`) as WebVid and Objaverse:
 
 * ``video``: short H.264 mp4 clips (PyAV) of a coloured circle / square / triangle moving along a straight
   line or a circle on a plain background, listed in a WebVid-style CSV (``videoid, name, page_dir, duration,
@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from gridgen.data.cards import load_card
+from gridgen.data.prepare import prepare  # the same path as `make prepare`
 from gridgen.data.sources.multiview import camera_azimuths, camera_to_world
 from gridgen.data.sources.video import write_video
 
@@ -301,8 +302,6 @@ def write_sample_shards(
     ``out_dir/manifest.json`` combines both kinds and is returned. Unset sizes come from
     ``data_cards/sample.md``. Not atomic by itself: use :func:`ensure_sample_shards` for a crash-safe cached copy.
     """
-    from gridgen.prepare import prepare  # the same path as `make prepare`
-
     card = load_card(CARD)
     expected, raw = card["expected"], card["raw"]
     num_video = expected["video"]["train"] if num_video is None else num_video

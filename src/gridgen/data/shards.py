@@ -13,7 +13,11 @@ The manifest is readable by people and the datamodule alike::
 
     {"format": "gridgen-shards/1", "name": ..., "kind": ..., "layout": {...},
      "counts": {"train": 1234}, "shards": {"train": ["train-000000.tar", ...]},
-     "splits": {"train": {"complete": true, "counts": {"inputs": ..., "samples": ..., "skipped": {...}}, ...}}}
+     "splits": {"train": {"complete": true, "counts": {"inputs_done": ..., "samples": ..., "skipped": {...},
+                                                       "adjusted": {...}}, "ignored_files": {...}, ...}}}
+
+``skipped`` counts inputs that gave no grid by reason, ``adjusted`` inputs written after a change (e.g.
+``resized_mismatched``), ``ignored_files`` the files under ``prepare.src`` that were not inputs at all.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def config_hash(obj: Any) -> str:
 
 
 def empty_counts() -> dict[str, Any]:
-    return {"inputs_done": 0, "samples": 0, "frames": 0, "skipped": {}, "examples": {}}
+    return {"inputs_done": 0, "samples": 0, "frames": 0, "skipped": {}, "adjusted": {}, "examples": {}}
 
 
 @contextlib.contextmanager
@@ -172,17 +176,20 @@ class ResumableShardWriter:
         self._in_shard += 1
 
     def input_done(self, input_index: int, samples: int = 0, frames: int = 0,
-                   skipped: str | None = None, detail: str = "") -> None:
-        """Count a finished input (all of its samples written, or skipped for ``skipped``)."""
+                   skipped: str | None = None, detail: str = "", adjusted: str | None = None) -> None:
+        """Count a finished input (all of its samples written, or skipped for ``skipped``; ``adjusted``: written
+        after a change such as ``resized_mismatched``)."""
         counts = self.counts
         counts["inputs_done"] += 1
         counts["samples"] += samples
         counts["frames"] += frames
-        if skipped:
-            counts["skipped"][skipped] = counts["skipped"].get(skipped, 0) + 1
-            examples = counts["examples"].setdefault(skipped, [])
-            if len(examples) < MAX_EXAMPLES:
-                examples.append(detail[:300])
+        for group, reason in (("skipped", skipped), ("adjusted", adjusted)):
+            if reason:
+                tally = counts.setdefault(group, {})  # manifests of older runs have no "adjusted"
+                tally[reason] = tally.get(reason, 0) + 1
+                examples = counts["examples"].setdefault(reason, [])
+                if len(examples) < MAX_EXAMPLES:
+                    examples.append(detail[:300])
         self._position = (input_index + 1, 0)
 
     def add_skips(self, reason: str, count: int) -> None:

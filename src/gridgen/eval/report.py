@@ -113,7 +113,8 @@ def write_sweep_summary(sweep: Path) -> Path:
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
         for ax, metric in zip(axes[0], metrics, strict=True):
             ax.bar([r["job"] for r in rows], [r.get(metric, float("nan")) for r in rows])
-            ax.set_title(metric)
+            ax.set(title=metric, xlabel="sweep job", ylabel=metric)
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)  # no offset text over the title
             ax.tick_params(axis="x", labelrotation=45, labelsize=7)
         fig.tight_layout()
         fig.savefig(sweep / "eval_summary.png", dpi=100)

@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gridgen.data.sources.base import Clip, FrameSampling, RawItem, SkipInput, natural_key, safe_key
+from gridgen.data.sources.base import (
+    Clip,
+    FrameSampling,
+    IgnoredFiles,
+    RawItem,
+    SkipInput,
+    check_frame_sizes,
+    natural_key,
+    safe_key,
+)
 from gridgen.data.sources.frames import FrameFolderSource
 from gridgen.data.sources.multiview import MultiViewSource, camera_circle, camera_to_world
 from gridgen.data.sources.video import VideoSource, write_video
@@ -18,13 +27,15 @@ from gridgen.data.sources.video import VideoSource, write_video
 SOURCES = {"video": VideoSource, "frames": FrameFolderSource, "multiview": MultiViewSource}
 
 __all__ = [
-    "SOURCES", "Clip", "FrameFolderSource", "FrameSampling", "MultiViewSource", "RawItem", "SkipInput",
-    "VideoSource", "build_source", "camera_circle", "camera_to_world", "natural_key", "safe_key", "write_video",
+    "SOURCES", "Clip", "FrameFolderSource", "FrameSampling", "IgnoredFiles", "MultiViewSource", "RawItem", "SkipInput",
+    "VideoSource", "build_source", "camera_circle", "camera_to_world", "check_frame_sizes", "natural_key", "safe_key",
+    "write_video",
 ]
 
 
-def build_source(source_cfg: dict[str, Any], src: str | Path):
-    """The source named by ``source_cfg["kind"]`` reading ``src``; a missing ``src`` is a one-line error."""
+def build_source(source_cfg: dict[str, Any], src: str | Path, resize_mismatched: bool = False):
+    """The source named by ``source_cfg["kind"]`` reading ``src``; a missing ``src`` is a one-line error.
+    ``resize_mismatched``: fit a frame of another size than its sample's others instead of skipping the sample."""
     cfg = dict(source_cfg)
     kind = cfg.pop("kind", None)
     if kind not in SOURCES:
@@ -35,4 +46,4 @@ def build_source(source_cfg: dict[str, Any], src: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"prepare.src '{path}' does not exist; point it at the raw {kind} data "
                                 "(a folder, or a WebVid-style CSV for videos)")
-    return SOURCES[kind](path, **cfg)
+    return SOURCES[kind](path, resize_mismatched=resize_mismatched, **cfg)

@@ -3,15 +3,19 @@
 A *source* turns a folder or a metadata table into a deterministic list of :class:`RawItem` (cheap: no
 pixels are read), and one item into zero or more :class:`Clip` (one grid's worth of fitted frames each).
 An input that cannot become a grid raises :class:`SkipInput` with a short reason (``too_short``,
-``unreadable``, ...); prepare counts reasons in the manifest and goes on.
+``unreadable``, ``size_mismatch``, ...); prepare counts reasons in the manifest and goes on. Files under
+``prepare.src`` that a source does not use (another extension, images outside the frame folders) are counted
+as :class:`IgnoredFiles`, so a silently dropped part of a dataset shows in the manifest.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ class Clip:
     frame_indices: list[int]
     fps: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. cameras of multi-view renders
+    resized_mismatched: int = 0  # frames of another size than the others, fitted anyway (prepare.resize_mismatched)
 
 
 def natural_key(name: str) -> tuple:
@@ -64,6 +69,54 @@ def safe_key(text: str) -> str:
 def list_images(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
                   key=lambda p: natural_key(p.name))
+
+
+def check_frame_sizes(sizes: Sequence[tuple[str, tuple[int, int]]], where: str, resize_mismatched: bool) -> int:
+    """How many frames of one sample differ in ``(height, width)`` from the most common size.
+
+    Frames of one clip or views of one object share a size; one that does not (a 100x80 view among 256x256
+    renders) is doubtful input: ``SkipInput("size_mismatch")``, or, with ``prepare.resize_mismatched=true``, fitted
+    to the cell like the others and counted. ``sizes`` holds ``(frame name, (height, width))``.
+    """
+    if not sizes:
+        return 0
+    common = Counter(size for _, size in sizes).most_common(1)[0][0]
+    odd = [(name, size) for name, size in sizes if size != common]
+    if odd and not resize_mismatched:
+        name, (h, w) = odd[0]
+        raise SkipInput("size_mismatch", f"{where}: {name} is {w}x{h} px, the other frames {common[1]}x{common[0]} px "
+                        f"({len(odd)} of {len(sizes)} differ); prepare.resize_mismatched=true fits them anyway")
+    return len(odd)
+
+
+@dataclass
+class IgnoredFiles:
+    """Files under ``prepare.src`` that a source did not use: a count, by extension, and a few examples."""
+
+    count: int = 0
+    by_extension: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    @classmethod
+    def scan(cls, root: Path, used: Callable[[Path], bool], max_examples: int = 5) -> IgnoredFiles:
+        """Every regular file under ``root`` for which ``used(path)`` is false."""
+        ignored = cls()
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if used(path) or not path.is_file():
+                    continue
+                ignored.count += 1
+                extension = path.suffix.lower() or "(none)"
+                ignored.by_extension[extension] = ignored.by_extension.get(extension, 0) + 1
+                if len(ignored.examples) < max_examples:
+                    ignored.examples.append(str(path.relative_to(root)))
+        return ignored
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "by_extension": dict(sorted(self.by_extension.items())),
+                "examples": list(self.examples)}
 
 
 # ---- frame sampling -------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from gridgen.data.sources.base import (
     IMAGE_EXTENSIONS,
     Clip,
     FrameSampling,
+    IgnoredFiles,
     RawItem,
     SkipInput,
+    check_frame_sizes,
     list_images,
     natural_key,
     read_table,
@@ -60,8 +62,10 @@ class FrameFolderSource:
     def __init__(self, src: str | Path, *, frames_subdir: str | None = None, csv: str | None = None,
                  id_column: str = "id", caption_column: str | None = "caption",
                  default_caption: str | None = None, fps: float | None = None,
-                 background: str | Sequence[int] = "black") -> None:
+                 background: str | Sequence[int] = "black", resize_mismatched: bool = False) -> None:
         self.src = Path(src).expanduser()
+        self.resize_mismatched = bool(resize_mismatched)  # fit frames of an odd size instead of skipping the clip
+        self.ignored = IgnoredFiles()  # files under src that items() did not use
         self.frames_subdir = frames_subdir
         self.csv = Path(csv).expanduser() if csv else None
         self.id_column = id_column
@@ -70,11 +74,17 @@ class FrameFolderSource:
         self.fps = fps
         self.background = parse_color(background)
 
-    def _table(self) -> dict[str, dict[str, str]]:
-        """CSV rows by id (a relative ``data.source.csv`` is relative to ``prepare.src``)."""
+    def _csv_path(self) -> Path | None:
+        """``data.source.csv``; a relative one is relative to ``prepare.src``."""
         if self.csv is None:
+            return None
+        return self.csv if self.csv.is_absolute() else self.src / self.csv
+
+    def _table(self) -> dict[str, dict[str, str]]:
+        """CSV rows by id."""
+        path = self._csv_path()
+        if path is None:
             return {}
-        path = self.csv if self.csv.is_absolute() else self.src / self.csv
         rows = read_table(path, self.id_column, self.caption_column)
         return {row[self.id_column].strip(): row for row in rows}
 
@@ -91,7 +101,30 @@ class FrameFolderSource:
             caption = caption or sidecar_caption(clip / "caption.txt", clip.with_suffix(".txt")) or self.default_caption
             metadata = {k: v for k, v in row.items() if k and k not in (self.id_column, self.caption_column)}
             items.append(RawItem(item_id, str(images), caption, metadata))
+        self.ignored = self._ignored(folders)
         return items
+
+    def _ignored(self, folders: list[tuple[str, Path, Path]]) -> IgnoredFiles:
+        """Files under ``src`` that are neither a frame of a clip, nor a caption file, nor the CSV."""
+        frame_dirs = {str(images) for _, _, images in folders}
+        captions = {str(clip / "caption.txt") for _, clip, _ in folders} | {
+            str(clip.with_suffix(".txt")) for _, clip, _ in folders}
+        csv_path = self._csv_path()
+        if csv_path is not None:
+            captions.add(str(csv_path))
+
+        def used(path: Path) -> bool:
+            return (str(path.parent) in frame_dirs and path.suffix.lower() in IMAGE_EXTENSIONS) or str(path) in captions
+
+        return IgnoredFiles.scan(self.src, used)
+
+    def size(self, path: Path) -> tuple[int, int]:
+        """``(height, width)`` of an image from its header (no decoding)."""
+        try:
+            with Image.open(path) as image:
+                return image.height, image.width
+        except (OSError, UnidentifiedImageError, ValueError) as exn:
+            raise SkipInput("unreadable", f"{path}: {exn}") from exn
 
     def read(self, path: Path, cell_height: int, cell_width: int) -> np.ndarray:
         try:
@@ -113,8 +146,10 @@ class FrameFolderSource:
         cache: dict[int, np.ndarray] = {}
         clips = []
         for window in windows:
+            odd = check_frame_sizes([(files[i].name, self.size(files[i])) for i in window], str(folder),
+                                    self.resize_mismatched)  # before decoding anything
             for i in window:
                 if i not in cache:
                     cache[i] = self.read(files[i], cell_height, cell_width)
-            clips.append(Clip([cache[i] for i in window], window, fps))
+            clips.append(Clip([cache[i] for i in window], window, fps, resized_mismatched=odd))
         return clips

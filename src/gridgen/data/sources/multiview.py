@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gridgen.data.sources.base import Clip, FrameSampling, RawItem, SkipInput, list_images
+from gridgen.data.sources.base import Clip, FrameSampling, RawItem, SkipInput, check_frame_sizes, list_images
 from gridgen.data.sources.frames import FrameFolderSource
 
 CAMERA_CONVENTION = "opencv camera-to-world (x right, y down, z forward), world z up"
@@ -82,6 +82,7 @@ class MultiViewSource(FrameFolderSource):
         files = list_images(folder)
         if len(files) != self.num_views:
             raise SkipInput("view_count", f"{folder}: {len(files)} views, expected {self.num_views}")
+        odd = check_frame_sizes([(path.name, self.size(path)) for path in files], str(folder), self.resize_mismatched)
         frames = [self.read(path, cell_height, cell_width) for path in files]
         extra = {"cameras": self.cameras} if self.cameras else {}
-        return [Clip(frames, list(range(self.num_views)), None, extra)]
+        return [Clip(frames, list(range(self.num_views)), None, extra, resized_mismatched=odd)]

@@ -23,8 +23,10 @@ from av.video.reformatter import VideoReformatter
 from gridgen.data.sources.base import (
     Clip,
     FrameSampling,
+    IgnoredFiles,
     RawItem,
     SkipInput,
+    check_frame_sizes,
     natural_key,
     read_table,
     sidecar_caption,
@@ -50,24 +52,28 @@ def probe(container: av.container.InputContainer) -> tuple[int, float | None]:
 
 
 def decode_frames(container: av.container.InputContainer, wanted: Sequence[int], cell_height: int,
-                  cell_width: int) -> dict[int, np.ndarray]:
-    """Decode the first video stream up to ``max(wanted)``; the wanted frames fitted to the cell, by index."""
+                  cell_width: int, resize_mismatched: bool = False, where: str = "video"
+                  ) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the first video stream up to ``max(wanted)``; the wanted frames fitted to the cell, by index, and
+    how many of them had another size than the first (a stream that changes size mid-way: see
+    :func:`~gridgen.data.sources.base.check_frame_sizes`)."""
     stream = container.streams.video[0]
     targets = set(wanted)
     last = max(targets)
     out: dict[int, np.ndarray] = {}
-    size = None
+    sizes: list[tuple[str, tuple[int, int]]] = []
     reformatter = VideoReformatter()  # one swscale context for the clip, not one per frame
     for index, frame in enumerate(container.decode(stream)):
         if index in targets:
-            if size is None:
-                size = cover_size(frame.height, frame.width, cell_height, cell_width)
+            sizes.append((f"frame {index}", (frame.height, frame.width)))
+            size = cover_size(frame.height, frame.width, cell_height, cell_width)  # each frame's own aspect
             rgb = reformatter.reformat(frame, width=size[1], height=size[0], format="rgb24",
                                        interpolation=INTERPOLATION).to_ndarray()
             out[index] = center_crop(rgb, cell_height, cell_width)
         if index >= last:
             break
-    return out
+    odd = check_frame_sizes(sizes, where, resize_mismatched)
+    return out, odd
 
 
 class VideoSource:
@@ -79,8 +85,10 @@ class VideoSource:
                  id_column: str = "videoid", caption_column: str | None = "name",
                  path_templates: Sequence[str] = ("{page_dir}/{videoid}.mp4", "{videoid}.mp4"),
                  extensions: Sequence[str] = VIDEO_EXTENSIONS, default_caption: str | None = None,
-                 fps: float | None = None) -> None:
+                 fps: float | None = None, resize_mismatched: bool = False) -> None:
         self.src = Path(src).expanduser()
+        self.resize_mismatched = bool(resize_mismatched)
+        self.ignored = IgnoredFiles()  # folder mode: files under src that are neither videos nor their captions
         self.csv = Path(csv).expanduser() if csv else (self.src if self.src.suffix.lower() == ".csv" else None)
         if self.csv is not None and not self.csv.is_absolute() and self.src.is_dir():
             self.csv = self.src / self.csv  # a relative data.source.csv is relative to prepare.src
@@ -110,6 +118,8 @@ class VideoSource:
             caption = sidecar_caption(path.with_suffix(".txt")) or self.default_caption
             item_id = str(path.relative_to(self.src).with_suffix(""))
             items.append(RawItem(item_id, str(path), caption))
+        used = {str(p) for p in files} | {str(p.with_suffix(".txt")) for p in files}
+        self.ignored = IgnoredFiles.scan(self.src, lambda p: str(p) in used)
         return items
 
     def _from_table(self) -> list[RawItem]:
@@ -150,14 +160,15 @@ class VideoSource:
                 if not windows:
                     raise SkipInput("too_short", f"{path}: {count} frames")
                 wanted = sorted({i for window in windows for i in window})
-                frames = decode_frames(container, wanted, cell_height, cell_width)
+                frames, odd = decode_frames(container, wanted, cell_height, cell_width, self.resize_mismatched,
+                                            where=str(path))
         except SkipInput:
             raise
         except (av.FFmpegError, OSError, ValueError, IndexError, ZeroDivisionError) as exn:
             raise SkipInput("unreadable", f"{path}: {exn}") from exn
         if len(frames) < len(wanted):  # header promised more frames than the stream holds
             raise SkipInput("too_short", f"{path}: decoded {len(frames)} of the {len(wanted)} frames needed")
-        return [Clip([frames[i] for i in window], window, grid_fps) for window in windows]
+        return [Clip([frames[i] for i in window], window, grid_fps, resized_mismatched=odd) for window in windows]
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, codec: str = "libx264",

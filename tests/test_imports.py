@@ -1,0 +1,128 @@
+"""The import graph of gridgen: no cycles, and the library never imports an entry point.
+
+Every module under ``src/gridgen`` is parsed with ``ast``; every ``import`` counts, also those inside functions
+(they run when the function does), except under ``if TYPE_CHECKING:`` (never executed). No allowlist.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ENTRY_POINTS = {f"gridgen.{name}" for name in ("train", "prepare", "generate", "evaluate", "cache", "report")}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Fully qualified names that ``module`` imports (``from a import b`` gives ``a.b`` and ``a``)."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                package = module if is_package else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = f"{package}.{node.module}" if node.module else package
+            else:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """gridgen module -> the gridgen modules it imports."""
+    files = {module_name(p): p for p in sorted((SRC / "gridgen").rglob("*.py"))}
+    graph = {}
+    for module, path in files.items():
+        names = imported_names(ast.parse(path.read_text(), str(path)), module, path.name == "__init__.py")
+        targets = set()
+        for name in names:
+            if name in files:
+                targets.add(name)
+            elif name.rpartition(".")[0] in files and name.startswith("gridgen"):
+                targets.add(name.rpartition(".")[0])  # `from gridgen.x import attr`: the module gridgen.x
+        graph[module] = targets - {module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return found
+
+
+def test_graph_helpers_find_what_they_should():
+    tree = ast.parse("from typing import TYPE_CHECKING\nfrom . import b\nif TYPE_CHECKING:\n    import gridgen.c\n"
+                     "def f():\n    from gridgen.d import thing\n")
+    assert imported_names(tree, "gridgen.a", False) >= {"gridgen.b", "gridgen.d", "gridgen.d.thing"}
+    assert "gridgen.c" not in imported_names(tree, "gridgen.a", False)
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_sees_every_module():
+    graph = import_graph()
+    assert {"gridgen.layout", "gridgen.losses", "gridgen.data.prepare", "gridgen.eval.pipeline"} <= set(graph)
+    assert "gridgen.data.prepare" in graph["gridgen.prepare"]  # the entry point calls the library
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_library_never_imports_an_entry_point():
+    bad = sorted(f"{module} imports {target}" for module, targets in import_graph().items()
+                 if module not in ENTRY_POINTS for target in targets & ENTRY_POINTS)
+    assert not bad, "; ".join(bad)
