@@ -230,6 +230,22 @@ def test_sweep_folders_and_comparison_table(tmp_path, monkeypatch):
     check_sweep_summary(sweep)
 
 
+def test_cli_multirun_in_the_default_sweep_folder(tmp_path):
+    """`python -m gridgen.evaluate -m ...` as a user types it, no hydra.sweep.dir and no GRIDGEN_ROOT: the sweep
+    folder is resolved before Hydra's runtime exists, and lands under <cwd>/outputs/eval_sweeps/."""
+    make_sweep_inputs(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "GRIDGEN_ROOT"}
+    proc = subprocess.run([sys.executable, "-m", "gridgen.evaluate", "-m", "task=interpolate", "eval.metrics=[psnr]",
+                           "eval.real=real", "eval.fake=runs/good/samples,runs/bad/samples", "eval.progress=false"],
+                          cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "eval_sweeps").iterdir()
+    assert sweep.name.endswith("_interpolate")
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_eval.fake=samples", "1_eval.fake=samples"]
+    assert (sweep / "0_eval.fake=samples" / "interpolate.json").is_file()
+    assert f"sweep summary  {sweep / 'eval_summary.md'}" in proc.stdout
+
+
 @pytest.mark.slow
 def test_cli_multirun_sweep(tmp_path):
     make_sweep_inputs(tmp_path)
