@@ -106,12 +106,17 @@ def load_flux_pipeline(
     revision: str | None = None,
     variant: str | None = None,
     local_files_only: bool = True,
+    quantization: str | None = None,
+    quantize_text_encoder: bool = False,
 ) -> FluxPipeline:
     """Load a ``FluxPipeline`` from a local diffusers folder, a hub id (local HF cache) or ``"embedded:tiny"``.
 
     ``load_vae=False`` / ``load_text_encoders=False`` / ``load_transformer=False`` skip those components (they
     are ``None`` in the pipeline), e.g. when latents or text embeddings are precomputed, or when only the
     encoders run (``make cache``). ``local_files_only=False`` allows downloading a hub id.
+    ``quantization``: one of ``gridgen.models.quantization.SCHEMES`` (or None): the transformer's frozen weights
+    are quantized while they load, through diffusers' own ``quantization_config``; ``quantize_text_encoder``
+    also quantizes T5 with the same scheme.
     Raises ``ModelNotFoundError`` (one line) when the weights are not there.
     """
     from diffusers import FluxPipeline
@@ -126,6 +131,11 @@ def load_flux_pipeline(
     if not load_transformer:
         skipped["transformer"] = None
     kwargs = {_dtype_kwarg(): torch_dtype, "variant": variant, **skipped}
+    if quantization is not None:
+        from gridgen.models.quantization import pipeline_quantization_config
+
+        kwargs["quantization_config"] = pipeline_quantization_config(
+            quantization, torch_dtype, text_encoder=quantize_text_encoder and load_text_encoders)
 
     if isinstance(pretrained, Path) or looks_local(name):
         folder = Path(name).expanduser()
@@ -158,4 +168,6 @@ def load_flux_pipeline(
                 f"`hf download {name}` (gated models such as FLUX.1-dev need `hf auth login` first) "
                 f"or set model.pretrained=<local folder>"
             ) from e
+    if quantization is not None and quantization.startswith("bnb"):
+        return pipe  # bitsandbytes places its weights on the CUDA device while loading; .to() would refuse
     return pipe.to(device)

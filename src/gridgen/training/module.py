@@ -26,6 +26,8 @@ from gridgen.losses import add_noise, base_loss, sample_timesteps, temporal_flow
 from gridgen.models.flux import encode_images, encode_prompts
 from gridgen.models.loading import load_flux_pipeline, resolve_pretrained
 from gridgen.models.lora import attach_lora, build_lora_config, load_lora_weights_into
+from gridgen.models.quantization import check_scheme, is_quantized, quantize_transformer
+from gridgen.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class GridModule(L.LightningModule):
             load_text_encoders=not cfg.get("cached", False),
             revision=cfg.get("revision"),
             variant=cfg.get("variant"),
+            quantization=cfg.get("quantization"),
+            quantize_text_encoder=bool(cfg.get("quantize_text_encoder", False)),
         )
         for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             if part is not None:
@@ -95,7 +99,15 @@ class GridModule(L.LightningModule):
 
     def adopt_transformer(self, transformer: torch.nn.Module) -> None:
         """Freeze a FLUX transformer, attach the LoRA and make it this module's (also for benchmarks/notebooks
-        that build the transformer themselves)."""
+        that build the transformer themselves).
+
+        ``model.quantization``: a transformer that is not quantized yet is quantized here, before LoRA.
+        ``model.compile``: the repeated FLUX blocks are compiled last, with the adapters inside (diffusers'
+        regional compilation: one graph per block class, reused by every block of that class).
+        """
+        scheme = self.model_cfg.get("quantization")
+        if scheme is not None and not is_quantized(transformer):
+            quantize_transformer(transformer, check_scheme(scheme))
         transformer.train()  # from_pretrained returns eval(); LoRA dropout needs train()
         # LoRA's random init comes from the seed alone, not from whatever drew random numbers before (the
         # launcher, samplers): every process and every launch mode starts from the same adapter.
@@ -112,6 +124,8 @@ class GridModule(L.LightningModule):
         if self.init_lora:
             header = load_lora_weights_into(transformer, self.init_lora)
             log.info("initialised LoRA from %s (stage %s)", self.init_lora, header.get("gridgen_stage", "?"))
+        if self.model_cfg.get("compile", False):
+            transformer.compile_repeated_blocks()
         self.transformer = transformer
 
     def on_fit_start(self) -> None:
@@ -238,28 +252,9 @@ class GridModule(L.LightningModule):
 
     # ---- optimiser ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_cfg
         params = self.trainable_parameters()
         if not params:
             raise RuntimeError("no trainable parameters: LoRA was not attached (configure_model not run?)")
-        optimizer = torch.optim.AdamW(params, lr=float(cfg["lr"]), betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                                      weight_decay=float(cfg.get("weight_decay", 1e-4)), eps=float(cfg.get("eps", 1e-8)))
-        warmup = int(cfg.get("warmup_steps", 0))
-        kind = cfg.get("scheduler", "constant")
-        total = int(self.max_steps or 0)
-        if kind == "cosine" and total <= 0:
-            raise ValueError("optim.scheduler=cosine needs trainer.max_steps > 0")
-        min_ratio = float(cfg.get("min_lr_ratio", 0.0))
-
-        def lr_factor(step: int) -> float:
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            if kind == "constant":
-                return 1.0
-            if kind == "cosine":
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
-                return min_ratio + (1 - min_ratio) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress)).item())
-            raise ValueError(f"optim.scheduler must be constant or cosine, got {kind!r}")
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        optimizer = build_optimizer(params, self.optim_cfg)  # optim.name: adamw | adamw8bit
+        scheduler = build_scheduler(optimizer, self.optim_cfg, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
