@@ -186,7 +186,7 @@ def test_cached_training_equals_uncached_without_encoders(raw, built, tmp_path, 
 def test_cached_batches_carry_tensors_and_remote_caches_are_checked_per_sample(built):
     out, _ = built
     url = f"pipe:cat {out / 'train-000000.tar'}"
-    dm = GridDataModule(url, batch_size=2, samples_per_epoch=4, cached=True, cache_model=TINY)
+    dm = GridDataModule(url, batch_size=2, samples_per_epoch=4, cached=True, cache_model=TINY, allow_pipe=True)
     batch = next(iter(dm.train_dataloader()))
     assert "pixel_values" not in batch
     tokens = GridLayout(**batch["layout"]).num_tokens
@@ -194,7 +194,7 @@ def test_cached_batches_carry_tensors_and_remote_caches_are_checked_per_sample(b
     assert batch["pooled_prompt_embeds"].shape[0] == 2 and batch["text_mask"].shape == (2, 32)
 
     stale = GridDataModule(url, batch_size=2, samples_per_epoch=4, cached=True,
-                           cache_model={**TINY, "max_sequence_length": 16})
+                           cache_model={**TINY, "max_sequence_length": 16}, allow_pipe=True)
     stale.setup("fit")  # a pipe: has no folder to read cache.json from ...
     with pytest.raises(CacheMismatchError, match="was built with model.max_sequence_length=32, this run uses "
                                                  "model.max_sequence_length=16"):

@@ -172,7 +172,7 @@ def test_resolve_shards_specs_and_errors(shards, tmp_path):
     both = resolve_shards([video, root / "multiview"], "train")
     assert len(both) == 6 and both[:4] == folder
     assert len(resolve_shards(root, "val")) == 2  # a folder of folders: its subfolders' shards
-    assert resolve_shards("pipe:cat /x/train-{0..1}.tar") == [
+    assert resolve_shards("pipe:cat /x/train-{0..1}.tar", allow_pipe=True) == [
         "pipe:cat /x/train-0.tar",
         "pipe:cat /x/train-1.tar",
     ]
@@ -187,6 +187,12 @@ def test_resolve_shards_specs_and_errors(shards, tmp_path):
         resolve_shards(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="train-000009.tar"):
         resolve_shards(f"{video}/train-{{000000..000009}}.tar")
+    # pipe: runs a shell command: refused without the opt-in, one line naming the key
+    with pytest.raises(ValueError) as info:
+        resolve_shards([video, "pipe:cat /x/train-0.tar"], name="sources.webvid.shards")
+    assert str(info.value) == ("data.sources.webvid.shards 'pipe:cat /x/train-0.tar' runs a shell command (pipe:); "
+                               "set data.allow_pipe=true to allow pipe: shards (only for commands you trust), or give "
+                               "a folder, pattern or URL")
 
 
 def test_datamodule_empty_folder_error(tmp_path):
@@ -332,25 +338,26 @@ def test_skip_count_is_shared_with_workers(shards, tmp_path):
 
 
 def test_cached_tensors_pass_through(shards, tmp_path):
+    """Tensor members in a format read without pickle (npy with allow_pickle=False) pass through under their name."""
     root, _ = shards
     good = _raw_samples(root / "video" / "val-000000.tar")
     samples = []
     for i, s in enumerate(good):
         buffer = io.BytesIO()
-        torch.save(torch.full((16, 16, 16), float(i)), buffer)
-        samples.append(dict(s, **{"latents.pth": buffer.getvalue()}))
+        np.save(buffer, np.full((16, 16, 16), float(i), dtype=np.float32))
+        samples.append(dict(s, **{"latents.npy": buffer.getvalue()}))
     _write(tmp_path / "val-000000.tar", samples)
     dm = GridDataModule(tmp_path, val_shards=tmp_path, batch_size=3, cached=True)
     (batch,) = _epoch(dm.val_dataloader())
-    assert batch["latents.pth"].shape == (3, 16, 16, 16)
-    assert batch["latents.pth"][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert batch["latents.npy"].shape == (3, 16, 16, 16)
+    assert batch["latents.npy"][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
     assert batch["pixel_values"].shape == (3, 3, 128, 128)
 
     # latents only (no image): layout from the json, no pixel_values
     _write(tmp_path / "val-000000.tar", [{k: v for k, v in s.items() if k != "png"} for s in samples])
     (batch,) = _epoch(dm.val_dataloader())
     assert "pixel_values" not in batch and batch["layout"]["rows"] == 4
-    assert batch["latents.pth"].shape == (3, 16, 16, 16)
+    assert batch["latents.npy"].shape == (3, 16, 16, 16)
 
 
 # ---- with Lightning -------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_pipe_cat_source_streams_like_the_file(root):
     shards = sorted((root / "video").glob("train-*.tar"))
     local = GridDataModule([str(p) for p in shards], batch_size=2, shuffle_buffer=4, seed=3)
     piped = GridDataModule([f"pipe:cat {p}" for p in shards], batch_size=2, shuffle_buffer=4, seed=3,
-                           samples_per_epoch=16)
+                           samples_per_epoch=16, allow_pipe=True)
     got = _batches(piped)
     expected = _batches(local)
     assert [b["__key__"] for b in got] == [b["__key__"] for b in expected] and len(got) == 8
@@ -184,11 +184,15 @@ def test_pipe_cat_source_streams_like_the_file(root):
 
     # a remote source cannot be counted: the epoch length must be given
     with pytest.raises(ValueError, match="cannot count the samples of remote shard 'pipe:cat .*set data.samples_per_epoch"):
-        GridDataModule(f"pipe:cat {shards[0]}").train_dataloader()
+        GridDataModule(f"pipe:cat {shards[0]}", allow_pipe=True).train_dataloader()
+    # without the opt-in a pipe: spec is refused before anything runs
+    with pytest.raises(ValueError, match=r"^data.train_shards 'pipe:cat .*set data.allow_pipe=true"):
+        GridDataModule(f"pipe:cat {shards[0]}", samples_per_epoch=4).setup("fit")
 
     # mixed with a local source; and validation through pipe:
     mixed = GridDataModule(sources={"local": str(root / "multiview"), "piped": f"pipe:cat {shards[0]}"},
-                           batch_size=2, samples_per_epoch=20, val_shards=f"pipe:cat {root / 'video' / 'val-000000.tar'}")
+                           batch_size=2, samples_per_epoch=20, val_shards=f"pipe:cat {root / 'video' / 'val-000000.tar'}",
+                           allow_pipe=True)
     kinds = {_kind(k) for b in _batches(mixed) for k in b["__key__"]}
     assert kinds == {"video", "multiview"}
     val = [k for b in mixed.val_dataloader() for k in b["__key__"]]

@@ -33,15 +33,6 @@ def exit_on_user_error(entry: str) -> Iterator[None]:
         sys.exit(2)
 
 
-def _sample_data(cache_dir: str, subset: str) -> str:
-    from gridgen.data.sample import ensure_sample_shards
-
-    folder = Path(ensure_sample_shards(cache_dir)) / subset
-    if not folder.is_dir():
-        raise FileNotFoundError(f"embedded sample data has no subset '{subset}' (have: video, multiview)")
-    return str(folder)
-
-
 _SWEEP_VALUE = re.compile(r"^(?:[^=]*,[^=]*|(?:range|choice|glob|interval)\(.*\))$")
 
 
@@ -74,8 +65,6 @@ def register_resolvers() -> None:
     from gridgen.data.cards import register_card_resolver  # ${gridgen_card:<name>,<key>}: data cards
 
     register_card_resolver()
-    if not OmegaConf.has_resolver("gridgen_sample_data"):
-        OmegaConf.register_new_resolver("gridgen_sample_data", _sample_data)
     if not OmegaConf.has_resolver("gridgen_root"):
         OmegaConf.register_new_resolver("gridgen_root", _root_dir)
     if not OmegaConf.has_resolver("gridgen_sweep_subdir"):

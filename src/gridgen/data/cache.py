@@ -18,13 +18,14 @@ with ``data.cached=true`` checks the manifest of every local cache folder when t
 hash of every sample as it streams (so ``pipe:`` / URL caches are checked too), and refuses a stale cache with
 one line naming the value and the fix (:class:`CacheMismatchError`).
 
-The fingerprint helpers at the top import no model code (the datamodule uses them); the writer below imports
-diffusers lazily: like the architecture says, ``cache.py`` is the one data module that runs a model.
+The format and its checks live in :mod:`gridgen.data.cache_format` (no model code; the streaming reader uses them,
+and they are re-exported here); this module is the writer and imports diffusers lazily: like the architecture
+says, ``cache.py`` is the one data module that runs a model. Source shards are read with the same safe decoder as
+training (:class:`~gridgen.data.decoding.SafeDecoder`): nothing in a shard is ever unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gridgen.data.cache_format import (  # re-exported: the cache's format lives next to its reader
+    CACHE_FORMAT,
+    CACHE_MANIFEST,
+    CACHE_MEMBER,
+    CACHE_TENSORS,
+    FINGERPRINT_KEYS,
+    REBUILD,
+    CacheMismatchError,
+    _mismatch,
+    cache_fingerprint,
+    check_cached_sample,
+    layout_hash,
+    load_cached_sample,
+    read_manifest,
+    verify_cache_folders,
+)
+from gridgen.data.decoding import SafeDecoder, SkipCounter, ToSample
 from gridgen.layout import GridLayout
 
 if TYPE_CHECKING:
@@ -42,126 +60,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "gridgen-cache/1"
-CACHE_MANIFEST = "cache.json"
-CACHE_MEMBER = "cache.safetensors"  # the sample member holding the tensors
-CACHE_TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "text_mask")
-# what a cache depends on; named like the model config keys so that messages can say `model.<key>=...`
-FINGERPRINT_KEYS = ("pretrained", "revision", "variant", "max_sequence_length")
-_REBUILD = "make cache data={data} model={model}"
-
-
-class CacheMismatchError(ValueError):
-    """A cache that does not belong to this run (another model, max sequence length or layout); never skipped."""
-
-
-# ---- fingerprints (no model code) -----------------------------------------------------------------
-
-
-def cache_fingerprint(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a model config a cache depends on: ``{pretrained, revision, variant, max_sequence_length}``."""
-    if model.get("pretrained") in (None, ""):
-        raise ValueError("the cache fingerprint needs model.pretrained (the model id the cache is built with)")
-    return {
-        "pretrained": str(model["pretrained"]).strip(),
-        "revision": None if model.get("revision") in (None, "") else str(model["revision"]),
-        "variant": None if model.get("variant") in (None, "") else str(model["variant"]),
-        "max_sequence_length": int(model["max_sequence_length"]),
-    }
-
-
-def layout_hash(fingerprint: Mapping[str, Any], layout: GridLayout) -> str:
-    """Hash of (model id, revision, variant, max sequence length, layout and resolution, cache format)."""
-    payload = {**{k: fingerprint.get(k) for k in FINGERPRINT_KEYS}, "format": CACHE_FORMAT,
-               "layout": layout.name, "height": layout.height, "width": layout.width}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _mismatch(built: Mapping[str, Any], expected: Mapping[str, Any], where: str, data: str) -> str | None:
-    """One line naming the first fingerprint value that differs and both fixes; None when they agree."""
-    built_name, run_name = built.get("name") or "<model>", expected.get("name") or "<model>"
-    for key in FINGERPRINT_KEYS:
-        have, want = built.get(key), expected.get(key)
-        if have == want:
-            continue
-        if key == "pretrained":
-            return (f"{where} was built for model.pretrained={have} (model={built_name}), this run uses "
-                    f"model.pretrained={want}; rebuild it with `{_REBUILD.format(data=data, model=run_name)}` "
-                    f"or train on it with model={built_name}")
-        return (f"{where} was built with model.{key}={have}, this run uses model.{key}={want}; rebuild it with "
-                f"`{_REBUILD.format(data=data, model=run_name)} model.{key}={want}` or train with model.{key}={have}")
-    return None
-
-
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(folder) / CACHE_MANIFEST
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def verify_cache_folders(urls: Iterable[str], expected: Mapping[str, Any]) -> None:
-    """Check the manifest of every local folder among ``urls`` against the run's model; raise one line if stale.
-
-    Remote shards (``pipe:``, URLs) have no readable folder: their samples are checked one by one as they stream
-    (:func:`check_cached_sample`).
-    """
-    expected_fp = cache_fingerprint(expected)
-    folders = sorted({str(Path(u.removeprefix("file:")).parent) for u in urls if not _is_remote(u)})
-    for folder in folders:
-        manifest = read_manifest(folder)
-        if manifest is None:
-            raise FileNotFoundError(
-                f"'{folder}' holds no gridgen cache (no {CACHE_MANIFEST}): data.cached=true trains on shards written "
-                f"by `make cache data=<name> model=<name>`; build one, or set data.cached=false to train on raw shards"
-            )
-        if manifest.get("format") != CACHE_FORMAT:
-            raise CacheMismatchError(
-                f"cache '{folder}' has format {manifest.get('format')!r}, this gridgen reads {CACHE_FORMAT!r}; "
-                f"rebuild it with `{manifest.get('command') or 'make cache'}`"
-            )
-        built = {**manifest["fingerprint"], "name": manifest.get("model")}
-        problem = _mismatch(built, {**expected_fp, "name": expected.get("name")}, f"cache '{folder}'",
-                            manifest.get("data") or "<name>")
-        if problem:
-            raise CacheMismatchError(problem)
-        if manifest.get("status") != "complete":
-            raise CacheMismatchError(
-                f"cache '{folder}' is incomplete (`make cache` was interrupted); run `{manifest.get('command')}` "
-                "again to finish it (finished shards are kept)"
-            )
-
-
-def check_cached_sample(key: str, meta: Mapping[str, Any], layout: GridLayout, tensors: Mapping[str, Any],
-                        expected: Mapping[str, Any]) -> None:
-    """A streamed cached sample belongs to this run: fingerprint hash, latent tokens and text length agree."""
-    info = meta.get("gridgen_cache")
-    if not isinstance(info, Mapping) or "latents" not in tensors:
-        raise CacheMismatchError(
-            f"sample {key!r} carries no cached latents (no {CACHE_MEMBER} / gridgen_cache): data.cached=true trains "
-            "on shards written by `make cache data=<name> model=<name>`; point the shards there or set data.cached=false"
-        )
-    expected_fp = cache_fingerprint(expected)
-    if info.get("hash") != layout_hash(expected_fp, layout):
-        built = {**{k: info.get(k) for k in FINGERPRINT_KEYS}, "name": info.get("name")}
-        problem = _mismatch(built, {**expected_fp, "name": expected.get("name")}, f"cached sample {key!r}",
-                            info.get("data") or "<name>")
-        raise CacheMismatchError(problem or (
-            f"cached sample {key!r} was built for another layout or cache format than its json says ({layout.name}, "
-            f"{layout.height}x{layout.width} px); rebuild the cache with `make cache`"))
-    latents, embeds = tensors["latents"], tensors.get("prompt_embeds")
-    if tuple(latents.shape) != (layout.num_tokens, 64):
-        raise CacheMismatchError(f"cached sample {key!r} has latents {tuple(latents.shape)}, layout {layout.name} of "
-                                 f"{layout.height}x{layout.width} px needs ({layout.num_tokens}, 64); rebuild the cache")
-    if embeds is not None and embeds.shape[0] != expected_fp["max_sequence_length"]:
-        raise CacheMismatchError(f"cached sample {key!r} has {embeds.shape[0]} text tokens, model.max_sequence_length="
-                                 f"{expected_fp['max_sequence_length']}; rebuild the cache with that length")
-
-
-def _is_remote(url: str) -> bool:
-    from gridgen.data.datamodule import _is_remote as is_remote
-
-    return is_remote(url)
+__all__ = [
+    "CACHE_FORMAT", "CACHE_MANIFEST", "CACHE_MEMBER", "CACHE_TENSORS", "FINGERPRINT_KEYS", "CacheMismatchError",
+    "cache_fingerprint", "cache_shards", "check_cached_sample", "encode_for_cache", "layout_hash", "load_cached_sample",
+    "load_encoders", "read_manifest", "verify_cache_folders",
+]
 
 
 # ---- encoding (runs the model) --------------------------------------------------------------------
@@ -250,12 +153,15 @@ def cache_shards(
     import safetensors.torch
     import webdataset as wds
 
-    from gridgen.data.datamodule import SkipCounter, ToSample
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = cache_fingerprint(model)
-    old = read_manifest(out)
+    try:
+        old = read_manifest(out)
+    except CacheMismatchError:
+        if not overwrite:
+            raise
+        old = None
     if old is not None and old.get("fingerprint") != fingerprint:
         if not overwrite:
             problem = _mismatch({**old.get("fingerprint", {}), "name": old.get("model")},
@@ -270,7 +176,7 @@ def cache_shards(
     manifest: dict[str, Any] = {
         "format": CACHE_FORMAT, "status": "incomplete", "fingerprint": fingerprint,
         "model": model.get("name"), "data": data_name, "dtype": str(model.get("dtype", "float32")),
-        "command": command or _REBUILD.format(data=data_name, model=model.get("name")),
+        "command": command or REBUILD.format(data=data_name, model=model.get("name")),
         "members": {CACHE_MEMBER: {
             "latents": "(N, 64) packed VAE latents, normalised (z - shift_factor) * scaling_factor",
             "prompt_embeds": "(L, D) T5 sequence embedding, L = max_sequence_length",
@@ -296,7 +202,7 @@ def cache_shards(
             samples = wds.DataPipeline(
                 wds.SimpleShardList([url]),
                 wds.tarfile_to_samples(handler=skips),
-                wds.decode("torchrgb8", handler=skips, only=[*image_key.split(";"), "json", caption_key]),
+                wds.map(SafeDecoder([*image_key.split(";"), "json", caption_key], skips), handler=skips),
                 wds.map(ToSample(image_key, caption_key, cached=False, skips=skips, keep_meta=True), handler=skips),
             )
             tmp = out / f".{name}.tmp"
@@ -328,9 +234,3 @@ def cache_shards(
     _write_manifest(out, manifest)
     return manifest
 
-
-def load_cached_sample(data: bytes) -> dict[str, torch.Tensor]:
-    """The tensors of one ``cache.safetensors`` member."""
-    import safetensors.torch
-
-    return safetensors.torch.load(bytes(data))
