@@ -1,3 +1,9 @@
-from importlib.metadata import version as _v
+"""gridgen: GRID (grid-layout omni visual generation) on FLUX with PyTorch Lightning and Hydra."""
 
-__version__ = _v("gridgen")
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("gridgen")
+except PackageNotFoundError:  # imported from a source tree (PYTHONPATH=src) that was never pip-installed
+    __version__ = "0.1.0+src"

@@ -61,11 +61,31 @@ def _root_dir() -> str:
     return os.environ.get("GRIDGEN_ROOT") or os.getcwd()
 
 
+def run_folder_of_checkpoint(ckpt_path: str | None) -> Path | None:
+    """The run folder a ``ckpt_path`` belongs to (``<run>`` or ``<run>/checkpoints/<file>.ckpt``), else None."""
+    if ckpt_path in (None, "", "last"):
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        return path.resolve()
+    if path.suffix == ".ckpt" and path.parent.name == "checkpoints":
+        return path.parent.parent.resolve()
+    return None
+
+
+def _run_dir(ckpt_path: str | None, new_dir: str) -> str:
+    """``hydra.run.dir``: a resumed run continues in its own folder (metrics, checkpoints, W&B run, export)."""
+    folder = run_folder_of_checkpoint(ckpt_path)
+    return str(folder) if folder is not None else new_dir
+
+
 def register_resolvers() -> None:
     from gridgen.data.cards import register_card_resolver  # ${gridgen_card:<name>,<key>}: data cards
 
     register_card_resolver()
     if not OmegaConf.has_resolver("gridgen_root"):
         OmegaConf.register_new_resolver("gridgen_root", _root_dir)
+    if not OmegaConf.has_resolver("gridgen_run_dir"):
+        OmegaConf.register_new_resolver("gridgen_run_dir", _run_dir)
     if not OmegaConf.has_resolver("gridgen_sweep_subdir"):
         OmegaConf.register_new_resolver("gridgen_sweep_subdir", _sweep_subdir)

@@ -6,10 +6,35 @@ Everything here reuses diffusers' own FLUX code paths (``FluxPipeline._pack_late
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers import FluxPipeline
 
 from gridgen.layout import GridLayout
+
+
+class _TruncationOnce(logging.Filter):
+    """diffusers warns on every call whose caption exceeds ``max_sequence_length``: in training that is twice
+    per step (CLIP and T5). Let the first warning of each kind through, then stay quiet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "truncated" not in message:
+            return True
+        kind = message.split(":", 1)[0]
+        if kind in self.seen:
+            return False
+        self.seen.add(kind)
+        record.msg, record.args = message + " (shown once per run)", ()
+        return True
+
+
+logging.getLogger("diffusers.pipelines.flux.pipeline_flux").addFilter(_TruncationOnce())
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

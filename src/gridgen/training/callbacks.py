@@ -1,4 +1,4 @@
-"""Callbacks: the alpha ramp of eq. (3), LoRA export at the end of a run, and the run summary."""
+"""Callbacks: the alpha ramp of eq. (3), LoRA export, the run summary, throughput/MFU and progress."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 import gridgen
@@ -133,7 +133,141 @@ def batch_tokens(batch: dict[str, Any]) -> int:
 
 
 class GridThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting grid samples and image tokens (samples/s, tokens/s)."""
+    """Lightning's ThroughputMonitor counting grid samples and image tokens (samples/s, tokens/s) and, from the
+    module's ``flops_per_batch``, TFLOP/s and MFU against ``peak_tflops`` (dense peak per device; ``null``: the
+    card's figure from :func:`gridgen.training.flops.peak_flops`, none for unknown cards).
 
-    def __init__(self, window_size: int = 10) -> None:
+    Lightning's monitor synchronises the GPU after every batch to time it; here batches are only counted per
+    step and the clock is read (with one synchronisation) every ``trainer.log_every_n_steps``: throughput is
+    cumulative, so the figures are the same without a host sync per step.
+    """
+
+    def __init__(self, window_size: int = 2, peak_tflops: float | None = None) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
+        self.peak_tflops = peak_tflops
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.peak_tflops is None:
+            from gridgen.training.flops import peak_flops
+
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            device = trainer.strategy.root_device
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            peak = peak_flops(name, dtype)
+            self.available_flops = int(peak) if peak else None
+        else:
+            self.available_flops = int(float(self.peak_tflops) * 1e12)
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is not None:
+            self.available_flops = int(self.available_flops)
+
+    @torch.inference_mode()
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        stage = trainer.state.stage
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._lengths[stage] += self.length_fn(batch)
+        self._batches[stage] += 1
+        if stage.value == "train" and self._batches[stage] > 1 and not trainer._logger_connector.should_update_logs:
+            return  # counted; timed at the next logging step (and at the first batch, the window's start)
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage], samples=self._samples[stage],
+            lengths=self._lengths[stage], flops=getattr(pl_module, "flops_per_batch", None),
+        )
+
+
+class GridProgressBar(TQDMProgressBar):
+    """One bar over the whole run in optimizer steps (``step 12/40``) with the loss, seconds per step and the
+    ETA, instead of Lightning's per-epoch bar (gridgen's epochs are an artefact of streaming). The loss is read
+    every ``refresh_rate`` steps only, so the bar adds no GPU->CPU sync per step."""
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._last: tuple[int, float] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self.train_progress_bar.reset(total=total)
+        self.train_progress_bar.initial = 0
+        self.train_progress_bar.n = trainer.global_step  # a resumed run starts where it was
+        self.train_progress_bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        pass  # one bar for the run, not one per epoch
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if step == bar.n or step % max(1, self.refresh_rate):
+            bar.n = step
+            return
+        bar.n = step
+        postfix = {}
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            postfix["loss"] = f"{float(loss):.4g}"
+        now = time.perf_counter()
+        if self._last is not None and step > self._last[0]:
+            postfix["s/step"] = f"{(now - self._last[1]) / (step - self._last[0]):.3g}"
+        self._last = (step, now)
+        bar.set_postfix(postfix, refresh=False)
+        bar.refresh()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+    def on_train_end(self, *_: Any) -> None:
+        self.train_progress_bar.close()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the CSV logger's version name ("metrics"), not a number
+        return metrics
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class ProgressLog(L.Callback):
+    """A log line every ``every_n_steps`` optimizer steps (step/total, loss, s/step, ETA), for log files and
+    SLURM outputs where a progress bar is unreadable; after the first step of a long run on CPU, one line with
+    the measured time per step and the expected duration."""
+
+    def __init__(self, every_n_steps: int = 10, cpu_notice_after_s: float = 120.0) -> None:
+        self.every_n_steps = max(1, int(every_n_steps))
+        self.cpu_notice_after_s = cpu_notice_after_s
+        self._start: tuple[int, float] | None = None
+        self._first: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (trainer.global_step, time.perf_counter())
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._first is None:
+            self._first = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if self._first is not None and self._start is not None and step == self._start[0] + 1:
+            per_step = time.perf_counter() - self._first
+            remaining = per_step * max(0, (total or 0) - step)
+            if pl_module.device.type == "cpu" and remaining > self.cpu_notice_after_s:
+                log.warning("step 1 took %.1f s on CPU: the %d steps of this run will take about %s "
+                            "(a GPU: strategy=gpu; fewer steps: trainer.max_steps=N)", per_step, total or 0,
+                            _duration(per_step * (total or 0)))
+        if step % self.every_n_steps or self._start is None or step <= self._start[0]:
+            return
+        elapsed = time.perf_counter() - self._start[1]
+        per_step = elapsed / (step - self._start[0])
+        loss = trainer.callback_metrics.get("train/loss")
+        eta = f"  eta {_duration(per_step * (total - step))}" if total and total > 0 else ""
+        log.info("step %d/%s  loss %s  %.3g s/step%s", step, total if total and total > 0 else "?",
+                 f"{float(loss):.4g}" if loss is not None else "-", per_step, eta)

@@ -13,6 +13,7 @@ batch carries cached latents / text embeddings).
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from typing import Any
 
@@ -23,13 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from gridgen.layout import GridLayout
 from gridgen.losses import add_noise, base_loss, sample_timesteps, temporal_flow_loss
+from gridgen.models.attention import apply_attention_backend
 from gridgen.models.flux import encode_images, encode_prompts
 from gridgen.models.loading import load_flux_pipeline, resolve_pretrained
 from gridgen.models.lora import attach_lora, build_lora_config, load_lora_weights_into
 from gridgen.models.quantization import check_scheme, is_quantized, quantize_transformer
+from gridgen.training.flops import training_flops_per_batch
 from gridgen.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+
+NONFINITE_ACTIONS = ("stop", "skip")
+
+
+class NonFiniteError(ValueError):
+    """A loss term or the gradient norm went non-finite: the run stops with one line (exit code 2)."""
 
 
 def _plain(cfg: Any) -> dict:
@@ -49,10 +58,13 @@ class GridModule(L.LightningModule):
             ``timestep_shift`` (a number or ``auto`` = FLUX's resolution shift), ``alpha`` (initial alpha).
         init_lora: optional LoRA file to start from (fine stage starts from the coarse LoRA).
         seed: seeds the per-sample noise and times.
+        nonfinite: ``action`` (``stop``: end the run at the first non-finite loss term or gradient norm with a
+            one-line error; ``skip``: drop that step's update, up to ``max_skips`` steps, each counted and logged
+            as ``train/nonfinite_skips``).
     """
 
     def __init__(self, model: Any, lora: Any, optim: Any, loss: Any, init_lora: str | None = None,
-                 seed: int = 0, max_steps: int | None = None) -> None:
+                 seed: int = 0, max_steps: int | None = None, nonfinite: Any = None) -> None:
         super().__init__()
         self.model_cfg, self.lora_cfg = _plain(model), _plain(lora)
         self.optim_cfg, self.loss_cfg = _plain(optim), _plain(loss)
@@ -60,11 +72,18 @@ class GridModule(L.LightningModule):
         self.save_hyperparameters({"model": self.model_cfg, "lora": self.lora_cfg, "optim": self.optim_cfg,
                                    "loss": self.loss_cfg, "init_lora": init_lora, "seed": seed, "max_steps": max_steps})
         self.init_lora, self.seed, self.max_steps = init_lora, int(seed), max_steps
+        self.nonfinite = {"action": "stop", "max_skips": 0, **_plain(nonfinite or {})}
+        if self.nonfinite["action"] not in NONFINITE_ACTIONS:
+            raise ValueError(f"nonfinite.action must be one of {NONFINITE_ACTIONS}, got {self.nonfinite['action']!r}")
+        self.nonfinite_skips = 0
+        self._step_losses: dict[str, torch.Tensor] = {}
+        self.attention_backend: str | None = None  # resolved in on_fit_start
         self.alpha = float(self.loss_cfg.get("alpha", 0.0))  # set every step by AlphaSchedule
         self.pipe = None
         self.transformer: torch.nn.Module | None = None
         self.num_trainable = 0
         self.flops_per_batch: int | None = None  # read by ThroughputMonitor; None = no MFU figure
+        self._flops_cache: dict[tuple[int, int, int], int] = {}
         # Checkpoints hold only LoRA weights; the frozen model is rebuilt from model.pretrained.
         self.strict_loading = False
         # Build the LoRA config now so that a bad rank/target fails before any weights load.
@@ -129,6 +148,9 @@ class GridModule(L.LightningModule):
         self.transformer = transformer
 
     def on_fit_start(self) -> None:
+        # Every process (Lightning starts one per device) selects its attention kernel before the first step.
+        self.attention_backend = apply_attention_backend(self.model_cfg.get("attention_backend"), self.device.type,
+                                                         self.transformer)
         if self.pipe is None:  # transformer adopted directly; batches must carry cached latents and embeddings
             return
         for part in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
@@ -142,8 +164,10 @@ class GridModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["gridgen_nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skips = int(checkpoint.get("gridgen_nonfinite_skips", 0))
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = trainable - set(checkpoint["state_dict"])
         if trainable and missing:
@@ -218,12 +242,26 @@ class GridModule(L.LightningModule):
         loss_base = base_loss(pred, target)  # eq. (4)
         loss_flow = temporal_flow_loss(pred, target, layout)  # eq. (5)-(7)
         return {"loss": loss_base + self.alpha * loss_flow, "loss_base": loss_base, "loss_flow": loss_flow,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "image_tokens": x0.shape[1], "text_tokens": prompt_embeds.shape[1]}
+
+    def _training_flops(self, batch_size: int, image_tokens: int, text_tokens: int) -> int:
+        """FLOPs of this step (:mod:`gridgen.training.flops`), read by the throughput monitor for TFLOP/s and MFU;
+        counted once per batch shape (a walk over the transformer's linears)."""
+        key = (batch_size, image_tokens, text_tokens)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = training_flops_per_batch(
+                self.transformer, batch_size, image_tokens, text_tokens,
+                gradient_checkpointing=bool(self.model_cfg.get("gradient_checkpointing", False)))
+        return self._flops_cache[key]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.compute_losses(batch)
+        self.flops_per_batch = self._training_flops(out["batch_size"], out["image_tokens"], out["text_tokens"])
+        self._step_losses = {k: out[k].detach() for k in ("loss_base", "loss_flow")}  # for the non-finite guard
+        # Logged tensors stay on the device; Lightning reads them every trainer.log_every_n_steps (no prog_bar=True:
+        # that converts to a Python float, a GPU->CPU sync, on every step; the progress bar reads them itself).
         log_kw = {"on_step": True, "on_epoch": False, "batch_size": out["batch_size"]}
-        self.log("train/loss", out["loss"], prog_bar=True, **log_kw)
+        self.log("train/loss", out["loss"], **log_kw)
         self.log("train/loss_base", out["loss_base"], **log_kw)
         self.log("train/loss_flow", out["loss_flow"], **log_kw)
         self.log("train/alpha", self.alpha, **log_kw)
@@ -245,10 +283,47 @@ class GridModule(L.LightningModule):
         self.log("val/loss_flow", torch.stack(flow).mean(), **kw)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in optimizer.param_groups[0]["params"] if p.grad is not None]
-        if grads:  # one fused kernel over all LoRA tensors (before clipping)
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        # One fused kernel over all LoRA tensors (before clipping); a DTensor (FSDP2) norm is reduced to the
+        # unsharded norm by full_tensor().
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])).float())
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self._guard_nonfinite(norm, optimizer, params)
+
+    def _guard_nonfinite(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
+                         params: list[torch.nn.Parameter]) -> None:
+        """Stop (or skip the update) before a non-finite loss or gradient can reach the LoRA weights.
+
+        The one host sync per step that gridgen makes: a single bool over the loss terms and the gradient norm.
+        Raising here happens before ``optimizer.step()``, so the weights, the last checkpoint and every export
+        stay finite. Skipping sets the gradients to None, which AdamW (torch and 8-bit) treats as "no update"
+        (no moment or weight-decay change either).
+        """
+        terms = {**self._step_losses, "grad_norm": grad_norm.detach()}
+        values = torch.stack([v.float().reshape(()) for v in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = [f"{name}={value:g}" for name, value in zip(terms, values.tolist(), strict=True)
+               if not math.isfinite(value)]
+        step = self.global_step
+        if self.nonfinite["action"] == "skip" and self.nonfinite_skips < int(self.nonfinite["max_skips"]):
+            self.nonfinite_skips += 1
+            for param in params:
+                param.grad = None
+            log.warning("step %d: non-finite %s; update skipped (%d of nonfinite.max_skips=%d)", step,
+                        ", ".join(bad), self.nonfinite_skips, int(self.nonfinite["max_skips"]))
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips), on_step=True, on_epoch=False)
+            return
+        skipped = f" after {self.nonfinite_skips} skipped steps" if self.nonfinite_skips else ""
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(bad)}{skipped}; the LoRA was not updated and checkpoints up to "
+            f"the last saved step are intact. Try model.attention_backend=sdpa_math (or another kernel), "
+            f"trainer.precision=32-true, a lower optim.lr, or nonfinite.action=skip nonfinite.max_skips=N"
+        )
 
     # ---- optimiser ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
