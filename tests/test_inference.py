@@ -487,6 +487,18 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, refs):
     assert len(errors) == 1 and "too few keyframes for layout 4x4" in errors[0] and "Traceback" not in proc.stderr
 
 
+def test_cli_multirun_with_the_default_sweep_folder(tmp_path):
+    """`generate -m` as the README prints it: no hydra.sweep.dir, no GRIDGEN_ROOT; outputs land under <cwd>/outputs."""
+    env = {k: v for k, v in os.environ.items() if k != "GRIDGEN_ROOT"}
+    proc = subprocess.run([sys.executable, "-m", "gridgen.generate", "-m", "seed=1,2", "prompt=x", "generate.steps=1"],
+                          cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifests = sorted((tmp_path / "outputs" / "generate_sweeps").glob("*/*/manifest.json"))
+    assert [m.parent.name for m in manifests] == ["0", "1"], proc.stdout[-2000:]
+    seeds = [json.loads(m.read_text())["samples"][0]["seed"] for m in manifests]
+    assert seeds == [1, 2] and all((m.parent / "000_x" / "grid.png").is_file() for m in manifests)
+
+
 # ---- the benchmark ----------------------------------------------------------------------------------------
 def test_bench_quick_and_results_section(tmp_path, capsys):
     import importlib.util
