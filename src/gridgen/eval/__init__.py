@@ -6,6 +6,9 @@
 - :mod:`.metrics`: PSNR / SSIM, temporal consistency, Inception Score with C3D.
 - :mod:`.io`: mp4 files, frame folders, grid images, shards and generate output as lazy videos.
 - :mod:`.report`: the result JSON / Markdown beside the paper's numbers, and sweep summaries.
+- :mod:`.pipeline`: ``evaluate(cfg)``, the whole evaluation of a generated set (multi-process, feature caching, W&B).
+- :mod:`.generation`: ``eval.generate=true``, the fake set made by running ``python -m gridgen.generate``.
+- :mod:`.sweep`: command-line shorthands, sweep folder names and the sweep summary callback.
 """
 
 from gridgen.eval.clip import ClipEmbedder, clip_front, clip_image_score, clip_orbit, clip_text_score

@@ -125,7 +125,10 @@ class C3DWeightsNotFoundError(FileNotFoundError):
 
 
 def load_c3d(path: str | Path | None, device: str | torch.device = "cpu") -> nn.Module:
-    """C3D from a state dict (``.pt``/``.pth``/``.safetensors``, optionally under ``state_dict``) or TorchScript."""
+    """C3D from a state dict (``.pt``/``.pth``/``.safetensors``, optionally under ``state_dict``) or TorchScript.
+
+    Only from the path the user gave (``eval.is.c3d``; TorchScript can carry code, so it is never searched for);
+    a pickled state dict is read with ``weights_only=True`` (tensors only, no code)."""
     if not path:
         raise C3DWeightsNotFoundError(
             "IS needs a C3D classifier fine-tuned on UCF-101 (TGANv2 protocol), which no package ships; set "
