@@ -293,7 +293,7 @@ def _tar_items(path: Path, layout: str | None, background: str) -> list[VideoIte
         def load(image: tarfile.TarInfo = image, spec: str = spec, meta: dict = meta) -> torch.Tensor:
             grid = read_image(read(image), background)
             if "rows" in meta and "cols" in meta and spec == _layout_spec(None, meta):
-                from gridgen.data.datamodule import layout_from_meta  # the training reader's own check
+                from gridgen.data.decoding import layout_from_meta  # the training reader's own check
 
                 return layout_from_meta(meta, grid.shape[-2], grid.shape[-1]).untile(grid)
             return untile_grid(grid, spec)
