@@ -159,7 +159,7 @@ def test_cells_flux_cannot_take_on_the_command_line(raw, tmp_path):
     from test_training import run_cli
 
     _write(tmp_path / "shards" / "train-000000.tar", [_grid_with_cells(s, 30) for s in raw])
-    proc = run_cli("data=shards", f"data.train_shards={tmp_path / 'shards'}", "logger=none", "trainer.max_steps=1",
+    proc = run_cli("data=shards", f"data.train_shards={tmp_path / 'shards'}", "logger=csv", "trainer.max_steps=1",
                    f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.train: error:")]

@@ -1,4 +1,5 @@
-"""Grid data: procedural sample shards (:mod:`.sample`) and the streaming :class:`GridDataModule` (:mod:`.datamodule`).
+"""Grid data: procedural sample shards (:mod:`.sample`) and the streaming :class:`GridDataModule` (:mod:`.datamodule`,
+built from :mod:`.shardlists`, :mod:`.mixing`, :mod:`.decoding` and :mod:`.cache_format`).
 
 The datamodule is imported lazily: it pulls in Lightning (seconds to import), which generating sample shards
 (``make prepare``) does not need.
@@ -47,7 +48,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _DATAMODULE_NAMES:
-        from gridgen.data import datamodule
+        import gridgen.data.datamodule as datamodule
 
         return getattr(datamodule, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
