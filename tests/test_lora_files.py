@@ -247,7 +247,9 @@ def foreign_files(tmp: Path) -> dict[str, Path]:
     with zipfile.ZipFile(tmp / "notorch.ckpt", "w") as archive:  # a zip, but no torch archive
         archive.writestr("readme.txt", "hello")
     torch.save({"state_dict": {"w": torch.ones(1)}}, tmp / "foreign.ckpt")  # a torch checkpoint of something else
-    return {p.name: p for p in tmp.iterdir()}
+    save_file({"x_embedder.weight": torch.ones(2, 2)}, tmp / "model.safetensors")
+    save_lora(tmp / "kohya", tiny_lora(), formats=["kohya"])
+    return {p.name: p for p in [*tmp.iterdir(), tmp / "kohya" / KOHYA_LORA_FILE]}
 
 
 @pytest.mark.parametrize("name, message", [
@@ -255,6 +257,8 @@ def foreign_files(tmp: Path) -> dict[str, Path]:
     ("garbage.ckpt", r"checkpoint '.*garbage.ckpt' is not a PyTorch zip checkpoint; expected a gridgen training"),
     ("notorch.ckpt", r"checkpoint '.*notorch.ckpt' cannot be read as tensors only .*; expected a gridgen training"),
     ("foreign.ckpt", r"checkpoint '.*foreign.ckpt' was not written by gridgen training"),
+    ("model.safetensors", r"LoRA file '.*model.safetensors' holds no LoRA weights \(first key 'x_embedder.weight'"),
+    (KOHYA_LORA_FILE, r"is in kohya/ComfyUI format \(lora_unet_\* keys\); gridgen reads the diffusers-format"),
 ])
 def test_generate_refuses_foreign_lora_files(tmp_path, name, message):
     path = foreign_files(tmp_path)[name]

@@ -255,13 +255,13 @@ def resolve_lora_source(path: str | Path) -> Path:
 def check_lora_source(path: str | Path) -> Path:
     """:func:`resolve_lora_source`, then a cheap look at the file (safetensors header or checkpoint zip), so that a
     corrupt or foreign LoRA stops with one line before any model loads."""
-    from gridgen.models.lora import read_lora_header
+    from gridgen.models.lora import check_lora_file
 
     source = resolve_lora_source(path)
     if source.suffix == ".ckpt":
         _check_checkpoint_zip(source)
     else:
-        read_lora_header(source)
+        check_lora_file(source)
     return source
 
 

@@ -300,21 +300,35 @@ def read_lora_header(path: str | Path) -> dict[str, str]:
         raise _unreadable(path, err) from err
 
 
+def check_lora_file(path: str | Path) -> dict[str, str]:
+    """Header metadata of a LoRA file after checking, from the header alone, that it is a diffusers-format LoRA."""
+    path = _lora_path(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            _check_lora_keys(list(f.keys()), path)
+            return f.metadata() or {}
+    except safetensors.SafetensorError as err:
+        raise _unreadable(path, err) from err
+
+
+def _check_lora_keys(keys: list[str], path: Path) -> None:
+    if any(".lora_down." in k or k.startswith("lora_unet_") for k in keys):
+        raise LoraFileError(f"LoRA file '{path}' is in kohya/ComfyUI format (lora_unet_* keys); gridgen reads the "
+                            f"diffusers-format {LORA_FILE} written next to it")
+    if not any(".lora_A." in k or ".lora_B." in k for k in keys):
+        example = keys[0] if keys else "nothing"
+        raise LoraFileError(f"LoRA file '{path}' holds no LoRA weights (first key '{example}', expected "
+                            "'transformer.<module>.lora_A.weight'); is it a model file rather than a LoRA?")
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A gridgen/diffusers LoRA file (or a folder holding one) -> (peft state dict, header metadata)."""
     path = _lora_path(path)
-    header = read_lora_header(path)
+    header = check_lora_file(path)
     try:
         state = safetensors.torch.load_file(str(path))
     except safetensors.SafetensorError as err:
         raise _unreadable(path, err) from err
-    if any(".lora_down." in k or k.startswith("lora_unet_") for k in state):
-        raise LoraFileError(f"LoRA file '{path}' is in kohya/ComfyUI format (lora_unet_* keys); gridgen reads the "
-                            f"diffusers-format {LORA_FILE} written next to it")
-    if not any(".lora_A." in k or ".lora_B." in k for k in state):
-        example = next(iter(state), "nothing")
-        raise LoraFileError(f"LoRA file '{path}' holds no LoRA weights (first key '{example}', expected "
-                            "'transformer.<module>.lora_A.weight'); is it a model file rather than a LoRA?")
     prefix = f"{FluxPipeline.transformer_name}."
     return {k.removeprefix(prefix): v for k, v in state.items()}, header
 
