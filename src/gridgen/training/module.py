@@ -143,8 +143,8 @@ class GridModule(L.LightningModule):
         if self.init_lora:
             header = load_lora_weights_into(transformer, self.init_lora)
             log.info("initialised LoRA from %s (stage %s)", self.init_lora, header.get("gridgen_stage", "?"))
-        if self.model_cfg.get("compile", False):
-            transformer.compile_repeated_blocks()
+        if self.model_cfg.get("compile", False):  # model.compile_options: torch.compile kwargs (mode, backend, ...)
+            transformer.compile_repeated_blocks(**dict(self.model_cfg.get("compile_options") or {}))
         self.transformer = transformer
 
     def on_fit_start(self) -> None:

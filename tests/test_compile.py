@@ -1,0 +1,62 @@
+"""model.compile: diffusers' regional compilation of the FLUX blocks gives eager's losses and compiles once.
+
+The fast check uses the ``aot_eager`` backend (Dynamo capture + AOTAutograd, the part that decides graphs,
+guards and recompiles, no code generation); the inductor check (C++ code generation on CPU, ~1-2 min on two
+shared cores) is marked slow.
+"""
+
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gridgen.train import train
+from test_training import make_cfg
+
+COMMON = ["trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.lr=1e-2", "lora.rank=4",
+          "callbacks.checkpoint.every_n_train_steps=0", "+callbacks.probe._target_=test_compile.StepProbe"]
+
+
+class StepProbe(L.Callback):
+    """Per optimizer step: the loss and how many graphs Dynamo has compiled so far."""
+
+    steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({"loss": float(outputs["loss"]), "graphs": counters["stats"]["unique_graphs"],
+                           "compiled": pl_module.transformer.transformer_blocks[0]._compiled_call_impl is not None})
+
+
+def run(tmp_path, *overrides) -> list[dict]:
+    StepProbe.steps = []
+    train(make_cfg(tmp_path, *COMMON, *overrides))
+    return list(StepProbe.steps)
+
+
+def check_compiled_run(tmp_path, backend_overrides: list[str], tolerance: float) -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    eager = run(tmp_path / "eager")
+    compiled = run(tmp_path / "compiled", "model.compile=true", *backend_overrides)
+    assert len(eager) == len(compiled) == 3
+    assert all(s["compiled"] for s in compiled) and not any(s["compiled"] for s in eager)
+    # one graph per block class (double, single), forward and backward: nothing new after the first step
+    first = compiled[0]["graphs"]
+    assert first >= 2 and [s["graphs"] for s in compiled] == [first] * 3, compiled
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=tolerance), (eager, compiled)
+
+
+def test_regional_compile_same_loss_no_recompiles(tmp_path):
+    # stated tolerance: 1e-5 relative (aot_eager runs the same ATen ops as eager)
+    check_compiled_run(tmp_path, ["model.compile_options={backend:aot_eager}"], tolerance=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on CPU needs a C++ compiler (g++)")
+def test_regional_compile_inductor_same_loss_no_recompiles(tmp_path):
+    # stated tolerance: 1e-4 relative (inductor fuses and reorders float reductions)
+    check_compiled_run(tmp_path, [], tolerance=1e-4)
