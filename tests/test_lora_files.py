@@ -130,9 +130,10 @@ def test_kohya_export_loads_in_diffusers_like_the_diffusers_file(tmp_path):
     torch.testing.assert_close(outputs[KOHYA_LORA_FILE], ours, rtol=0, atol=1e-5)
 
 
-def test_kohya_linear1_at_flux_dev_widths_is_exact_through_diffusers_converter():
+@pytest.mark.parametrize("scales", [(0.5, 0.5, 0.5), (0.5, 2.0, 1.0)], ids=["one-scale", "per-member-scales"])
+def test_kohya_linear1_at_flux_dev_widths_is_exact_through_diffusers_converter(scales):
     """Single blocks: to_q, to_k, to_v (+ proj_mlp, here not adapted) fuse into linear1 of FLUX.1-dev's widths."""
-    rank, in_features, scale = 2, 8, 0.5
+    rank, in_features = 2, 8
     widths = {"attn.to_q": 3072, "attn.to_k": 3072, "attn.to_v": 3072, "proj_mlp": 12288}
     gen = torch.Generator().manual_seed(0)
     prefix = "single_transformer_blocks.5."
@@ -140,14 +141,15 @@ def test_kohya_linear1_at_flux_dev_widths_is_exact_through_diffusers_converter()
     for member in ("attn.to_q", "attn.to_k", "attn.to_v"):
         state[f"{prefix}{member}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen)
         state[f"{prefix}{member}.lora_B.weight"] = torch.randn(widths[member], rank, generator=gen)
-    kohya = kohya_state_dict(state, {prefix + m: scale for m in widths}, {prefix + "proj_mlp": 12288})
+    scale = dict(zip(("attn.to_q", "attn.to_k", "attn.to_v"), scales, strict=True))
+    kohya = kohya_state_dict(state, {prefix + m: s for m, s in scale.items()}, {prefix + "proj_mlp": 12288})
     name = "lora_unet_single_blocks_5_linear1"
     assert sorted(kohya) == [f"{name}.alpha", f"{name}.lora_down.weight", f"{name}.lora_up.weight"]
 
     def delta(member: str) -> torch.Tensor:  # the update LoRA adds to the member's weight
         if member == "proj_mlp":
             return torch.zeros(widths[member], in_features)
-        return scale * state[f"{prefix}{member}.lora_B.weight"] @ state[f"{prefix}{member}.lora_A.weight"]
+        return scale[member] * state[f"{prefix}{member}.lora_B.weight"] @ state[f"{prefix}{member}.lora_A.weight"]
 
     # plain oracle: the fused update is the members' updates stacked row-wise
     fused = kohya[f"{name}.alpha"] / kohya[f"{name}.lora_down.weight"].shape[0] * (
