@@ -1,51 +1,52 @@
 #!/usr/bin/env python
-"""Training-step benchmark: Lightning overhead, the cost of L_flow, peak memory and the LoRA file size.
+"""Training-step benchmark: Lightning overhead, the cost of L_flow, memory, LoRA size, and speed-up variants.
 
-    python bench/bench_train.py [--steps 12] [--warmup 2] [--repeats 3] [--batch-size 1]
-                                [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--no-write]
+    python bench/bench_train.py [--model tiny|small-random|dev-random] [--steps 12] [--warmup 2] [--repeats 3]
+                                [--batch-size 1] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                [--compile] [--quantization SCHEME] [--optim adamw|adamw8bit]
+                                [--gradient-checkpointing] [--sections ...] [--quick] [--no-write]
 
-Model: a FLUX transformer (FluxTransformer2DModel, 4 double + 4 single blocks, 4 heads x 64 = width 256,
-guidance embedding) with random weights built from a seed, LoRA attached as a run attaches it (conf/lora),
-on a 4x4 grid of 128 px cells = 512x512 px = 32x32 = 1024 tokens of 64 packed channels. The batch carries
-cached latents and random text embeddings, so the VAE and text encoders are not part of any timing.
+Models (random weights, LoRA attached by ``GridModule.adopt_transformer`` as a run attaches it, conf/lora;
+batches carry cached latents and random text embeddings, so the VAE and text encoders are in no timing):
 
-1. Framework overhead: a ``lightning.Trainer`` (built from conf/trainer + conf/strategy, with the run's
-   per-step callbacks AlphaSchedule, GridThroughput and RunSummary; no logger, no checkpointing, no progress
-   bar) fitting GridModule on a DataLoader that repeats the batch, timed from inside (time between
-   consecutive ``on_train_batch_start``, so data fetch, transfer, hooks, logging, clipping, optimiser and
-   scheduler are all in), against a bare loop
-   ``compute_losses -> backward -> clip -> AdamW.step -> zero_grad -> scheduler.step`` on the same module.
-   Blocks of ``--steps`` steps, interleaved A B / B A ..., ``--warmup`` untimed steps at the start of each.
-2. L_flow: bare-loop steps with alpha > 0, with alpha = 0 (as GridModule does it: L_flow still computed and
-   back-propagated, weighted by 0) and with L_flow skipped (L_base only), interleaved step by step in a
-   rotating order; plus the two losses alone, forward + backward on (B, N, 64) tensors.
-3. Peak memory of a step of each variant (CPU: peak RSS, reset through /proc/self/clear_refs after
-   malloc_trim; CUDA: torch.cuda.max_memory_allocated) and the LoRA file (``save_lora``) against the
-   transformer's parameter bytes.
-4. GridModule's own work outside the transformer (noise draws, position ids, grad-norm logging), timed alone.
+- ``tiny``: 4 double + 4 single blocks, 4 heads x 64 = width 256, on a 4x4 grid of 128 px cells = 512x512 px =
+  1024 tokens, 32 text tokens (``--quick``: the embedded tiny transformer on a 2x2 grid of 64 px = 64 tokens);
+- ``dev-random``: FLUX.1-dev's transformer (19 double + 38 single blocks, 24 heads x 128), bf16, on a 4x4 grid
+  of 256 px cells = 1024x1024 px = 4096 image tokens + 512 text tokens (a GPU run, ~24 GB of weights);
+- ``small-random``: the dev-random code path on a 2 + 2 block transformer (a CPU check of it).
 
-Ratios of variants run step by step are medians of per-pair ratios of neighbouring steps (robust to a
-drifting load); those of blocks are medians over repeats of ratios of median step times. The results go to this script's
-section of bench/RESULTS.md (between ``<!-- bench:train:start -->`` and ``<!-- bench:train:end -->``; the file
-is shared with the other benchmarks), one block per device / dtype / batch size that a later run replaces.
+Sections (``--sections``; default all for tiny, ``variants`` for the others):
+
+1. framework: a ``lightning.Trainer`` (conf/trainer + conf/strategy with the run's per-step callbacks
+   AlphaSchedule, GridThroughput, RunSummary; no logger, no checkpoints) fitting GridModule on a loader that
+   repeats the batch, timed between consecutive ``on_train_batch_start`` (data fetch, hooks, logging, clipping,
+   optimiser and scheduler all in), against a bare loop ``compute_losses -> backward -> clip -> optimiser step
+   -> zero_grad -> scheduler step`` on the same module: A. in blocks of ``--steps`` (order alternating per
+   repeat), B. step by step in one fit (a bare step after every Lightning step, subtracted from its interval).
+2. flow: bare steps with alpha > 0, alpha = 0 (L_flow computed, weighted 0, as GridModule does) and L_flow
+   skipped, interleaved step by step in rotating order; and the two losses alone on (B, N, 64) tensors.
+3. memory: peak memory of one step of each (CPU: peak RSS, VmHWM reset per step; CUDA: allocator peak), and
+   the LoRA file (``save_lora``) against the frozen parameters.
+4. hot: GridModule's work outside the transformer (noise draws, position ids, grad-norm logging), alone.
+5. variants: the bare step of the baseline and of each requested variant (``--compile``: regional compilation
+   of the repeated blocks, ``--quantization``: frozen base quantized, ``--optim adamw8bit``,
+   ``--gradient-checkpointing``), each in a freshly built module, ``--repeats`` rounds in rotating order:
+   step time, ratio to the baseline of the same round, TFLOP/s and MFU from ``gridgen.training.flops``
+   (model FLOPs: recomputation not counted; peak from ``peak_flops`` of the device) and peak memory of a step
+   (weights, optimiser state and activations). A variant that cannot run here reports ``skipped: <reason>``.
+
+Ratios of variants run step by step are medians of per-pair ratios of neighbouring steps (robust to a drifting
+load); those of blocks, medians over repeats of ratios of median step times. Results go to the ``train``
+section of bench/RESULTS.md, one block per model / device / dtype / batch size.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import datetime
 import gc
 import inspect
 import logging
-import math
-import os
-import platform
-import re
-import resource
-import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -55,167 +56,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision notices from transformers' imports
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness as h  # first: sets the offline environment before diffusers is imported
+import lightning as L  # noqa: N812
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-import diffusers  # noqa: E402
-import lightning as L  # noqa: E402
-import peft  # noqa: E402
-import torch  # noqa: E402
-from diffusers import FluxTransformer2DModel  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
+import gridgen.training.module as module_lib
+from gridgen.config import CONF_DIR, register_resolvers
+from gridgen.layout import GridLayout
+from gridgen.losses import base_loss, temporal_flow_loss
+from gridgen.models.lora import LORA_FILE, save_lora
+from gridgen.models.quantization import SCHEMES
+from gridgen.models.tiny import TINY_FLUX_CONFIG
+from gridgen.training.flops import peak_flops, training_flops_per_batch
+from gridgen.training.module import GridModule
 
-import gridgen.training.module as module_lib  # noqa: E402
-from gridgen.config import CONF_DIR, register_resolvers  # noqa: E402
-from gridgen.layout import GridLayout  # noqa: E402
-from gridgen.losses import base_loss, temporal_flow_loss  # noqa: E402
-from gridgen.models.lora import LORA_FILE, save_lora  # noqa: E402
-from gridgen.models.tiny import TINY_FLUX_CONFIG  # noqa: E402
-from gridgen.training.module import GridModule  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = ROOT / "bench" / "RESULTS.md"
-
-# 4 double + 4 single blocks, width 4 x 64 = 256, rope axes summing to the head dim, small text dims.
-BENCH_FLUX_CONFIG: dict[str, Any] = {
-    **TINY_FLUX_CONFIG,
-    "num_layers": 4,
-    "num_single_layers": 4,
-    "attention_head_dim": 64,
-    "num_attention_heads": 4,
-    "joint_attention_dim": 64,
-    "pooled_projection_dim": 64,
-    "axes_dims_rope": (16, 24, 24),
+MODELS: dict[str, dict[str, Any]] = {  # flux config, layout, text tokens (full run, then --quick)
+    "tiny": {"config": {**TINY_FLUX_CONFIG, "num_layers": 4, "num_single_layers": 4, "attention_head_dim": 64,
+                        "joint_attention_dim": 64, "pooled_projection_dim": 64, "axes_dims_rope": (16, 24, 24)},
+             "quick_config": TINY_FLUX_CONFIG, "layout": GridLayout(4, 4, 128, 128),
+             "quick_layout": GridLayout(2, 2, 64, 64), "text": 32, "quick_text": 32},
+    "small-random": {"config": h.SMALL_FLUX_CONFIG, "quick_config": h.SMALL_FLUX_CONFIG,
+                     "layout": GridLayout(4, 4, 128, 128), "quick_layout": GridLayout(2, 2, 64, 64),
+                     "text": 512, "quick_text": 32},
+    "dev-random": {"config": h.DEV_FLUX_CONFIG, "quick_config": h.SMALL_FLUX_CONFIG,
+                   "layout": GridLayout(4, 4, 256, 256), "quick_layout": GridLayout(2, 2, 64, 64),
+                   "text": 512, "quick_text": 32},
 }
-BENCH_LAYOUT = GridLayout(4, 4, 128, 128)  # 512x512 px, 32x32 = 1024 tokens
-QUICK_FLUX_CONFIG: dict[str, Any] = dict(TINY_FLUX_CONFIG)  # 2 + 2 blocks, width 64
-QUICK_LAYOUT = GridLayout(2, 2, 64, 64)  # 128x128 px, 8x8 = 64 tokens
-
-# The run's callbacks (conf/callbacks) that act on every step; checkpointing, the LR monitor (needs a logger)
-# and the end-of-run LoRA export are left out.
-RUN_CALLBACKS = ("alpha", "throughput", "summary")
+SECTIONS = ("framework", "flow", "memory", "hot", "variants")
+RUN_CALLBACKS = ("alpha", "throughput", "summary")  # conf/callbacks acting on every step (no checkpoints)
 TARGET_FRAMEWORK = 1.05
 TARGET_FLOW = 1.03
-MALLOC_MMAP_THRESHOLD = 64 << 20
 
 log = logging.getLogger("bench")
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else math.nan
-
-
-def spread(xs: list[float]) -> str:
-    """``p25-p75`` of a sample, in ms."""
-    if len(xs) < 2:
-        return "-"
-    q = statistics.quantiles(xs, n=4)
-    return f"{q[0] * 1e3:.1f}-{q[2] * 1e3:.1f}"
-
-
-def ms(x: float) -> str:
-    return f"{x * 1e3:.1f}" if math.isfinite(x) else "nan"
-
-
-def us(x: float) -> str:
-    return f"{x * 1e6:.0f}" if math.isfinite(x) else "nan"
-
-
-def mib(x: float) -> str:
-    return f"{x / 2**20:.1f}" if math.isfinite(x) else "nan"
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
-
-
-def verdict(value: float, limit: float) -> str:
-    return "PASS" if math.isfinite(value) and value <= limit else "FAIL"
-
-
-def _libc() -> Any | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def tune_malloc() -> bool:
-    """Fix glibc's mmap threshold (64 MiB) and never auto-trim.
-
-    By default glibc serves large blocks with mmap and raises the threshold only as such blocks are freed, so the
-    first steps of a process map, fault in and unmap every activation: on the 2-core VM this was measured at
-    ~13 s per step for the first 3 steps, then 0.4 s. Fixing the threshold makes the steady state start at
-    step 1; it changes nothing for the steady state that the ratios compare. ``MALLOC_MMAP_THRESHOLD_`` in the
-    environment does the same for a training run.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-class MemoryProbe:
-    """Peak memory of a stretch of code: CUDA allocator peak, or CPU peak RSS (VmHWM reset via clear_refs)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.libc = _libc()
-        self.can_reset = self.cuda or self._try_reset_hwm()
-        self.peaks: list[float] = []
-        self.deltas: list[float] = []
-        self._base = 0.0
-
-    @staticmethod
-    def _status(key: str) -> float:
-        match = re.search(rf"^{key}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
-        return float(match[1]) * 1024 if match else math.nan
-
-    @staticmethod
-    def _try_reset_hwm() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            return True
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = float(torch.cuda.memory_allocated())
-            return
-        if self.libc is not None:
-            self.libc.malloc_trim(0)  # hand freed heap pages back, so that the peak is this step's, not history
-        if self.can_reset:
-            self._try_reset_hwm()
-            self._base = self._status("VmRSS")
-        else:  # no reset possible: process-lifetime maximum
-            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-    def stop(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = float(torch.cuda.max_memory_allocated())
-        elif self.can_reset:
-            peak = self._status("VmHWM")
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-        self.peaks.append(peak)
-        self.deltas.append(peak - self._base)
-
-    @property
-    def kind(self) -> str:
-        if self.cuda:
-            return "torch.cuda.max_memory_allocated"
-        return "peak RSS (VmHWM reset per step)" if self.can_reset else "process max RSS (no reset available)"
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -224,71 +99,113 @@ class Bench:
     args: argparse.Namespace
     device: torch.device
     dtype: torch.dtype
-    cfg: Any
-    module: GridModule
-    batch: dict[str, Any]
-    layout: GridLayout
+    cfg: Any  # the composed train config
     flux_config: dict[str, Any]
-    precision: str
-    clip: float | None
-    alpha: float
+    layout: GridLayout
+    batch: dict[str, Any]
     tmp: Path
-    malloc_tuned: bool = False
-    phases: dict[str, float] = field(default_factory=dict)
+    module: GridModule | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def precision(self) -> str:
+        return "32-true" if self.dtype == torch.float32 else "bf16-mixed"
+
+    @property
+    def clip(self) -> float | None:
+        value = self.cfg.trainer.get("gradient_clip_val")
+        return float(value) if value else None
+
+    @property
+    def alpha(self) -> float:
+        return float(self.cfg.callbacks.alpha.alpha_max)
+
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        h.sync(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16-mixed":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-
-def compose_cfg(tmp: Path, device: torch.device, steps: int) -> Any:
-    """The real configs, as ``gridgen.train`` composes them (tiny model group; the weights are built here)."""
-    register_resolvers()
-    overrides = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", "logger=none", "model=flux_tiny",
-                 f"strategy={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.enable_progress_bar=false",
-                 f"trainer.max_steps={steps}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    def build_module(self, model: dict[str, Any] | None = None, optim: dict[str, Any] | None = None) -> GridModule:
+        """GridModule as a run builds it, with ``configure_model`` replaced by adopting a random transformer
+        (frozen base in the benchmark's dtype, LoRA with its seeded init, adapters in fp32)."""
+        cfg = self.cfg
+        module = GridModule(model=OmegaConf.merge(cfg.model, model or {}), lora=cfg.lora,
+                            optim=OmegaConf.merge(cfg.optim, optim or {}), loss=cfg.loss, seed=cfg.seed,
+                            max_steps=cfg.trainer.max_steps)
+        module.adopt_transformer(h.random_transformer(self.flux_config, self.device, self.dtype, self.args.seed))
+        module.alpha = self.alpha
+        return module.to(self.device)
 
 
 def build_bench(args: argparse.Namespace, tmp: Path) -> Bench:
-    device = torch.device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    flux_config = QUICK_FLUX_CONFIG if args.quick else BENCH_FLUX_CONFIG
-    layout = QUICK_LAYOUT if args.quick else BENCH_LAYOUT
-    cfg = compose_cfg(tmp, device, args.warmup + args.steps + 1)
-
-    module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss, seed=cfg.seed,
-                        max_steps=cfg.trainer.max_steps)
-    # configure_model minus from_pretrained: a random transformer of the benchmark's size, adopted by the module
-    # (frozen base in `dtype`, LoRA with its seeded init, adapters in fp32); batches carry cached conditioning.
-    torch.manual_seed(args.seed)
-    module.adopt_transformer(FluxTransformer2DModel(**flux_config).to(dtype))
-
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    spec = MODELS[args.model]
+    flux_config = spec["quick_config" if args.quick else "config"]
+    layout = spec["quick_layout" if args.quick else "layout"]
+    text_tokens = spec["quick_text" if args.quick else "text"]
+    register_resolvers()  # the real configs, as gridgen.train composes them; the weights are built here
+    overrides = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", "logger=none", "model=flux_tiny",
+                 f"strategy={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.enable_progress_bar=false",
+                 f"trainer.max_steps={args.warmup + args.steps + 1}", f"model.max_sequence_length={text_tokens}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
     gen = torch.Generator().manual_seed(args.seed)
-    b, seq = args.batch_size, int(cfg.model.max_sequence_length)
+    b = args.batch_size
     batch = {
         "__key__": [f"bench-{i:04d}" for i in range(b)],
         "caption": [layout.caption("a red ball moves right") for _ in range(b)],  # the datamodule always has it
         "layout": layout.to_dict(),
-        "latents": torch.randn(b, layout.num_tokens, flux_config["in_channels"], generator=gen),
-        "prompt_embeds": torch.randn(b, seq, flux_config["joint_attention_dim"], generator=gen),
+        "latents": torch.randn(b, layout.num_tokens, flux_config["in_channels"], generator=gen),  # (B, N, 64)
+        "prompt_embeds": torch.randn(b, text_tokens, flux_config["joint_attention_dim"], generator=gen),
         "pooled_prompt_embeds": torch.randn(b, flux_config["pooled_projection_dim"], generator=gen),
     }
-    precision = "32-true" if dtype == torch.float32 else "bf16-mixed"
-    clip = cfg.trainer.get("gradient_clip_val")
-    alpha = float(cfg.callbacks.alpha.alpha_max)
-    return Bench(args, device, dtype, cfg, module, batch, layout, flux_config, precision,
-                 float(clip) if clip else None, alpha, tmp)
+    return Bench(args, device, dtype, cfg, flux_config, layout, batch, tmp)
 
 
 # ---------------------------------------------------------------------------------------------- the two loops
+class BareLoop:
+    """zero_grad -> compute_losses -> backward -> clip -> optimiser step -> zero_grad -> LR scheduler step, on a
+    module, with the optimiser and schedule of its configure_optimizers()."""
+
+    def __init__(self, bench: Bench, module: GridModule | None = None) -> None:
+        self.bench, self.module = bench, module or bench.module
+        self.module.to(bench.device).train()  # Lightning's teardown leaves the module on the CPU
+        optim = self.module.configure_optimizers()  # the same optimiser (and LR schedule) that Lightning gets
+        self.optimizer, self.scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+        self.params = self.module.trainable_parameters()
+
+    def step(self) -> float:
+        return h.timed(self._step, self.bench.device)
+
+    def _step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # no-op here; inside a fit it drops Lightning's gradients
+        with self.bench.autocast():
+            out = self.module.compute_losses(self.bench.batch)
+        out["loss"].backward()
+        if self.bench.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.bench.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+def bare_block(bench: Bench, warmup: int, steps: int, probe: h.MemoryProbe | None = None) -> list[float]:
+    loop = BareLoop(bench)
+    for _ in range(warmup):
+        loop.step()
+    times = []
+    for _ in range(steps):
+        if probe:
+            probe.start()
+        times.append(loop.step())
+        if probe:
+            probe.stop()
+    return times
+
+
 class RepeatBatch(torch.utils.data.IterableDataset):
     def __init__(self, batch: dict[str, Any]) -> None:
         self.batch = batch
@@ -299,9 +216,9 @@ class RepeatBatch(torch.utils.data.IterableDataset):
 
 
 class StepClock(L.Callback):
-    """Records ``perf_counter`` at every ``on_train_batch_start`` (put first in the callback list)."""
+    """Records ``perf_counter`` at every ``on_train_batch_start`` (first in the callback list)."""
 
-    def __init__(self, sync: Callable[[], None], probe: MemoryProbe | None = None, probe_steps: tuple = ()) -> None:
+    def __init__(self, sync: Callable[[], None], probe: h.MemoryProbe | None = None, probe_steps: tuple = ()) -> None:
         self.sync, self.probe, self.probe_steps = sync, probe, probe_steps
         self.starts: list[float] = []
 
@@ -317,124 +234,162 @@ class StepClock(L.Callback):
             self.probe.stop()
 
 
-def lightning_block(bench: Bench, warmup: int, steps: int, probe: MemoryProbe | None = None,
+def lightning_block(bench: Bench, warmup: int, steps: int, probe: h.MemoryProbe | None = None,
                     extra: tuple[L.Callback, ...] = ()) -> list[float]:
     """``trainer.fit`` for warmup + steps + 1 steps; returns the ``steps`` timed start-to-start intervals."""
-    cfg = bench.cfg
     clock = StepClock(bench.sync, probe, tuple(range(warmup, warmup + steps)) if probe else ())
-    callbacks = [clock, *(instantiate(cfg.callbacks[name]) for name in RUN_CALLBACKS), *extra]
+    callbacks = [clock, *(instantiate(bench.cfg.callbacks[name]) for name in RUN_CALLBACKS), *extra]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        bench.cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, max_steps=warmup + steps + 1, precision=bench.precision,
-        default_root_dir=str(bench.tmp / "run"),
-    )
+        default_root_dir=str(bench.tmp / "run"))
     loader = torch.utils.data.DataLoader(RepeatBatch(bench.batch), batch_size=None, num_workers=0)
     trainer.fit(bench.module, train_dataloaders=loader)
     intervals = [b - a for a, b in zip(clock.starts, clock.starts[1:], strict=False)]
     return intervals[warmup:warmup + steps]
 
 
-class BareLoop:
-    """zero_grad -> compute_losses -> backward -> clip -> AdamW.step -> zero_grad -> LR scheduler step, on the
-    same module, with the AdamW and schedule of its configure_optimizers()."""
-
-    def __init__(self, bench: Bench) -> None:
-        self.bench = bench
-        module = bench.module
-        module.to(bench.device).train()  # Lightning's teardown leaves the module on the CPU
-        optim = module.configure_optimizers()  # the same AdamW (and LR schedule) that Lightning gets
-        self.optimizer = optim["optimizer"]
-        self.scheduler = optim["lr_scheduler"]["scheduler"]
-        self.params = module.trainable_parameters()
-
-    def step(self) -> float:
-        bench = self.bench
-        bench.sync()
-        start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)  # no-op here; inside a fit it drops Lightning's gradients
-        with bench.autocast():
-            out = bench.module.compute_losses(bench.batch)
-        out["loss"].backward()
-        if bench.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, bench.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        bench.sync()
-        return time.perf_counter() - start
-
-
-def bare_block(bench: Bench, warmup: int, steps: int, probe: MemoryProbe | None = None) -> list[float]:
-    loop = BareLoop(bench)
-    bench.module.alpha = bench.alpha
-    times = []
-    for i in range(warmup + steps):
-        if probe is not None and i >= warmup:
-            probe.start()
-        elapsed = loop.step()
-        if probe is not None and i >= warmup:
-            probe.stop()
-        if i >= warmup:
-            times.append(elapsed)
-    return times
-
-
 @contextlib.contextmanager
-def flow_skipped() -> Iterator[None]:
-    """compute_losses with L_flow not computed at all (what skipping it at alpha = 0 would cost)."""
+def flow_variant(bench: Bench, alpha: float, skip_flow: bool) -> Iterator[None]:
+    """compute_losses at ``alpha``; ``skip_flow``: L_flow not computed at all (what skipping it would cost)."""
     original = module_lib.temporal_flow_loss
-    module_lib.temporal_flow_loss = lambda pred, target, layout: pred.new_zeros((), dtype=torch.float32)
+    bench.module.alpha = alpha
+    if skip_flow:
+        module_lib.temporal_flow_loss = lambda pred, target, layout: pred.new_zeros((), dtype=torch.float32)
     try:
         yield
     finally:
         module_lib.temporal_flow_loss = original
+        bench.module.alpha = bench.alpha
 
 
 def flow_variants(bench: Bench) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
-    def with_alpha(value: float, skip: bool) -> Callable[[], contextlib.AbstractContextManager]:
-        @contextlib.contextmanager
-        def ctx() -> Iterator[None]:
-            bench.module.alpha = value
-            with flow_skipped() if skip else contextlib.nullcontext():
-                yield
-        return ctx
-
-    return {
-        f"alpha={bench.alpha:g} (L_base + alpha L_flow)": with_alpha(bench.alpha, False),
-        "alpha=0 as implemented (L_flow computed, weighted 0)": with_alpha(0.0, False),
-        "L_base only (L_flow not computed)": with_alpha(0.0, True),
-    }
+    return {f"alpha={bench.alpha:g} (L_base + alpha L_flow)": lambda: flow_variant(bench, bench.alpha, False),
+            "alpha=0 as implemented (L_flow computed, weighted 0)": lambda: flow_variant(bench, 0.0, False),
+            "L_base only (L_flow not computed)": lambda: flow_variant(bench, 0.0, True)}
 
 
-# ---------------------------------------------------------------------------------------------- measurements
+# ---------------------------------------------------------------------------------------------- 1. framework
 class PairedBareStep(L.Callback):
-    """Runs one bare-loop step (its own AdamW, same module) after every Lightning step: A B A B step by step.
-
-    The Lightning step's interval (start to next start) then holds this bare step too; it is subtracted.
-    """
+    """One bare-loop step (its own optimiser, same module) after every Lightning step: A B A B step by step."""
 
     def __init__(self, bench: Bench) -> None:
-        self.bench = bench
-        self.loop: BareLoop | None = None
-        self.times: list[float] = []
+        self.bench, self.loop, self.times = bench, None, []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.loop = BareLoop(self.bench)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        assert self.loop is not None
         with torch.enable_grad():
             self.times.append(self.loop.step())
 
 
+def measure_framework(bench: Bench) -> dict[str, Any]:
+    a = bench.args
+    paired_cb, n = PairedBareStep(bench), a.repeats * a.steps
+    intervals = lightning_block(bench, a.warmup, n, extra=(paired_cb,))
+    bare = paired_cb.times[a.warmup:a.warmup + n]
+    light = [t - b for t, b in zip(intervals, bare, strict=True)]  # the interval holds the bare step too
+    ratios = h.pair_ratios(light, bare)
+    paired = {"lightning": light, "bare": bare, "ratio": h.median(ratios),
+              "ratios": [h.median(ratios[i:i + a.steps]) for i in range(0, n, a.steps)]}
+    blocks: dict[str, list[float]] = {"lightning": [], "bare": []}
+    block_ratios = []
+    for rep in range(a.repeats):
+        medians = {}
+        for name in h.rotation(["lightning", "bare"], rep):
+            times = (lightning_block if name == "lightning" else bare_block)(bench, a.warmup, a.steps)
+            blocks[name] += times
+            medians[name] = h.median(times)
+            log.info("framework repeat %d %-9s median %s ms", rep, name, h.ms(medians[name]))
+        block_ratios.append(h.ratio(medians["lightning"], medians["bare"]))
+    return {**blocks, "ratios": block_ratios, "ratio": h.median(block_ratios), "paired": paired}
+
+
+# ---------------------------------------------------------------------------------------------- 2. L_flow
+def measure_flow(bench: Bench) -> dict[str, Any]:
+    a = bench.args
+    variants = flow_variants(bench)
+    loop = BareLoop(bench)
+
+    def step_in(name: str) -> Callable[[], None]:
+        def run() -> None:
+            with variants[name]():
+                loop._step()
+        return run
+
+    rounds = h.interleaved({name: step_in(name) for name in variants}, a.warmup + a.repeats * a.steps,
+                           device=bench.device)
+    times = {name: [r[0] for r in v[a.warmup:]] for name, v in rounds.items()}
+    flow, alpha0, base = list(variants)
+
+    def per_repeat(x: str, y: str) -> list[float]:
+        ratios = h.pair_ratios(times[x], times[y])
+        return [h.median(ratios[i:i + a.steps]) for i in range(0, len(ratios), a.steps)]
+
+    return {"names": list(variants), "times": times, "ratios_flow_vs_base": per_repeat(flow, base),
+            "ratio_flow_vs_base": h.median(h.pair_ratios(times[flow], times[base])),
+            "ratio_flow_vs_alpha0": h.median(h.pair_ratios(times[flow], times[alpha0])),
+            "ratio_alpha0_vs_base": h.median(h.pair_ratios(times[alpha0], times[base]))}
+
+
+def measure_losses(bench: Bench) -> dict[str, float]:
+    """L_base vs L_base + alpha L_flow, forward + backward, on (B, N, 64) tensors like the transformer's output."""
+    gen = torch.Generator().manual_seed(bench.args.seed + 1)
+    shape = (bench.args.batch_size, bench.layout.num_tokens, bench.flux_config["in_channels"])  # (B, N, 64)
+    pred = torch.randn(shape, generator=gen).to(bench.device, bench.dtype).requires_grad_(True)
+    target = torch.randn(shape, generator=gen).to(bench.device)
+
+    def only_base() -> None:
+        pred.grad = None
+        base_loss(pred, target).backward()
+
+    def with_flow() -> None:
+        pred.grad = None
+        (base_loss(pred, target) + bench.alpha * temporal_flow_loss(pred, target, bench.layout)).backward()
+
+    rounds, inner = (5, 5) if bench.args.quick else (15, 20)
+    res = h.best_and_median({"base": only_base, "flow": with_flow}, rounds, inner, bench.device)
+    (base_med, base_best), (flow_med, flow_best) = res["base"], res["flow"]
+    return {"base": base_med, "flow": flow_med, "base_best": base_best, "flow_best": flow_best,
+            "ratio": h.ratio(flow_best, base_best), "ratio_median": h.ratio(flow_med, base_med),
+            "extra": flow_best - base_best, "extra_median": flow_med - base_med, "rounds": rounds}
+
+
+# ---------------------------------------------------------------------------------------------- 3. memory
+def measure_memory(bench: Bench) -> dict[str, Any]:
+    """One measured step (after one warm step) per variant; the probe resets the peak at the step's start."""
+    probe = h.MemoryProbe(bench.device)
+    lightning_block(bench, 1, 1, probe)
+    out: dict[str, Any] = {"gridgen Lightning step": (probe.peaks[-1], probe.deltas[-1])}
+    bare_block(bench, 1, 1, probe)
+    out["bare loop step"] = (probe.peaks[-1], probe.deltas[-1])
+    loop = BareLoop(bench)
+    for name, ctx in flow_variants(bench).items():
+        with ctx():
+            loop.step()
+            probe.start()
+            loop.step()
+            probe.stop()
+        out[f"bare, {name}"] = (probe.peaks[-1], probe.deltas[-1])
+    transformer = bench.module.transformer
+    params = list(transformer.parameters())
+    path = save_lora(bench.tmp / "lora", transformer, {"gridgen_bench": "1"})
+    checkpoint = {"file": float(path.stat().st_size),
+                  "base": float(sum(p.numel() * p.element_size() for p in params if not p.requires_grad)),
+                  "lora_params": float(sum(p.numel() * p.element_size() for p in params if p.requires_grad)),
+                  "lora_numel": sum(p.numel() for p in params if p.requires_grad)}
+    return {"steps": out, "kind": probe.kind, "checkpoint": checkpoint}
+
+
+# ---------------------------------------------------------------------------------------------- 4. hot path
 class LogCost(L.Callback):
-    """Times ``LightningModule.log`` (on_step, a 0-d tensor) inside a fit, as training_step calls it 4 times a
-    step and on_before_optimizer_step once."""
+    """Times ``LightningModule.log`` (on_step, a 0-d tensor) inside a fit (training_step calls it 4 times a step,
+    on_before_optimizer_step once)."""
 
     def __init__(self, warmup: int, calls: int) -> None:
-        self.warmup, self.calls = warmup, calls
-        self.per_call: list[float] = []
+        self.warmup, self.calls, self.per_call = warmup, calls, []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -447,157 +402,14 @@ class LogCost(L.Callback):
         self.per_call.append((time.perf_counter() - start) / self.calls)
 
 
-def measure_framework(bench: Bench) -> dict[str, Any]:
-    """Separate fits and bare loops in interleaved blocks, then both interleaved step by step in one fit."""
-    a = bench.args
-    paired_cb = PairedBareStep(bench)
-    n = a.repeats * a.steps
-    intervals = lightning_block(bench, a.warmup, n, extra=(paired_cb,))
-    paired_bare = paired_cb.times[a.warmup:a.warmup + n]
-    paired_light = [t - b for t, b in zip(intervals, paired_bare, strict=True)]
-    pair_ratios = [ratio(x, y) for x, y in zip(paired_light, paired_bare, strict=True)]
-    chunks = [slice(i * a.steps, (i + 1) * a.steps) for i in range(a.repeats)]
-    paired_ratios = [median(pair_ratios[c]) for c in chunks]
-    log.info("framework step by step: gridgen %s ms, bare %s ms", ms(median(paired_light)), ms(median(paired_bare)))
-    # neighbours in time share the machine's load: the median of per-pair ratios is robust to its drift
-    paired = {"lightning": paired_light, "bare": paired_bare, "ratios": paired_ratios, "ratio": median(pair_ratios)}
-
-    lightning, bare, ratios = [], [], []
-    for rep in range(a.repeats):
-        order = ("lightning", "bare") if rep % 2 == 0 else ("bare", "lightning")
-        block: dict[str, list[float]] = {}
-        for name in order:
-            fn = lightning_block if name == "lightning" else bare_block
-            block[name] = fn(bench, a.warmup, a.steps)
-            log.info("framework repeat %d %-9s median %s ms", rep, name, ms(median(block[name])))
-        lightning += block["lightning"]
-        bare += block["bare"]
-        ratios.append(ratio(median(block["lightning"]), median(block["bare"])))
-    return {"lightning": lightning, "bare": bare, "ratios": ratios, "ratio": median(ratios), "paired": paired}
-
-
-def measure_flow(bench: Bench) -> dict[str, Any]:
-    a = bench.args
-    variants = flow_variants(bench)
-    names = list(variants)
-    loop = BareLoop(bench)
-    per_repeat: list[dict[str, list[float]]] = [{n: [] for n in names} for _ in range(a.repeats)]
-    for cycle in range(a.warmup + a.repeats * a.steps):
-        rot = cycle % len(names)
-        for name in names[rot:] + names[:rot]:  # rotating order: no variant always runs first
-            with variants[name]():
-                elapsed = loop.step()
-            if cycle >= a.warmup:
-                per_repeat[(cycle - a.warmup) // a.steps][name].append(elapsed)
-    flow, alpha0, base = names
-    times = {n: [t for rep in per_repeat for t in rep[n]] for n in names}
-
-    def pair_ratios(a_: str, b_: str) -> tuple[float, list[float]]:
-        """Median over cycles of per-cycle ratios (the steps of one cycle ran back to back), overall and per repeat."""
-        per = [[ratio(x, y) for x, y in zip(rep[a_], rep[b_], strict=True)] for rep in per_repeat]
-        return median([r for rep in per for r in rep]), [median(rep) for rep in per]
-
-    r_flow, r_flow_rep = pair_ratios(flow, base)
-    r_alpha0, r_alpha0_rep = pair_ratios(flow, alpha0)
-    r_impl, _ = pair_ratios(alpha0, base)
-    bench.module.alpha = bench.alpha
-    return {"names": names, "times": times, "ratio_flow_vs_base": r_flow, "ratios_flow_vs_base": r_flow_rep,
-            "ratio_flow_vs_alpha0": r_alpha0, "ratios_flow_vs_alpha0": r_alpha0_rep, "ratio_alpha0_vs_base": r_impl}
-
-
-def timeit_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int, sync: Callable[[], None]
-                       ) -> dict[str, tuple[float, float]]:
-    """(median, best) seconds per call of each function over ``rounds`` of ``inner`` calls, rotating the order.
-
-    The best round is the contention-free cost (as ``timeit`` reports it): on a shared 2-core machine a
-    multi-threaded op of a few microseconds can wait a whole time slice for a pre-empted worker thread.
-    """
-    names = list(fns)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for fn in fns.values():  # warm
-        fn()
-    for r in range(rounds):
-        rot = r % len(names)
-        for name in names[rot:] + names[:rot]:
-            sync()
-            start = time.perf_counter()
-            for _ in range(inner):
-                fns[name]()
-            sync()
-            samples[name].append((time.perf_counter() - start) / inner)
-    return {n: (median(v), min(v)) for n, v in samples.items()}
-
-
-def measure_losses(bench: Bench) -> dict[str, float]:
-    """L_base vs L_base + alpha L_flow, forward + backward, on (B, N, 64) tensors like the transformer's output."""
-    gen = torch.Generator().manual_seed(bench.args.seed + 1)
-    shape = (bench.args.batch_size, bench.layout.num_tokens, bench.flux_config["in_channels"])
-    pred = torch.randn(shape, generator=gen).to(bench.device, bench.dtype).requires_grad_(True)
-    target = torch.randn(shape, generator=gen).to(bench.device)
-    layout, alpha = bench.layout, bench.alpha
-
-    def only_base() -> None:
-        pred.grad = None
-        base_loss(pred, target).backward()
-
-    def with_flow() -> None:
-        pred.grad = None
-        (base_loss(pred, target) + alpha * temporal_flow_loss(pred, target, layout)).backward()
-
-    rounds, inner = (5, 5) if bench.args.quick else (15, 20)
-    res = timeit_interleaved({"base": only_base, "flow": with_flow}, rounds, inner, bench.sync)
-    (base_med, base_best), (flow_med, flow_best) = res["base"], res["flow"]
-    return {"base": base_med, "flow": flow_med, "base_best": base_best, "flow_best": flow_best,
-            "ratio": ratio(flow_best, base_best), "ratio_median": ratio(flow_med, base_med),
-            "extra": flow_best - base_best, "extra_median": flow_med - base_med, "rounds": rounds}
-
-
-def measure_memory(bench: Bench) -> dict[str, Any]:
-    """One measured step (after one warm step) per variant; the probe resets the peak at the step's start."""
-    out: dict[str, Any] = {}
-    probe = MemoryProbe(bench.device)
-    lightning_block(bench, 1, 1, probe)
-    out["gridgen Lightning step"] = (probe.peaks[-1], probe.deltas[-1])
-    bare_block(bench, 1, 1, probe)
-    out["bare loop step"] = (probe.peaks[-1], probe.deltas[-1])
-    loop = BareLoop(bench)
-    for name, ctx in flow_variants(bench).items():
-        with ctx():
-            loop.step()
-            probe.start()
-            loop.step()
-            probe.stop()
-        out[f"bare, {name}"] = (probe.peaks[-1], probe.deltas[-1])
-    bench.module.alpha = bench.alpha
-    out["_kind"] = probe.kind
-    return out
-
-
-def measure_checkpoint(bench: Bench) -> dict[str, float]:
-    transformer = bench.module.transformer
-    base = sum(p.numel() * p.element_size() for p in transformer.parameters() if not p.requires_grad)
-    lora = sum(p.numel() * p.element_size() for p in transformer.parameters() if p.requires_grad)
-    path = save_lora(bench.tmp / "lora", transformer, {"gridgen_bench": "1"})
-    assert path.name == LORA_FILE
-    return {"file": float(path.stat().st_size), "base": float(base), "lora_params": float(lora),
-            "lora_numel": float(sum(p.numel() for p in transformer.parameters() if p.requires_grad))}
-
-
 def measure_hot_path(bench: Bench) -> dict[str, Any]:
-    """Pieces of GridModule's step outside the transformer, each timed on its own (median per call)."""
-    module, batch, layout = bench.module, bench.batch, bench.layout
-    module.to(bench.device)
-    x0 = batch["latents"].to(bench.device)
-    keys = list(batch["__key__"])
-    b8 = 8
-    x8 = torch.randn(b8, *x0.shape[1:], device=bench.device)
-    keys8 = [f"bench-{i:04d}" for i in range(b8)]
-
+    """Pieces of GridModule's step outside the transformer, each timed on its own (median and best per call)."""
+    module, batch, layout, device = bench.module, bench.batch, bench.layout, bench.device
+    x0 = batch["latents"].to(device)
+    x8 = torch.randn(8, *x0.shape[1:], device=device)
+    keys, keys8 = list(batch["__key__"]), [f"bench-{i:04d}" for i in range(8)]
     # GridModule._noise_and_times(keys, x0, layout[, stream]) as compute_losses calls it for a training step
     stream = {"stream": "train/0"} if "stream" in inspect.signature(module._noise_and_times).parameters else {}
-
-    def noise_fn(keys: list[str], x: torch.Tensor) -> Callable[[], Any]:
-        return lambda: module._noise_and_times(keys, x, layout, **stream)
 
     def batched_noise(x: torch.Tensor) -> Callable[[], Any]:
         def fn() -> Any:  # one generator, one randn for the whole batch: the floor for drawing the noise
@@ -606,182 +418,215 @@ def measure_hot_path(bench: Bench) -> dict[str, Any]:
                                                                                      device=x.device)
         return fn
 
-    # gradients for the grad-norm pieces
-    loop = BareLoop(bench)
+    loop = BareLoop(bench)  # gradients for the grad-norm pieces
     with bench.autocast():
-        out = module.compute_losses(batch)
-    out["loss"].backward()
-    params = loop.params
+        module.compute_losses(batch)["loss"].backward()
 
     def grad_norm_log() -> Any:  # the expression in GridModule.on_before_optimizer_step
         norms = [p.grad.detach().float().norm() for p in module.trainable_parameters() if p.grad is not None]
         return torch.stack(norms).norm()
 
-    def clip() -> Any:
-        return torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the norm Lightning's clipping computes
-
     rounds, inner = (3, 3) if bench.args.quick else (9, 10)
-    res = timeit_interleaved({
-        "noise_and_times": noise_fn(keys, x0),
+    res = h.best_and_median({
+        "noise_and_times": lambda: module._noise_and_times(keys, x0, layout, **stream),
         "noise_batched": batched_noise(x0),
-        "noise_and_times_b8": noise_fn(keys8, x8),
+        "noise_and_times_b8": lambda: module._noise_and_times(keys8, x8, layout, **stream),
         "noise_batched_b8": batched_noise(x8),
-        "image_ids": lambda: layout.image_ids(bench.device, bench.dtype),
+        "image_ids": lambda: layout.image_ids(device, bench.dtype),
         "trainable_parameters": module.trainable_parameters,
         "grad_norm_log": grad_norm_log,
-        "clip_norm": clip,
-    }, rounds, inner, bench.sync)
+        "clip_norm": lambda: torch.nn.utils.clip_grad_norm_(loop.params, float("inf")),  # Lightning's clipping norm
+    }, rounds, inner, device)
     loop.optimizer.zero_grad(set_to_none=True)
     log_cost = LogCost(warmup=1, calls=20 if bench.args.quick else 50)
     lightning_block(bench, 1, 2, extra=(log_cost,))
-    res["self_log"] = (median(log_cost.per_call), min(log_cost.per_call))
-    return {"times": res, "n_trainable_tensors": len(params), "rounds": rounds}
+    res["self_log"] = (h.median(log_cost.per_call), min(log_cost.per_call))
+    return {"times": res, "n_trainable_tensors": len(loop.params), "rounds": rounds}
+
+
+# ---------------------------------------------------------------------------------------------- 5. variants
+def requested_variants(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
+    """name -> GridModule config overrides, as a run sets them (model.compile, model.quantization, optim.name,
+    model.gradient_checkpointing)."""
+    variants: dict[str, dict[str, dict[str, Any]]] = {"baseline": {}}
+    if args.compile:
+        variants["compile (regional, repeated blocks)"] = {"model": {"compile": True}}
+    if args.quantization:
+        variants[f"quantization {args.quantization}"] = {"model": {"quantization": args.quantization}}
+    if args.optim != "adamw":
+        variants[f"optim {args.optim}"] = {"optim": {"name": args.optim}}
+    if args.gradient_checkpointing:
+        variants["gradient checkpointing"] = {"model": {"gradient_checkpointing": True}}
+    return variants
+
+
+def measure_variants(bench: Bench) -> dict[str, Any]:
+    """Each variant built fresh per round (one in memory at a time), rounds in rotating order."""
+    a = bench.args
+    variants = requested_variants(a)
+    rounds = 1 if a.model == "dev-random" or a.quick else a.repeats
+    times: dict[str, list[list[float]]] = {name: [] for name in variants}
+    peaks: dict[str, list[float]] = {name: [] for name in variants}
+    skipped: dict[str, str] = {}
+    flops: dict[str, tuple[int, int]] = {}
+    for r in range(rounds):
+        for name in h.rotation(list(variants), r):
+            if name in skipped:
+                continue
+            bench.module = None
+            gc.collect()
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+            probe = h.MemoryProbe(bench.device)
+            probe.start()  # the peak covers building, weights, optimiser state and the steps
+            try:
+                module = bench.build_module(**variants[name])
+                loop = BareLoop(bench, module)
+                for _ in range(max(1, a.warmup)):  # compilation happens here
+                    loop.step()
+            except Exception as e:  # noqa: BLE001 - a variant this machine cannot run is reported, not fatal
+                skipped[name] = h.skip_reason(e)
+                log.info("variant %s: skipped: %s", name, skipped[name])
+                continue
+            times[name].append([loop.step() for _ in range(a.steps)])
+            peaks[name].append(probe.stop())
+            log.info("variant %-40s round %d median %s ms", name, r, h.ms(h.median(times[name][-1])))
+            if name not in flops:
+                counts = (a.batch_size, bench.layout.num_tokens, bench.batch["prompt_embeds"].shape[1])
+                gc_on = bool(variants[name].get("model", {}).get("gradient_checkpointing", False))
+                flops[name] = (training_flops_per_batch(module.transformer, *counts),
+                               training_flops_per_batch(module.transformer, *counts, gradient_checkpointing=gc_on))
+            del module, loop
+    bench.module = None
+    dtype = "tfloat32" if bench.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" \
+        else bench.dtype
+    peak = peak_flops(h.device_name(bench.device), dtype) if bench.device.type == "cuda" else None
+    return {"variants": list(variants), "times": times, "peaks": peaks, "skipped": skipped, "flops": flops,
+            "peak_flops": peak, "rounds": rounds, "memory_kind": probe.kind}
 
 
 # ---------------------------------------------------------------------------------------------- report
-def machine_info(device: torch.device) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        if match:
-            cpu = match[1].strip()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores ({usable} usable), torch threads: {torch.get_num_threads()}",
-             f"- torch {torch.__version__}, lightning {L.__version__}, diffusers {diffusers.__version__}, "
-             f"peft {peft.__version__}, Python {platform.python_version()}"]
-    if device.type == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
-    return lines
-
-
-def render(bench: Bench, fw: dict, flow: dict, losses: dict, mem: dict, ckpt: dict, hot: dict,
-           load: tuple[str, str], wall: float) -> tuple[str, str]:
+def render(bench: Bench, results: dict[str, Any], phases: dict[str, float], load_before: str) -> tuple[str, str]:
     a, fc, layout = bench.args, bench.flux_config, bench.layout
-    width = fc["num_attention_heads"] * fc["attention_head_dim"]
-    key = f"{bench.device.type}-{a.dtype}-b{a.batch_size}" + ("-quick" if a.quick else "")
-    cmd = "python bench/bench_train.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    bare_med = median(fw["bare"])
+    key = f"{a.model}-{bench.device.type}-{a.dtype}-b{a.batch_size}".removeprefix("tiny-") + ("-quick" if a.quick else "")
     lines = [
-        f"### {bench.device.type} / {a.dtype} / batch {a.batch_size}" + (" (quick)" if a.quick else ""),
+        f"### {'' if a.model == 'tiny' else a.model + ' / '}{bench.device.type} / {a.dtype} / batch {a.batch_size}"
+        + (" (quick)" if a.quick else ""),
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `{cmd}`",
-        *machine_info(bench.device),
-        f"- load average before / after: {load[0]} / {load[1]}; wall time {wall:.0f} s ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in bench.phases.items()) + "); "
-        f"glibc malloc tuned: {'yes' if bench.malloc_tuned else 'no'}",
-        f"- model: FluxTransformer2DModel {fc['num_layers']} double + {fc['num_single_layers']} single blocks, "
-        f"{fc['num_attention_heads']} heads x {fc['attention_head_dim']} = width {width}, rope {tuple(fc['axes_dims_rope'])}, "
-        f"guidance_embeds={fc['guidance_embeds']}, text {fc['joint_attention_dim']} x {bench.batch['prompt_embeds'].shape[1]} "
-        f"tokens, pooled {fc['pooled_projection_dim']}; frozen base {a.dtype}, LoRA rank {bench.cfg.lora.rank} "
-        f"({int(ckpt['lora_numel']):,} params, fp32) on {hot['n_trainable_tensors'] // 2} modules",
+        *h.environment_lines(bench.device, ("lightning", "diffusers", "peft"), load_before),
+        f"- wall time {sum(phases.values()):.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+        + f"); glibc malloc tuned: {'yes' if a.malloc_tuned else 'no'}",
+        f"- model: {h.describe_flux(fc)}, guidance_embeds={fc['guidance_embeds']}; frozen base {a.dtype}, "
+        f"LoRA rank {bench.cfg.lora.rank} (fp32); text {bench.batch['prompt_embeds'].shape[1]} tokens",
         f"- grid: layout {layout.name} of {layout.cell_height} px cells = {layout.height}x{layout.width} px = "
         f"{layout.token_rows}x{layout.token_cols} = {layout.num_tokens} tokens x {fc['in_channels']} channels; "
-        f"precision {bench.precision}, gradient_clip_val {bench.clip}, AdamW lr {bench.cfg.optim.lr}",
+        f"precision {bench.precision}, gradient_clip_val {bench.clip}, lr {bench.cfg.optim.lr}",
         f"- timing: {a.repeats} repeats x {a.steps} steps per variant after {a.warmup} warm-up steps; medians. "
         "Ratios: variants interleaved step by step (1 B, 2): median of the per-pair ratios of neighbouring steps; "
-        "in blocks (1 A): median over repeats of (median A / median B)",
-        "",
-        "#### 1. Framework overhead: gridgen (Lightning) step vs bare PyTorch loop",
-        "",
-        "| variant | median step (ms) | p25-p75 (ms) | steps | per-repeat medians (ms) |",
-        "|---|---:|---:|---:|---|",
+        "in blocks (1 A, 5): median over repeats of (median A / median B)",
     ]
-    paired = fw["paired"]
-    per = max(1, len(fw["bare"]) // max(1, a.repeats))
-    for name, data, key_ in (
-            ("A. blocks: bare loop (zero_grad, compute_losses, backward, clip, AdamW, zero_grad, LR step)", fw, "bare"),
-            ("A. blocks: gridgen, Trainer.fit + AlphaSchedule, GridThroughput, RunSummary", fw, "lightning"),
-            ("B. one fit, step by step: bare step run after each Lightning step", paired, "bare"),
-            ("B. one fit, step by step: gridgen step (interval minus that bare step)", paired, "lightning")):
-        xs = data[key_]
-        reps = [ms(median(xs[i:i + per])) for i in range(0, len(xs), per)]
-        lines.append(f"| {name} | {ms(median(xs))} | {spread(xs)} | {len(xs)} | {', '.join(reps)} |")
-    overhead_blocks = median(fw["lightning"]) - bare_med
-    overhead = median([x - y for x, y in zip(paired["lightning"], paired["bare"], strict=True)])
-    lines += [
-        "",
-        f"A: separate fits and bare loops in blocks, order alternating per repeat; per-repeat ratios "
-        f"{', '.join(f'{r:.3f}' for r in fw['ratios'])}; Lightning adds {ms(overhead_blocks)} ms per step "
-        "(difference of medians).",
-        f"B: per-repeat medians of the per-pair ratios {', '.join(f'{r:.3f}' for r in paired['ratios'])}; "
-        f"Lightning adds {ms(overhead)} ms per step (median of per-pair differences).",
-        "",
-        f"**ratio gridgen/bare (A, blocks) = {fw['ratio']:.3f}**",
-        "",
-        f"**ratio gridgen/bare (B, step by step) = {paired['ratio']:.3f}**",
-        "",
-        "#### 2. L_flow cost",
-        "",
-        "| variant (bare loop, interleaved step by step) | median step (ms) | p25-p75 (ms) | steps |",
-        "|---|---:|---:|---:|",
-    ]
-    for name in flow["names"]:
-        xs = flow["times"][name]
-        lines.append(f"| {name} | {ms(median(xs))} | {spread(xs)} | {len(xs)} |")
-    base_step = median(flow["times"][flow["names"][2]])
-    lines += [
-        "",
-        f"Per-repeat medians of the per-cycle ratios alpha>0 / L_base only: "
-        f"{', '.join(f'{r:.3f}' for r in flow['ratios_flow_vs_base'])}; "
-        f"alpha=0 as implemented / L_base only: {flow['ratio_alpha0_vs_base']:.3f}.",
-        "",
-        f"| losses alone, forward + backward on (B, N, 64) | best of {losses['rounds']} (us) | median (us) |",
-        "|---|---:|---:|",
-        f"| L_base | {us(losses['base_best'])} | {us(losses['base'])} |",
-        f"| L_base + alpha L_flow | {us(losses['flow_best'])} | {us(losses['flow'])} |",
-        "",
-        f"L_flow adds {us(losses['extra'])} us per step (median {us(losses['extra_median'])} us) = "
-        f"{100 * ratio(losses['extra'], base_step):.2f} % of a {ms(base_step)} ms step.",
-        "",
-        f"**ratio step alpha>0 / L_base only = {flow['ratio_flow_vs_base']:.3f}**",
-        "",
-        f"**ratio step alpha>0 / alpha=0 = {flow['ratio_flow_vs_alpha0']:.3f}**",
-        "",
-        f"**ratio losses alone (L_base + L_flow) / L_base = {losses['ratio']:.3f}** (best of rounds; medians "
-        f"{losses['ratio_median']:.3f})",
-        "",
-        "#### 3. Memory and LoRA checkpoint",
-        "",
-        f"Memory: {mem['_kind']}; delta = peak minus the level at the step's start (weights, optimiser state "
-        "and batch are already there).",
-        "",
-        "| step | peak (MiB) | delta over step start (MiB) |",
-        "|---|---:|---:|",
-    ]
-    for name, value in mem.items():
-        if not name.startswith("_"):
-            lines.append(f"| {name} | {mib(value[0])} | {mib(value[1])} |")
-    mem_l, mem_b = mem["gridgen Lightning step"], mem["bare loop step"]
-    flow_names = [n for n in mem if n.startswith("bare, ")]
-    mem_f, mem_base = mem[flow_names[0]], mem[flow_names[2]]
-    lines += [
-        "",
-        "| weights | bytes | MiB |",
-        "|---|---:|---:|",
-        f"| transformer parameters (frozen base, {a.dtype}) | {int(ckpt['base']):,} | {mib(ckpt['base'])} |",
-        f"| LoRA parameters (fp32, in memory) | {int(ckpt['lora_params']):,} | {mib(ckpt['lora_params'])} |",
-        f"| LoRA file `{LORA_FILE}` (save_lora) | {int(ckpt['file']):,} | {mib(ckpt['file'])} |",
-        "",
-        f"**ratio peak gridgen/bare = {ratio(mem_l[0], mem_b[0]):.3f}** (step delta "
-        f"{ratio(mem_l[1], mem_b[1]):.3f})",
-        "",
-        f"**ratio peak alpha>0 / L_base only = {ratio(mem_f[0], mem_base[0]):.3f}** (step delta "
-        f"{ratio(mem_f[1], mem_base[1]):.3f})",
-        "",
-        f"**ratio LoRA file / transformer parameters = {ratio(ckpt['file'], ckpt['base']):.4f}**",
-        "",
-        "#### 4. GridModule hot path (outside the transformer)",
-        "",
-        f"Each piece timed alone, per call: best of {hot['rounds']} rounds and median; % of the bare step "
-        f"({ms(bare_med)} ms), from the best.",
-        "",
-        "| piece | best (us) | median (us) | % of step |",
-        "|---|---:|---:|---:|",
-    ]
+    targets: list[list[str]] = []
+    if "framework" in results:
+        lines += render_framework(results["framework"], a, targets)
+    if "flow" in results:
+        lines += render_flow(results["flow"], results["losses"], targets)
+    if "memory" in results:
+        lines += render_memory(results["memory"], a)
+    if "hot" in results:
+        bare_med = h.median(results["framework"]["bare"]) if "framework" in results else h.median(
+            results["flow"]["times"][results["flow"]["names"][2]])
+        overhead = h.median([x - y for x, y in zip(results["framework"]["paired"]["lightning"],
+                                                    results["framework"]["paired"]["bare"], strict=True)]) \
+            if "framework" in results else float("nan")
+        lines += render_hot(results["hot"], a, bare_med, overhead)
+    if "variants" in results:
+        lines += render_variants(results["variants"], bench)
+    if targets:
+        lines += ["", "#### Targets", "", *h.table(["check", "measured", "target", "result"], targets, "lrrl")]
+    if bench.notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in bench.notes]]
+    return key, "\n".join(lines)
+
+
+def render_framework(fw: dict[str, Any], a: argparse.Namespace, targets: list[list[str]]) -> list[str]:
+    paired, per = fw["paired"], a.steps
+
+    def row(name: str, xs: list[float]) -> list[Any]:
+        reps = ", ".join(h.ms(h.median(xs[i:i + per])) for i in range(0, len(xs), per))
+        return [name, h.ms(h.median(xs)), h.spread_ms(xs), len(xs), reps]
+
+    overhead = h.median([x - y for x, y in zip(paired["lightning"], paired["bare"], strict=True)])
+    targets += [h.target_row("gridgen step / bare step (A, blocks)", fw["ratio"], TARGET_FRAMEWORK),
+                h.target_row("gridgen step / bare step (B, step by step)", paired["ratio"], TARGET_FRAMEWORK)]
+    return ["", "#### 1. Framework overhead: gridgen (Lightning) step vs bare PyTorch loop", "",
+            *h.table(["variant", "median step (ms)", "p25-p75 (ms)", "steps", "per-repeat medians (ms)"], [
+                row("A. blocks: bare loop (zero_grad, compute_losses, backward, clip, AdamW, zero_grad, LR step)",
+                    fw["bare"]),
+                row("A. blocks: gridgen, Trainer.fit + AlphaSchedule, GridThroughput, RunSummary", fw["lightning"]),
+                row("B. one fit, step by step: bare step run after each Lightning step", paired["bare"]),
+                row("B. one fit, step by step: gridgen step (interval minus that bare step)", paired["lightning"]),
+            ], "lrrrl"), "",
+            f"A: separate fits and bare loops in blocks, order alternating per repeat; per-repeat ratios "
+            f"{', '.join(f'{r:.3f}' for r in fw['ratios'])}; Lightning adds "
+            f"{h.ms(h.median(fw['lightning']) - h.median(fw['bare']))} ms per step (difference of medians).",
+            f"B: per-repeat medians of the per-pair ratios {', '.join(f'{r:.3f}' for r in paired['ratios'])}; "
+            f"Lightning adds {h.ms(overhead)} ms per step (median of per-pair differences).", "",
+            f"**ratio gridgen/bare (A, blocks) = {fw['ratio']:.3f}**", "",
+            f"**ratio gridgen/bare (B, step by step) = {paired['ratio']:.3f}**"]
+
+
+def render_flow(flow: dict[str, Any], losses: dict[str, float], targets: list[list[str]]) -> list[str]:
+    base_step = h.median(flow["times"][flow["names"][2]])
+    estimate = h.ratio(base_step + losses["extra"], base_step)
+    targets += [
+        h.target_row("step alpha>0 / alpha=0 (as implemented)", flow["ratio_flow_vs_alpha0"], TARGET_FLOW),
+        h.target_row("step alpha>0 / L_base only (true L_flow cost)", flow["ratio_flow_vs_base"], TARGET_FLOW),
+        h.target_row("same, from the losses alone: (step + L_flow's extra) / step", estimate, TARGET_FLOW, digits=4)]
+    return ["", "#### 2. L_flow cost", "",
+            *h.table(["variant (bare loop, interleaved step by step)", "median step (ms)", "p25-p75 (ms)", "steps"],
+                     [[n, h.ms(h.median(flow["times"][n])), h.spread_ms(flow["times"][n]), len(flow["times"][n])]
+                      for n in flow["names"]], "lrrr"), "",
+            "Per-repeat medians of the per-cycle ratios alpha>0 / L_base only: "
+            f"{', '.join(f'{r:.3f}' for r in flow['ratios_flow_vs_base'])}; alpha=0 as implemented / L_base only: "
+            f"{flow['ratio_alpha0_vs_base']:.3f}.", "",
+            *h.table(["losses alone, forward + backward on (B, N, 64)", f"best of {losses['rounds']} (us)",
+                      "median (us)"],
+                     [["L_base", h.us(losses["base_best"]), h.us(losses["base"])],
+                      ["L_base + alpha L_flow", h.us(losses["flow_best"]), h.us(losses["flow"])]], "lrr"), "",
+            f"L_flow adds {h.us(losses['extra'])} us per step (median {h.us(losses['extra_median'])} us) = "
+            f"{100 * h.ratio(losses['extra'], base_step):.2f} % of a {h.ms(base_step)} ms step.", "",
+            f"**ratio step alpha>0 / L_base only = {flow['ratio_flow_vs_base']:.3f}**", "",
+            f"**ratio step alpha>0 / alpha=0 = {flow['ratio_flow_vs_alpha0']:.3f}**", "",
+            f"**ratio losses alone (L_base + L_flow) / L_base = {losses['ratio']:.3f}** (best of rounds; medians "
+            f"{losses['ratio_median']:.3f})"]
+
+
+def render_memory(mem: dict[str, Any], a: argparse.Namespace) -> list[str]:
+    steps, ckpt = mem["steps"], mem["checkpoint"]
+    light, bare = steps["gridgen Lightning step"], steps["bare loop step"]
+    flow_names = [n for n in steps if n.startswith("bare, ")]
+    flow, base = steps[flow_names[0]], steps[flow_names[2]]
+
+    def size(name: str, value: float) -> list[str]:
+        return [name, f"{int(value):,}", h.mib(value)]
+
+    return ["", "#### 3. Memory and LoRA checkpoint", "",
+            f"Memory: {mem['kind']}; delta = peak minus the level at the step's start (weights, optimiser state "
+            "and batch are already there).", "",
+            *h.table(["step", "peak (MiB)", "delta over step start (MiB)"],
+                     [[n, h.mib(p), h.mib(d)] for n, (p, d) in steps.items()], "lrr"), "",
+            *h.table(["weights", "bytes", "MiB"], [
+                size(f"transformer parameters (frozen base, {a.dtype})", ckpt["base"]),
+                size(f"LoRA parameters (fp32, in memory; {ckpt['lora_numel']:,} params)", ckpt["lora_params"]),
+                size(f"LoRA file `{LORA_FILE}` (save_lora)", ckpt["file"])], "lrr"), "",
+            f"**ratio peak gridgen/bare = {h.ratio(light[0], bare[0]):.3f}** (step delta "
+            f"{h.ratio(light[1], bare[1]):.3f})", "",
+            f"**ratio peak alpha>0 / L_base only = {h.ratio(flow[0], base[0]):.3f}** (step delta "
+            f"{h.ratio(flow[1], base[1]):.3f})", "",
+            f"**ratio LoRA file / transformer parameters = {h.ratio(ckpt['file'], ckpt['base']):.4f}**"]
+
+
+def render_hot(hot: dict[str, Any], a: argparse.Namespace, bare_med: float, overhead: float) -> list[str]:
     t = hot["times"]
     rows = [
         (f"_noise_and_times, B={a.batch_size} (one torch.Generator + crc32 per sample, CPU then .to(device))",
@@ -794,94 +639,84 @@ def render(bench: Bench, fw: dict, flow: dict, losses: dict, mem: dict, ckpt: di
         (f"grad-norm logging in on_before_optimizer_step ({hot['n_trainable_tensors']} tensors, includes "
          "trainable_parameters())", t["grad_norm_log"]),
         ("  the same norm as computed again by gradient clipping", t["clip_norm"]),
-        ("one LightningModule.log call (5 per step: 4 in training_step, 1 in on_before_optimizer_step)",
-         t["self_log"]),
+        ("one LightningModule.log call (5 per step: 4 in training_step, 1 in on_before_optimizer_step)", t["self_log"]),
     ]
-    for name, (med, best) in rows:
-        lines.append(f"| {name} | {us(best)} | {us(med)} | {100 * ratio(best, bare_med):.2f} |")
-    lines.append(f"| all Lightning overhead (section 1 B: median gridgen minus bare step) | | {us(overhead)} | "
-                 f"{100 * ratio(overhead, bare_med):.2f} |")
-    flow_estimate = ratio(base_step + losses["extra"], base_step)
-    lines += [
-        "",
-        "#### Targets",
-        "",
-        "| check | measured | target | result |",
-        "|---|---:|---:|---|",
-        f"| gridgen step / bare step (A, blocks) | {fw['ratio']:.3f} | <= {TARGET_FRAMEWORK} | "
-        f"{verdict(fw['ratio'], TARGET_FRAMEWORK)} |",
-        f"| gridgen step / bare step (B, step by step) | {paired['ratio']:.3f} | <= {TARGET_FRAMEWORK} | "
-        f"{verdict(paired['ratio'], TARGET_FRAMEWORK)} |",
-        f"| step alpha>0 / alpha=0 (as implemented) | {flow['ratio_flow_vs_alpha0']:.3f} | <= {TARGET_FLOW} | "
-        f"{verdict(flow['ratio_flow_vs_alpha0'], TARGET_FLOW)} |",
-        f"| step alpha>0 / L_base only (true L_flow cost) | {flow['ratio_flow_vs_base']:.3f} | <= {TARGET_FLOW} | "
-        f"{verdict(flow['ratio_flow_vs_base'], TARGET_FLOW)} |",
-        f"| same, from the losses alone: (step + L_flow's extra) / step | {flow_estimate:.4f} | <= {TARGET_FLOW} | "
-        f"{verdict(flow_estimate, TARGET_FLOW)} |",
-    ]
-    if bench.notes:
-        lines += ["", "Notes:", *[f"- {n}" for n in bench.notes]]
-    return key, "\n".join(lines)
+    body = [[name, h.us(best), h.us(med), f"{100 * h.ratio(best, bare_med):.2f}"] for name, (med, best) in rows]
+    body.append(["all Lightning overhead (section 1 B: median gridgen minus bare step)", "", h.us(overhead),
+                 f"{100 * h.ratio(overhead, bare_med):.2f}"])
+    return ["", "#### 4. GridModule hot path (outside the transformer)", "",
+            f"Each piece timed alone, per call: best of {hot['rounds']} rounds and median; % of the bare step "
+            f"({h.ms(bare_med)} ms), from the best.", "",
+            *h.table(["piece", "best (us)", "median (us)", "% of step"], body, "lrrr")]
 
 
-# bench/RESULTS.md is shared with the other benchmarks: this script only touches its own section.
-BEGIN, END = "<!-- bench:train:start -->", "<!-- bench:train:end -->"
-SECTION_INTRO = """## Training step: Lightning overhead, L_flow cost, memory, LoRA size
-
-Written by `bench/bench_train.py` (`make bench`), one block per device / dtype / batch size; what is measured and
-how is in the script's docstring. Ratios compare variants measured in the same process and interleaved, so they
-hold on a shared machine where absolute times do not."""
-
-
-def update_results(path: Path, key: str, block: str) -> None:
-    """Replace this run's block inside the training section (created after the file's title if missing)."""
-    text = path.read_text() if path.exists() else "# gridgen benchmarks\n"
-    if BEGIN not in text or END not in text:
-        section = f"{BEGIN}\n{SECTION_INTRO}\n{END}\n"
-        lines = text.splitlines(keepends=True)
-        if lines and lines[0].startswith("# "):  # right after the title
-            text = lines[0] + "\n" + section + "\n" + "".join(lines[1:]).lstrip("\n")
-        else:
-            text = text.rstrip() + "\n\n" + section
-    head, rest = text.split(BEGIN, 1)
-    section, tail = rest.split(END, 1)
-    sub_begin, sub_end = f"<!-- train:{key} -->", f"<!-- /train:{key} -->"
-    sub = f"{sub_begin}\n{block}\n{sub_end}"
-    if sub_begin in section and sub_end in section:
-        section = re.sub(re.escape(sub_begin) + r".*?" + re.escape(sub_end), lambda _: sub, section, flags=re.S)
-    else:
-        section = section.rstrip() + f"\n\n{sub}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + BEGIN + section + END + tail)
+def render_variants(res: dict[str, Any], bench: Bench) -> list[str]:
+    base = res["times"].get("baseline") or []
+    rows = []
+    for name in res["variants"]:
+        if name in res["skipped"]:
+            rows.append([name, f"skipped: {res['skipped'][name]}", "", "", "", ""])
+            continue
+        rounds = res["times"][name]
+        step = h.median([t for r in rounds for t in r])
+        ratios = [h.ratio(h.median(v), h.median(b)) for v, b in zip(rounds, base, strict=False)]
+        model_flops, executed = res["flops"][name]
+        mfu = f"{100 * model_flops / step / res['peak_flops']:.1f} %" if res["peak_flops"] else "n/a"
+        rows.append([name, h.ms(step), f"{h.median(ratios):.3f}" if base else "n/a",
+                     f"{executed / step / 1e12:.3f}", mfu, f"{h.mib(h.median(res['peaks'][name]))}"])
+    model_flops = res["flops"].get("baseline", (0, 0))[0]
+    peak = f"{res['peak_flops'] / 1e12:.1f} TFLOP/s dense {bench.args.dtype}" if res["peak_flops"] else \
+        "unknown for this device (MFU n/a)"
+    return ["", "#### 5. Variants: step time, MFU, peak memory", "",
+            f"Bare-loop steps of a freshly built module per variant and round ({res['rounds']} round(s), rotating "
+            f"order, {bench.args.steps} timed steps after {max(1, bench.args.warmup)} warm-up steps, which hold any "
+            f"compilation); ratio = median over rounds of (variant median / baseline median of the same round). "
+            f"FLOPs per step from `gridgen.training.flops` ({model_flops / 1e9:.3f} GFLOP without recomputation); "
+            f"TFLOP/s counts what runs (with checkpointing: one more forward of the blocks), MFU the model FLOPs "
+            f"against the device's peak: {peak}. Peak memory: {res['memory_kind']} from before the module is "
+            "built to the end of its steps (weights, optimiser state, activations).", "",
+            *h.table(["variant", "median step (ms)", "ratio to baseline", "TFLOP/s", "MFU", "peak memory (MiB)"],
+                     rows, "lrrrrr")]
 
 
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=tuple(MODELS), default="tiny")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant and repeat (default 12; quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps at the start of each block (default 2; quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 2)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="frozen base weights; bfloat16 trains with Lightning's bf16-mixed (autocast) like strategy=gpu")
-    p.add_argument("--quick", action="store_true", help="tiny model and grid, few steps: a smoke run in seconds")
-    p.add_argument("--no-write", action="store_true", help="print only, do not update the results file")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="frozen base weights (default float32; dev-random bfloat16); bfloat16 trains with "
+                        "Lightning's bf16-mixed (autocast) like strategy=gpu")
+    p.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} "
+                                                    "(default: all for --model tiny, variants otherwise)")
+    p.add_argument("--compile", action="store_true", help="variant: model.compile=true (regional compilation)")
+    p.add_argument("--quantization", choices=SCHEMES, default=None,
+                   help="variant: model.quantization=<scheme>, frozen base quantized")
+    p.add_argument("--optim", choices=("adamw", "adamw8bit"), default="adamw", help="variant: optim.name=adamw8bit")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="variant: model.gradient_checkpointing=true")
+    h.add_output_args(p, "small model and grid, few steps: a smoke run in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice; --quick: 1, which keeps the smoke run "
                         "fast when other processes hold the cores)")
     p.add_argument("--no-malloc-tune", action="store_true", help="leave glibc's malloc thresholds alone")
     args = p.parse_args(argv)
-    defaults = (3, 1, 2) if args.quick else (12, 2, 3)  # full: ~2 min on 2 idle cores
-    for name, default in zip(("steps", "warmup", "repeats"), defaults, strict=True):
+    for name, default in zip(("steps", "warmup", "repeats"), (3, 1, 2) if args.quick else (12, 2, 3), strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    args.dtype = args.dtype or ("bfloat16" if args.model == "dev-random" else "float32")
     if args.quick and args.threads is None:
         args.threads = 1
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--steps, --repeats and --batch-size must be >= 1, --warmup >= 0")
+    sections = (args.sections or ("all" if args.model == "tiny" else "variants")).split(",")
+    args.sections = list(SECTIONS) if sections == ["all"] else sections
+    if unknown := sorted(set(args.sections) - set(SECTIONS)):
+        p.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     return args
 
 
@@ -892,6 +727,8 @@ def quiet() -> None:
                     ".*LeafSpec.*", ".*TF32.*", ".*validation_step.*val_dataloader.*"):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import diffusers
+
     diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to(dtype)
 
 
@@ -899,63 +736,55 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     quiet()
-    notes: list[str] = []
+    notes = []
     if args.device == "cuda" and not torch.cuda.is_available():
         log.warning("--device cuda: CUDA is not available, measuring on the CPU")
         args.device = "cpu"
         notes.append("--device cuda was asked for but CUDA was not available: measured on the CPU")
-    malloc_tuned = not args.no_malloc_tune and args.device == "cpu" and tune_malloc()
-    if malloc_tuned:
-        notes.insert(0, f"glibc malloc tuned for the run (mmap threshold {MALLOC_MMAP_THRESHOLD >> 20} MiB, no "
-                        "auto-trim; see tune_malloc): without it the first steps of a process are many times slower")
+    args.malloc_tuned = not args.no_malloc_tune and args.device == "cpu" and h.tune_malloc()
+    if args.malloc_tuned:
+        notes.append(f"glibc malloc tuned for the run (mmap threshold {h.MALLOC_MMAP_THRESHOLD >> 20} MiB, no "
+                     "auto-trim; see harness.tune_malloc): without it the first steps of a process are many times "
+                     "slower")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
-    start = time.perf_counter()
+    load_before = h.load_average()
+    phases: dict[str, float] = {}
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gridgen-bench-") as tmp:
+        start = time.perf_counter()
         bench = build_bench(args, Path(tmp))
         bench.notes += notes
-        bench.malloc_tuned = malloc_tuned
-        phases: dict[str, float] = {"setup": time.perf_counter() - start}
-
-        def phase(name: str, fn: Callable[[Bench], Any]) -> Any:
-            t0 = time.perf_counter()
-            log.info("%s ...", name)
-            result = fn(bench)
-            phases[name] = time.perf_counter() - t0
-            return result
-
-        # the process's first steps, before any timed block
-        phase("warm-up", lambda b: bare_block(b, max(1, args.warmup), 0))
-        fw = phase("framework", measure_framework)
-        flow = phase("L_flow", measure_flow)
-        losses = phase("losses", measure_losses)
-        hot = phase("hot path", measure_hot_path)
-        mem = phase("memory", measure_memory)
-        ckpt = phase("checkpoint", measure_checkpoint)
-        threads_after = torch.get_num_threads()
-    wall = time.perf_counter() - start
-    bench.phases = phases
-    if args.threads is None and threads_after != torch.get_num_threads():
-        bench.notes.append(f"torch threads changed during the run (now {threads_after})")
-    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
-    with contextlib.suppress(ValueError, AttributeError):
-        busiest = max(float(load_before.split()[0]), float(load_after.split()[0]))
-        cores = len(os.sched_getaffinity(0))
-        if busiest > 0.75 * cores:
-            bench.notes.append(f"the machine was shared (1-min load average up to {busiest:g} on {cores} cores): "
-                               "absolute times are inflated and noisy (a multi-threaded op waits for pre-empted "
-                               "worker threads), block ratios (1 A) are unreliable; rerun on a quiet machine")
-    key, section = render(bench, fw, flow, losses, mem, ckpt, hot, (load_before, load_after), wall)
-    print(section, flush=True)
-    if args.no_write:
-        return 0
-    if args.quick and args.output == DEFAULT_OUTPUT:
+        measures: list[tuple[str, str, Callable[[Bench], Any]]] = [
+            ("framework", "framework", measure_framework), ("flow", "flow", measure_flow),
+            ("flow", "losses", measure_losses), ("hot", "hot", measure_hot_path),
+            ("memory", "memory", measure_memory), ("variants", "variants", measure_variants)]
+        if set(args.sections) - {"variants"}:
+            bench.module = bench.build_module()
+            bare_block(bench, max(1, args.warmup), 0)  # the process's first steps, before any timed block
+        phases["setup"] = time.perf_counter() - start
+        for section, name, measure in measures:
+            if section in args.sections:
+                log.info("%s ...", name)
+                t0 = time.perf_counter()
+                results[name] = measure(bench)
+                phases[name] = time.perf_counter() - t0
+    if note := h.shared_machine_note(load_before):
+        bench.notes.append(note)
+    key, block = render(bench, results, phases, load_before)
+    if args.quick and args.output == h.RESULTS and not args.no_write:
+        print(block)
         log.info("--quick: not writing %s (smoke-run figures); pass --output to write them elsewhere", args.output)
         return 0
-    update_results(args.output, key, section)
-    log.info("updated %s (section %s)", args.output, key)
+    h.finish(args, "train", block, key, intro=SECTION_INTRO)
     return 0
+
+
+SECTION_INTRO = """## Training step: Lightning overhead, L_flow cost, memory, LoRA size, variants
+
+Written by `bench/bench_train.py` (`make bench`), one block per model / device / dtype / batch size; what is
+measured and how is in the script's docstring. Ratios compare variants measured in the same process and
+interleaved, so they hold on a shared machine where absolute times do not."""
 
 
 if __name__ == "__main__":
