@@ -175,7 +175,8 @@ def _keep_or_mark_failed(output_dir: Path, err: BaseException) -> None:
     """A run that failed before it trained leaves no folder behind; one that trained is marked FAILED."""
     if not output_dir.is_dir():
         return
-    leftovers = [p for p in output_dir.rglob("*") if p.is_file() and p.name != "config.yaml" and ".hydra" not in p.parts]
+    leftovers = [p for p in output_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
+                 and p.name != "config.yaml" and p.suffix != ".log"]  # Hydra's own files, the job log
     if not leftovers:
         shutil.rmtree(output_dir, ignore_errors=True)
     else:

@@ -1,0 +1,203 @@
+"""A run that goes wrong: the non-finite guard, corrupt checkpoints, resume in the run's own folder, the
+fine stage's choice of coarse LoRA, failed runs' folders, progress output, the attention backend."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gridgen.config import CONF_DIR
+from gridgen.models.attention import apply_attention_backend, resolve_attention_backend, sdpa_kernels
+from gridgen.models.lora import read_lora_file
+from gridgen.train import train
+from gridgen.training.module import GridModule, NonFiniteError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", "logger=csv",
+                                           "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0",
+                                           *overrides])
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GRIDGEN_ROOT": str(cwd), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "gridgen.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.train: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+# ---- non-finite guard -----------------------------------------------------------------------------------
+def nan_at_step(monkeypatch, bad_step: int) -> None:
+    original = GridModule.compute_losses
+
+    def patched(self, batch, fixed_t=None):
+        out = original(self, batch, fixed_t)
+        if fixed_t is None and self.global_step == bad_step:
+            out["loss_flow"] = out["loss_flow"] * float("nan")
+            out["loss"] = out["loss_base"] + self.alpha * out["loss_flow"]
+        return out
+
+    monkeypatch.setattr(GridModule, "compute_losses", patched)
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    nan_at_step(monkeypatch, 3)
+    cfg = make_cfg(tmp_path, "trainer.max_steps=6", "lora.rank=4", "optim.lr=1e-2",
+                   "callbacks.checkpoint.every_n_train_steps=2")
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss_flow=nan.*attention_backend"):
+        train(cfg)
+    run = tmp_path / "run"
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert not (run / "lora").exists()  # nothing exported from a broken run
+    assert (run / "FAILED").read_text().startswith("NonFiniteError: step 3")
+
+
+def test_nonfinite_skip_drops_that_update_only(tmp_path, monkeypatch):
+    nan_at_step(monkeypatch, 3)
+    cfg = make_cfg(tmp_path, "trainer.max_steps=5", "lora.rank=4", "optim.lr=1e-2", "nonfinite.action=skip",
+                   "nonfinite.max_skips=1", "callbacks.checkpoint.every_n_train_steps=5")
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 5 and last["gridgen_nonfinite_skips"] == 1
+    adam_steps = {float(s["step"]) for s in last["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {4.0}  # 5 steps, one update skipped: no moment/step change at step 3
+    lora, _ = read_lora_file(tmp_path / "run" / "lora")
+    assert all(torch.isfinite(v).all() for v in lora.values())
+
+
+def test_huge_learning_rate_is_one_line_exit_2(tmp_path):
+    proc = run_cli("trainer.max_steps=6", "optim.lr=1e30", "logger=csv", "trainer.enable_progress_bar=false",
+                   cwd=tmp_path)
+    line = one_line_error(proc)
+    assert "non-finite" in line and "optim.lr" in line, line
+
+
+# ---- checkpoints from strangers -------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "pickle"])
+def test_bad_checkpoint_is_one_line_and_never_unpickled(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "bad.ckpt"
+    if kind == "garbage":
+        ckpt.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.ones(1000)}, "global_step": 2}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:700])
+    else:
+        torch.save({"state_dict": {}, "global_step": 1, "x": _Payload(str(marker))}, ckpt)
+    proc = run_cli("trainer.max_steps=2", f"ckpt_path={ckpt}", "logger=csv", cwd=tmp_path)
+    line = one_line_error(proc)
+    assert str(ckpt) in line, line
+    assert not marker.exists()
+    assert not list((tmp_path / "outputs" / "runs").glob("*/*"))  # no orphan run folder
+
+
+# ---- resume continues in the run's own folder ------------------------------------------------------------
+def test_resume_continues_in_the_same_run_folder(tmp_path):
+    common = ["lora.rank=4", "callbacks.checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false"]
+    first = run_cli("trainer.max_steps=4", "trainer.log_every_n_steps=1", *common, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    (run / "lora" / "pytorch_lora_weights.safetensors").unlink()  # as if killed before the export
+    wandb_before = {p.name.rsplit("-", 1)[-1] for p in run.glob("wandb/offline-run-*")}
+    resumed = run_cli("trainer.max_steps=6", "trainer.log_every_n_steps=1", *common,
+                      f"ckpt_path={run / 'checkpoints' / 'step000002.ckpt'}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "runs").glob("*/*")) == [run]  # no second folder
+    assert f"run folder     {run}" in resumed.stdout
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6
+    rows = (run / "metrics" / "metrics.csv").read_text().splitlines()
+    step_col = rows[0].split(",").index("step")
+    steps = [int(r.split(",")[step_col]) for r in rows[1:] if r.split(",")[step_col]]
+    assert min(steps) <= 1 and max(steps) >= 5  # rows before the checkpoint kept, the rest appended
+    assert {p.name.rsplit("-", 1)[-1] for p in run.glob("wandb/offline-run-*")} == wandb_before  # same W&B run
+    assert "not resumable" not in resumed.stderr
+
+
+# ---- fine stage: which coarse LoRA ----------------------------------------------------------------------
+def test_init_lora_auto_matches_rank_and_skips_debug_and_unfinished_runs(tmp_path, caplog):
+    runs = tmp_path / "outputs" / "runs"
+    for name, extra in (("r4", ["lora.rank=4"]), ("r8", ["lora.rank=8"]), ("debug8", ["lora.rank=8", "debug_run=true"])):
+        train(make_cfg(tmp_path, "trainer.max_steps=1", *extra, f"paths.output_dir={runs / name}"))
+    unfinished = runs / "unfinished"
+    train(make_cfg(tmp_path, "trainer.max_steps=1", "lora.rank=8", f"paths.output_dir={unfinished}"))
+    (unfinished / "summary.json").unlink()
+    (runs / "debug8" / "lora" / "pytorch_lora_weights.safetensors").touch()  # newest of all
+    caplog.set_level("INFO", logger="gridgen.train")
+    fine = make_cfg(tmp_path, "stage=fine", "trainer.max_steps=1", "lora.rank=8", f"paths.output_dir={runs / 'fine'}")
+    train(fine)
+    _, meta = read_lora_file(runs / "fine" / "lora")
+    assert meta["gridgen_init_lora"] == str(runs / "r8" / "lora" / "pytorch_lora_weights.safetensors")
+    message = next(r.getMessage() for r in caplog.records if "starts from" in r.getMessage())
+    assert "rank 4" in message and "debug run" in message and "unfinished run" in message, message
+    with pytest.raises(FileNotFoundError, match="rank=16.*passed over"):
+        train(make_cfg(tmp_path, "stage=fine", "trainer.max_steps=1", "lora.rank=16",
+                       f"paths.output_dir={runs / 'fine16'}"))
+
+
+# ---- progress ---------------------------------------------------------------------------------------------
+def test_progress_bar_and_log_lines(tmp_path):
+    proc = run_cli("trainer.max_steps=4", "trainer.log_every_n_steps=2", "callbacks.progress_log.cpu_notice_after_s=0",
+                   "logger=csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "step 4/4" in out and "v_num" not in out and "Epoch" not in out, out[-3000:]
+    assert "s/step" in out and "loss" in out
+    assert "on CPU: the 4 steps of this run will take about" in out
+
+
+# ---- attention backend ------------------------------------------------------------------------------------
+def test_attention_backend_never_cudnn_by_default_on_cuda():
+    saved = sdpa_kernels()
+    try:
+        assert resolve_attention_backend("auto", "cpu") == "sdpa"
+        assert apply_attention_backend("auto", "cuda") == "sdpa_no_cudnn"
+        assert sdpa_kernels() == (True, True, True, False)
+        apply_attention_backend("sdpa_math", "cuda")
+        assert sdpa_kernels() == (False, False, True, False)
+        with pytest.raises(ValueError, match="model.attention_backend='nope' is unknown"):
+            resolve_attention_backend("nope", "cuda")
+    finally:
+        torch.backends.cuda.enable_flash_sdp(saved[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
+        torch.backends.cuda.enable_math_sdp(saved[2])
+        torch.backends.cuda.enable_cudnn_sdp(saved[3])
+
+
+def test_diffusers_attention_backend_is_set_on_the_transformer(tmp_path):
+    cfg = make_cfg(tmp_path, "trainer.max_steps=1", "model.attention_backend=_native_math")
+    train(cfg)
+    assert "attention_backend: _native_math" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_source_tree_import_without_pip_metadata(tmp_path):
+    (tmp_path / "src" / "gridgen").mkdir(parents=True)  # a source tree that was never pip-installed
+    (tmp_path / "src" / "gridgen" / "__init__.py").write_text((ROOT / "src" / "gridgen" / "__init__.py").read_text())
+    code = "import sys; sys.path.insert(0, 'src'); import gridgen; print(gridgen.__version__)"
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0.1.0+src", proc.stderr
