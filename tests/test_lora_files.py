@@ -191,6 +191,23 @@ def test_non_finite_lora_is_refused_and_nothing_is_written(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()} == before  # untouched, no temporary files
 
 
+def test_crash_while_writing_keeps_the_previous_export(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    save_lora(tmp_path, tiny_lora(seed=1), formats=["diffusers", "kohya"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    for fmt in ("diffusers", "kohya"):
+        with pytest.raises(OSError, match="disk full"):
+            save_lora(tmp_path, tiny_lora(seed=2), formats=[fmt])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no partial or temporary file
+
+
 # ---- corrupt or foreign files -------------------------------------------------------------------------------------
 def test_init_lora_garbage_kohya_and_foreign_files_are_one_line_errors(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
