@@ -23,20 +23,15 @@
    Memory: a fresh process per variant: peak RSS of load + steps, RSS after loading, and the peak of the steps
    alone (VmHWM reset after warm-up).
 
-The section between ``<!-- bench:data:start -->`` and ``<!-- bench:data:end -->`` in bench/RESULTS.md is replaced
-(the rest of the file is left alone; it is re-read right before writing).
+The ``data`` section of bench/RESULTS.md is replaced (the rest of the file is left alone).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
-import platform
-import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,24 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import webdataset as wds  # noqa: E402
-from PIL import Image  # noqa: E402
+import harness as h  # first: sets the offline environment before diffusers is imported
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
-START, END = "<!-- bench:data:start -->", "<!-- bench:data:end -->"
 TARGET_STREAM = 0.9
 ROWS, COLS, CELL_H, CELL_W = 4, 4, 144, 256  # WebVid 4x4 grids (data_cards/webvid.md)
 BATCH = 4
 TICK = os.sysconf("SC_CLK_TCK")
-# glibc: fixed mmap threshold, no trimming, so step 1 does not page in every activation again (see bench_train)
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -71,23 +59,6 @@ def proc_cpu(pid: int) -> float:
     """User + system CPU seconds of a process (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def status_bytes(key: str) -> float:
-    match = re.search(rf"^{key}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
-    return float(match[1]) * 1024 if match else float("nan")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def mib(x: float) -> str:
-    return f"{x / 2**20:.0f}"
 
 
 def textured_grid(rng: np.random.Generator) -> np.ndarray:
@@ -199,9 +170,9 @@ def bench_streaming(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         count += len(next(in_process)["__key__"])
     pipeline_cpu = (time.process_time() - cpu0) / count
     floor = handover_floor((BATCH, 3, ROWS * CELL_H, COLS * CELL_W), max(10, args.samples // BATCH))
-    return {"rows": rows, "ratio": statistics.median(r["trainer"]["ratio"] for r in rows),
-            "ratio_float": statistics.median(r["standalone"]["ratio"] for r in rows), "pipeline_cpu": pipeline_cpu,
-            "handover": floor, "jpeg_bytes": statistics.mean(len(b) for b in blobs), "samples": len(blobs),
+    return {"rows": rows, "ratio": h.median(r["trainer"]["ratio"] for r in rows),
+            "ratio_float": h.median(r["standalone"]["ratio"] for r in rows), "pipeline_cpu": pipeline_cpu,
+            "handover": floor, "jpeg_bytes": sum(map(len, blobs)) / len(blobs), "samples": len(blobs),
             "epoch": epoch, "skipped": sum(dm.num_skipped for dm, _, _ in loaders.values())}
 
 
@@ -283,14 +254,14 @@ def memory_child(args: argparse.Namespace) -> None:
     module, step = build_module(args.variant == "cached")
     load_s = time.perf_counter() - start
     loaded = {name: getattr(module.pipe, name) is not None for name in ("vae", "text_encoder", "text_encoder_2")}
-    rss_loaded = status_bytes("VmRSS")
+    rss_loaded = h.status_bytes("VmRSS")
     for _ in range(args.warmup):
         step(batch)
-    peak_process = status_bytes("VmHWM")  # load + warm-up
-    reset_peak_rss()
+    peak_process = h.status_bytes("VmHWM")  # load + warm-up
+    h.reset_peak_rss()
     for _ in range(3):
         step(batch)
-    peak_steps = status_bytes("VmHWM")
+    peak_steps = h.status_bytes("VmHWM")
     print(json.dumps({"load_s": load_s, "loaded": loaded, "rss_loaded": rss_loaded,
                       "peak_process": max(peak_process, peak_steps), "peak_steps": peak_steps}))
 
@@ -308,15 +279,15 @@ def bench_steps(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if args.quick:
         files = dict(list(files.items())[:1])
     results: dict[str, Any] = {}
-    env = {**os.environ, **MALLOC_ENV, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **h.MALLOC_ENV, "PYTHONUNBUFFERED": "1"}
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     for name, path in files.items():
         blocks = [run_child(env, "time", "--batch", str(path), *common) for _ in range(args.step_repeats)]
-        ratios = [statistics.median(b["encoded"]) / statistics.median(b["cached"]) for b in blocks]
+        ratios = [h.median(b["encoded"]) / h.median(b["cached"]) for b in blocks]
         memory = {v: run_child(env, "memory", "--variant", v, "--batch", str(path), *common)
                   for v in ("encoded", "cached")}
-        results[name] = {"blocks": blocks, "ratios": ratios, "speedup": statistics.median(ratios), "memory": memory,
-                         "step_s": {v: statistics.median(t for b in blocks for t in b[v]) for v in ("encoded", "cached")}}
+        results[name] = {"blocks": blocks, "ratios": ratios, "speedup": h.median(ratios), "memory": memory,
+                         "step_s": {v: h.median(t for b in blocks for t in b[v]) for v in ("encoded", "cached")}}
     return results
 
 
@@ -324,19 +295,13 @@ def bench_steps(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def render(args: argparse.Namespace, stream: dict[str, Any], steps: dict[str, Any], wall: float) -> str:
-    load = os.getloadavg()
     rows = stream["rows"]
     lines = [
-        START,
         "## Data: shard streaming and cached conditioning (`bench/bench_data.py`)",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command: "
-        f"`python bench/bench_data.py {' '.join(args.argv)}`; wall time {wall:.0f} s",
-        f"- CPU: {os.cpu_count()} logical cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end "
-        "(a VM shared with other jobs: absolute numbers move, the interleaved ratios less so)",
-        f"- torch {torch.__version__}, webdataset {wds.__version__ if hasattr(wds, '__version__') else '?'}, "
-        f"Pillow {Image.__version__}, Python {platform.python_version()}",
-        "- what and how: see the docstring of `bench/bench_data.py`",
+        *h.environment_lines("cpu", ("webdataset", "Pillow"), args.load_before),
+        f"- wall time {wall:.0f} s; what and how: see the docstring of `bench/bench_data.py` (on a VM shared with "
+        "other jobs absolute numbers move, the interleaved ratios less so)",
         "",
         "### 1. Shard streaming (1 worker) vs decoding the same JPEGs",
         "",
@@ -355,8 +320,8 @@ def render(args: argparse.Namespace, stream: dict[str, Any], steps: dict[str, An
         lines.append(f"| {i + 1} | {r['decode_sps']:.0f} | {t['sps']:.0f} | {t['ratio']:.3f} | {f['sps']:.0f} | "
                      f"{f['ratio']:.3f} | {t['worker_cpu'] * 1e3:.2f} | {t['main_cpu'] * 1e3:.2f} / "
                      f"{f['main_cpu'] * 1e3:.2f} | {r['decode_cpu'] * 1e3:.2f} |")
-    decode_cpu = statistics.median(r["decode_cpu"] for r in rows)
-    worker_cpu = statistics.median(r["trainer"]["worker_cpu"] for r in rows)
+    decode_cpu = h.median(r["decode_cpu"] for r in rows)
+    worker_cpu = h.median(r["trainer"]["worker_cpu"] for r in rows)
     hand = stream["handover"]
     lines += [
         "",
@@ -386,7 +351,7 @@ def render(args: argparse.Namespace, stream: dict[str, Any], steps: dict[str, An
             mem = result["memory"][variant]
             loaded = "/".join("yes" if mem["loaded"][k] else "no" for k in ("vae", "text_encoder", "text_encoder_2"))
             lines.append(f"| {name} | {variant} | {loaded} | {mem['load_s']:.1f} | {result['step_s'][variant] * 1e3:.1f} "
-                         f"| {mib(mem['rss_loaded'])} | {mib(mem['peak_process'])} | {mib(mem['peak_steps'])} |")
+                         f"| {h.mib(mem['rss_loaded'])} | {h.mib(mem['peak_process'])} | {h.mib(mem['peak_steps'])} |")
     lines.append("")
     for name, result in steps.items():
         enc, cac = result["memory"]["encoded"], result["memory"]["cached"]
@@ -400,19 +365,8 @@ def render(args: argparse.Namespace, stream: dict[str, Any], steps: dict[str, An
               "over processes of median encoded / median cached step. Memory: a fresh process per variant; peak RSS "
               "from /proc/self/status VmHWM (reset through /proc/self/clear_refs after warm-up for the step peak). "
               "The tiny model's encoders are small, so the memory saved here is a floor: FLUX.1-dev's T5-XXL + "
-              "CLIP-L + VAE are ~9.5 GB in bf16.", END]
-    return "\n".join(lines) + "\n"
-
-
-def write_section(section: str, path: Path = RESULTS) -> None:
-    text = path.read_text() if path.exists() else "# gridgen benchmarks\n"  # re-read right before writing
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+              "CLIP-L + VAE are ~9.5 GB in bf16."]
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -425,13 +379,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the step processes (1: OpenMP spin-waiting on a busy shared machine "
                              "can slow a tiny step 100x and drown the comparison)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: few samples, steps and repeats")
-    parser.add_argument("--no-write", action="store_true", help="print the section, leave bench/RESULTS.md alone")
+    h.add_output_args(parser, "smoke run: few samples, steps and repeats")
     parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("encoded", "cached"), help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.samples, args.repeats, args.steps, args.warmup, args.step_repeats = 16, 2, 2, 1, 1
     return args
@@ -442,15 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         (time_child if args.child == "time" else memory_child)(args)
         return 0
-    started = time.perf_counter()
+    started, args.load_before = time.perf_counter(), h.load_average()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         stream = bench_streaming(args, Path(tmp))
         steps = bench_steps(args, Path(tmp))
-    section = render(args, stream, steps, time.perf_counter() - started)
-    print(section)
-    if not args.no_write:
-        write_section(section)
-        print(f"wrote {RESULTS}")
+    h.finish(args, "data", render(args, stream, steps, time.perf_counter() - started))
     return 0
 
 

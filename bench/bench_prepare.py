@@ -15,35 +15,26 @@ B. prepare: ``prepare()`` with the generic ``data=video`` config, 4x4 grids of 1
 
 Frames/s counts source frames that went through (A: decoded; B: put into grids). A and B alternate
 (A B, B A, ...) ``--repeats`` times; the ratio is the median of per-repeat ratios B / A. Target: >= 0.7.
-The section between ``<!-- bench:prepare:start -->`` and ``<!-- bench:prepare:end -->`` in bench/RESULTS.md is
-replaced (the rest of the file is left alone).
+The ``prepare`` section of bench/RESULTS.md is replaced (the rest of the file is left alone).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import shutil
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import av
+import harness as h
+import numpy as np
+import webdataset as wds
+from hydra import compose, initialize_config_dir
 
-import av  # noqa: E402
-import numpy as np  # noqa: E402
-import webdataset as wds  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from gridgen.data.sources import write_video
+from gridgen.prepare import CONF_DIR, prepare
 
-from gridgen.data.sources import write_video  # noqa: E402
-from gridgen.prepare import CONF_DIR, prepare  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-START, END = "<!-- bench:prepare:start -->", "<!-- bench:prepare:end -->"
 HEIGHT, WIDTH, FPS = 336, 596, 25
 TARGET = 0.7
 
@@ -109,14 +100,14 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--frames", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="2 videos x 48 frames, 1 repeat (smoke run)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    h.add_output_args(parser, "2 videos x 48 frames, 1 repeat (smoke run)")
     args = parser.parse_args()
     if args.quick:
         args.videos, args.frames, args.repeats = 2, 48, 1
     if args.frames % 16:
         parser.error("--frames must be a multiple of 16 (4x4 grids use every frame)")
 
+    load_before = h.load_average()
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         src, out = Path(tmp) / "raw", Path(tmp) / "shards"
         src.mkdir()
@@ -135,30 +126,28 @@ def main() -> None:
     fps = {k: [n / t for n, t in v] for k, v in runs.items()}
 
     def row(label: str, key: str) -> str:
-        return f"| {label} | {statistics.median(fps[key]):.0f} | {', '.join(f'{v:.0f}' for v in fps[key])} |"
+        return [label, f"{h.median(fps[key]):.0f}", ", ".join(f"{v:.0f}" for v in fps[key])]
 
     def ratio(key: str, base: str = "rgb") -> float:
-        return statistics.median(p / a for p, a in zip(fps[key], fps[base], strict=True))
+        return h.median(h.pair_ratios(fps[key], fps[base]))
 
     main_ratio = ratio("webvid (8 fps)")
     lines = [
-        START,
         "## Prepare throughput (`bench/bench_prepare.py`)",
         "",
-        f"{datetime.date.today()} · {platform.machine()} · {os.cpu_count()} CPUs (shared) · Python "
-        f"{platform.python_version()} · PyAV {av.__version__} · 1 process each · {args.videos} H.264 clips of "
-        f"{WIDTH}x{HEIGHT} px at {FPS} fps, {args.frames} frames each · {args.repeats} repeats, interleaved",
+        *h.environment_lines("cpu", ("av",), load_before),
+        f"- 1 process each · {args.videos} H.264 clips of {WIDTH}x{HEIGHT} px at {FPS} fps, {args.frames} frames "
+        f"each · {args.repeats} repeats, interleaved",
         "",
         "Frames/s = source frames decoded per second (prepare stops decoding a clip after the last frame its grids use).",
         "",
-        "| pipeline | frames/s (median) | per repeat |",
-        "| --- | --- | --- |",
-        row("A. PyAV alone: decode + `to_ndarray(rgb24)` every frame", "rgb"),
-        row("A'. PyAV alone: decode only (no RGB conversion)", "decode"),
-        row("B1. prepare, WebVid setting: 4x4 grids at 8 fps, 144x256 cells, JPEG q95, shards", "webvid (8 fps)"),
-        row("B2. prepare, every frame in a grid (stride 1), same cells and encoding", "every frame"),
+        *h.table(["pipeline", "frames/s (median)", "per repeat"], [
+            row("A. PyAV alone: decode + `to_ndarray(rgb24)` every frame", "rgb"),
+            row("A'. PyAV alone: decode only (no RGB conversion)", "decode"),
+            row("B1. prepare, WebVid setting: 4x4 grids at 8 fps, 144x256 cells, JPEG q95, shards", "webvid (8 fps)"),
+            row("B2. prepare, every frame in a grid (stride 1), same cells and encoding", "every frame")], "lrl"),
         "",
-        f"**ratio B1 / A = {main_ratio:.2f}** (target >= {TARGET}: {'PASS' if main_ratio >= TARGET else 'FAIL'}) · "
+        f"**ratio B1 / A = {main_ratio:.2f}** (target >= {TARGET}: {h.verdict(main_ratio, TARGET, True)}) · "
         f"**ratio B2 / A = {ratio('every frame'):.2f}** · B1 / A' = {ratio('webvid (8 fps)', 'decode'):.2f} · "
         f"B2 / A' = {ratio('every frame', 'decode'):.2f}",
         "",
@@ -166,19 +155,8 @@ def main() -> None:
         "filter), then tiles (one copy) and encodes one JPEG per 16 frames. With WebVid's setting a grid uses one "
         "decoded frame in ~3; with every frame used (B2) the per-frame resize and the JPEG encoding of full grids "
         "are what it costs over bare decoding. More throughput: `prepare.workers=N` (one process per clip).",
-        END,
     ]
-    section = "\n".join(lines)
-    print(section)
-    if args.no_write:
-        return
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"  # re-read right before writing
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}", file=sys.stderr)
+    h.finish(args, "prepare", "\n".join(lines))
 
 
 if __name__ == "__main__":
