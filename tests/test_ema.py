@@ -121,15 +121,8 @@ def test_validation_uses_the_ema_weights(tmp_path):
     assert max((seen["after"][n] - seen["ema"][n]).abs().max() for n in seen["ema"]) > 1e-4
 
 
-def test_decay_off_by_default_and_checked():
-    assert make_cfg_default_decay() is None
-    with pytest.raises(ValueError, match="callbacks.ema.decay"):
+def test_decay_off_by_default_and_checked(tmp_path):
+    assert make_cfg(tmp_path).callbacks.ema.decay is None  # off unless asked for
+    assert not LoraEMA(decay=None).enabled and LoraEMA(decay=None).state_dict() == {}
+    with pytest.raises(ValueError, match="callbacks.ema.decay must be null .off. or in .0, 1., got 1.5"):
         LoraEMA(decay=1.5)
-
-
-def make_cfg_default_decay():
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return make_cfg(Path(tmp)).callbacks.ema.decay

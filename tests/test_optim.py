@@ -86,3 +86,18 @@ def test_schedule_matches_a_plain_formula():
         build_scheduler(opt, {"scheduler": "cosine"}, max_steps=None)
     with pytest.raises(ValueError, match="optim.scheduler must be constant or cosine, got 'step'"):
         build_scheduler(opt, {"scheduler": "step"}, max_steps=10)
+
+
+def test_config_selects_the_8bit_optimizer_for_the_lora(tmp_path):
+    from gridgen.training.module import GridModule
+    from test_training import make_cfg
+
+    cfg = make_cfg(tmp_path, "optim.name=adamw8bit", "lora.rank=4")
+    assert make_cfg(tmp_path).optim.name == "adamw"  # the default stays torch's AdamW
+    module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss, max_steps=4)
+    module.configure_model()
+    conf = module.configure_optimizers()
+    opt = conf["optimizer"]
+    assert type(opt).__module__.startswith("bitsandbytes") and type(opt).__name__ == "AdamW8bit"
+    assert [p for g in opt.param_groups for p in g["params"]] == module.trainable_parameters()
+    assert conf["lr_scheduler"]["interval"] == "step"
