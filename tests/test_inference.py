@@ -500,9 +500,10 @@ def test_cli_multirun_with_the_default_sweep_folder(tmp_path):
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------
-def test_bench_quick_and_results_section(tmp_path, capsys):
+def test_bench_quick_and_results_section(tmp_path, capsys, monkeypatch):
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))  # its `import harness`, as `python bench/...`
     spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).parents[1] / "bench" / "bench_generate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
