@@ -293,6 +293,7 @@ def measure_framework(bench: Bench) -> dict[str, Any]:
     light = [t - b for t, b in zip(intervals, bare, strict=True)]  # the interval holds the bare step too
     ratios = h.pair_ratios(light, bare)
     paired = {"lightning": light, "bare": bare, "ratio": h.median(ratios),
+              "overhead": h.median(t - b for t, b in zip(light, bare, strict=True)),
               "ratios": [h.median(ratios[i:i + a.steps]) for i in range(0, n, a.steps)]}
     blocks: dict[str, list[float]] = {"lightning": [], "bare": []}
     block_ratios = []
@@ -304,7 +305,8 @@ def measure_framework(bench: Bench) -> dict[str, Any]:
             medians[name] = h.median(times)
             log.info("framework repeat %d %-9s median %s ms", rep, name, h.ms(medians[name]))
         block_ratios.append(h.ratio(medians["lightning"], medians["bare"]))
-    return {**blocks, "ratios": block_ratios, "ratio": h.median(block_ratios), "paired": paired}
+    return {**blocks, "ratios": block_ratios, "ratio": h.median(block_ratios), "paired": paired,
+            "overhead": paired["overhead"]}
 
 
 # ---------------------------------------------------------------------------------------------- 2. L_flow
@@ -426,22 +428,27 @@ def measure_hot_path(bench: Bench) -> dict[str, Any]:
         norms = [p.grad.detach().float().norm() for p in module.trainable_parameters() if p.grad is not None]
         return torch.stack(norms).norm()
 
+    b, n = bench.args.batch_size, len(loop.params)
+    pieces = {  # label -> the piece, as GridModule runs it
+        f"_noise_and_times, B={b} (one torch.Generator + crc32 per sample, CPU then .to(device))":
+            lambda: module._noise_and_times(keys, x0, layout, **stream),
+        f"  floor: one generator, one batched randn + rand, B={b}": batched_noise(x0),
+        "_noise_and_times, B=8": lambda: module._noise_and_times(keys8, x8, layout, **stream),
+        "  floor: batched, B=8": batched_noise(x8),
+        "layout.image_ids (rebuilt every step)": lambda: layout.image_ids(device, bench.dtype),
+        "trainable_parameters() (walks all parameters)": module.trainable_parameters,
+        f"grad-norm logging in on_before_optimizer_step ({n} tensors, includes trainable_parameters())": grad_norm_log,
+        "  the same norm as computed again by gradient clipping":
+            lambda: torch.nn.utils.clip_grad_norm_(loop.params, float("inf")),
+    }
     rounds, inner = (3, 3) if bench.args.quick else (9, 10)
-    res = h.best_and_median({
-        "noise_and_times": lambda: module._noise_and_times(keys, x0, layout, **stream),
-        "noise_batched": batched_noise(x0),
-        "noise_and_times_b8": lambda: module._noise_and_times(keys8, x8, layout, **stream),
-        "noise_batched_b8": batched_noise(x8),
-        "image_ids": lambda: layout.image_ids(device, bench.dtype),
-        "trainable_parameters": module.trainable_parameters,
-        "grad_norm_log": grad_norm_log,
-        "clip_norm": lambda: torch.nn.utils.clip_grad_norm_(loop.params, float("inf")),  # Lightning's clipping norm
-    }, rounds, inner, device)
+    res = h.best_and_median(pieces, rounds, inner, device)
     loop.optimizer.zero_grad(set_to_none=True)
     log_cost = LogCost(warmup=1, calls=20 if bench.args.quick else 50)
     lightning_block(bench, 1, 2, extra=(log_cost,))
-    res["self_log"] = (h.median(log_cost.per_call), min(log_cost.per_call))
-    return {"times": res, "n_trainable_tensors": len(loop.params), "rounds": rounds}
+    res["one LightningModule.log call (5 per step: 4 in training_step, 1 in on_before_optimizer_step)"] = (
+        h.median(log_cost.per_call), min(log_cost.per_call))
+    return {"times": res, "rounds": rounds}
 
 
 # ---------------------------------------------------------------------------------------------- 5. variants
@@ -532,13 +539,9 @@ def render(bench: Bench, results: dict[str, Any], phases: dict[str, float], load
         lines += render_flow(results["flow"], results["losses"], targets)
     if "memory" in results:
         lines += render_memory(results["memory"], a)
-    if "hot" in results:
-        bare_med = h.median(results["framework"]["bare"]) if "framework" in results else h.median(
-            results["flow"]["times"][results["flow"]["names"][2]])
-        overhead = h.median([x - y for x, y in zip(results["framework"]["paired"]["lightning"],
-                                                    results["framework"]["paired"]["bare"], strict=True)]) \
-            if "framework" in results else float("nan")
-        lines += render_hot(results["hot"], a, bare_med, overhead)
+    if "hot" in results:  # against the framework section's bare step and Lightning overhead
+        fw = results.get("framework", {"bare": [], "overhead": float("nan")})
+        lines += render_hot(results["hot"], h.median(fw["bare"]), fw["overhead"])
     if "variants" in results:
         lines += render_variants(results["variants"], bench)
     if targets:
@@ -555,7 +558,6 @@ def render_framework(fw: dict[str, Any], a: argparse.Namespace, targets: list[li
         reps = ", ".join(h.ms(h.median(xs[i:i + per])) for i in range(0, len(xs), per))
         return [name, h.ms(h.median(xs)), h.spread_ms(xs), len(xs), reps]
 
-    overhead = h.median([x - y for x, y in zip(paired["lightning"], paired["bare"], strict=True)])
     targets += [h.target_row("gridgen step / bare step (A, blocks)", fw["ratio"], TARGET_FRAMEWORK),
                 h.target_row("gridgen step / bare step (B, step by step)", paired["ratio"], TARGET_FRAMEWORK)]
     return ["", "#### 1. Framework overhead: gridgen (Lightning) step vs bare PyTorch loop", "",
@@ -570,7 +572,7 @@ def render_framework(fw: dict[str, Any], a: argparse.Namespace, targets: list[li
             f"{', '.join(f'{r:.3f}' for r in fw['ratios'])}; Lightning adds "
             f"{h.ms(h.median(fw['lightning']) - h.median(fw['bare']))} ms per step (difference of medians).",
             f"B: per-repeat medians of the per-pair ratios {', '.join(f'{r:.3f}' for r in paired['ratios'])}; "
-            f"Lightning adds {h.ms(overhead)} ms per step (median of per-pair differences).", "",
+            f"Lightning adds {h.ms(fw['overhead'])} ms per step (median of per-pair differences).", "",
             f"**ratio gridgen/bare (A, blocks) = {fw['ratio']:.3f}**", "",
             f"**ratio gridgen/bare (B, step by step) = {paired['ratio']:.3f}**"]
 
@@ -626,22 +628,9 @@ def render_memory(mem: dict[str, Any], a: argparse.Namespace) -> list[str]:
             f"**ratio LoRA file / transformer parameters = {h.ratio(ckpt['file'], ckpt['base']):.4f}**"]
 
 
-def render_hot(hot: dict[str, Any], a: argparse.Namespace, bare_med: float, overhead: float) -> list[str]:
-    t = hot["times"]
-    rows = [
-        (f"_noise_and_times, B={a.batch_size} (one torch.Generator + crc32 per sample, CPU then .to(device))",
-         t["noise_and_times"]),
-        (f"  floor: one generator, one batched randn + rand, B={a.batch_size}", t["noise_batched"]),
-        ("_noise_and_times, B=8", t["noise_and_times_b8"]),
-        ("  floor: batched, B=8", t["noise_batched_b8"]),
-        ("layout.image_ids (rebuilt every step)", t["image_ids"]),
-        ("trainable_parameters() (walks all parameters)", t["trainable_parameters"]),
-        (f"grad-norm logging in on_before_optimizer_step ({hot['n_trainable_tensors']} tensors, includes "
-         "trainable_parameters())", t["grad_norm_log"]),
-        ("  the same norm as computed again by gradient clipping", t["clip_norm"]),
-        ("one LightningModule.log call (5 per step: 4 in training_step, 1 in on_before_optimizer_step)", t["self_log"]),
-    ]
-    body = [[name, h.us(best), h.us(med), f"{100 * h.ratio(best, bare_med):.2f}"] for name, (med, best) in rows]
+def render_hot(hot: dict[str, Any], bare_med: float, overhead: float) -> list[str]:
+    body = [[name, h.us(best), h.us(med), f"{100 * h.ratio(best, bare_med):.2f}"]
+            for name, (med, best) in hot["times"].items()]
     body.append(["all Lightning overhead (section 1 B: median gridgen minus bare step)", "", h.us(overhead),
                  f"{100 * h.ratio(overhead, bare_med):.2f}"])
     return ["", "#### 4. GridModule hot path (outside the transformer)", "",
