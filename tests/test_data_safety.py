@@ -181,3 +181,25 @@ def test_corrupt_cache_fails_in_setup(raw, tmp_path):
     model = {"name": "flux_tiny", "pretrained": "embedded:tiny", "max_sequence_length": 8}
     message = _one_line_error(GridDataModule(tmp_path / "c", cached=True, cache_model=model))
     assert message.startswith(f"cache manifest '{tmp_path / 'c' / 'cache.json'}' is unreadable")
+
+
+def test_the_cache_writer_never_unpickles_its_source_shards(raw, tmp_path, monkeypatch):
+    """`make cache` reads raw shards with the same safe decoder (encoders replaced: only the reading is tested)."""
+    import gridgen.data.cache as cache_lib
+
+    marker = tmp_path / "pwned"
+    _write(tmp_path / "raw" / "train-000000.tar", [dict(s, **_payloads(marker)) for s in raw])
+
+    def encode(pipe, samples, max_sequence_length):
+        return [{"latents": torch.zeros(s["layout"].num_tokens, 64), "prompt_embeds": torch.zeros(max_sequence_length, 4),
+                 "pooled_prompt_embeds": torch.zeros(4), "text_mask": torch.ones(max_sequence_length, dtype=torch.uint8)}
+                for s in samples]
+
+    monkeypatch.setattr(cache_lib, "encode_for_cache", encode)
+    model = {"name": "flux_tiny", "pretrained": "embedded:tiny", "max_sequence_length": 8}
+    manifest = cache_lib.cache_shards(None, {"train": [str(tmp_path / "raw" / "train-000000.tar")]}, tmp_path / "out",
+                                      model)
+    assert not marker.exists()
+    assert manifest["counts"] == {"train": 4} and manifest["skipped"] == 0
+    dm = GridDataModule(tmp_path / "out", batch_size=2, cached=True, cache_model=model)
+    assert sum(len(b["__key__"]) for b in dm.train_dataloader()) == 4
