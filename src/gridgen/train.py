@@ -156,7 +156,9 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
             if resume_step is not None and isinstance(logger, CSVLogger):
                 # Lightning's CSV writer starts the file afresh; keep the rows logged before the checkpoint.
                 kept = _metrics_before(Path(logger.log_dir) / "metrics.csv", resume_step)
-                logger.experiment.metrics.extend(kept)
+                rows = getattr(logger.experiment, "metrics", None)  # a no-op stand-in on ranks other than 0
+                if isinstance(rows, list):
+                    rows.extend(kept)
             loggers.append(logger)
     return loggers
 
@@ -196,11 +198,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
-    strategy = cfg.trainer.get("strategy")
-    if "fsdp" in str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy).lower() and \
-            cfg.model.dtype not in ("float32", "fp32"):
-        raise ValueError(f"strategy=fsdp needs model.dtype=float32 (one dtype per sharded block), got "
-                         f"model.dtype={cfg.model.dtype}; bf16 compute comes from trainer.precision=bf16-mixed")
     init_lora = resolve_init_lora(cfg)
     ckpt_path, resume_step = resolve_ckpt_path(cfg.get("ckpt_path"))
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(directory: str | Path, transformer: torch.nn.Module, metadata: dict[str, str] | None = None,
-              formats: Sequence[str] = ("diffusers",)) -> Path:
+              formats: Sequence[str] = ("diffusers",), state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the transformer's LoRA to ``directory`` in each of ``formats``; returns the first file written.
 
     ``diffusers`` (default): ``pytorch_lora_weights.safetensors``, keys ``transformer.<module>.lora_A.weight``; the
@@ -90,12 +90,16 @@ def save_lora(directory: str | Path, transformer: torch.nn.Module, metadata: dic
     ``kohya``: ``pytorch_lora_weights_kohya.safetensors`` in the ``lora_unet_*`` naming that ComfyUI and kohya's
     sd-scripts share for FLUX (:func:`kohya_state_dict`), with gridgen's ``metadata``.
 
+    ``state_dict`` (optional): peft-format LoRA tensors to write instead of reading them from ``transformer``
+    (whose adapter config is still used), e.g. full tensors gathered from FSDP2 shards on every rank.
+
     Every tensor is checked first: a non-finite one raises :class:`NonFiniteLoraError` and nothing is written.
     Files are written to a temporary name and moved into place, so a crash leaves the previous file intact.
     """
     formats = check_export_formats(formats)
     directory = Path(directory)
-    peft_state = lora_state_dict(transformer)
+    # state_dict: the LoRA gathered elsewhere (FSDP2: full tensors collected from every rank's shards)
+    peft_state = lora_state_dict(transformer) if state_dict is None else state_dict
     check_finite(peft_state, directory)
     kohya = kohya_state_dict(peft_state, *_kohya_inputs(transformer)) if "kohya" in formats else None
     if kohya is not None:

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from peft.utils import get_peft_model_state_dict
 
 import gridgen
 from gridgen.models.lora import save_lora
@@ -65,19 +66,30 @@ def config_hash(cfg: Any) -> str:
 
 
 class LoraExport(L.Callback):
-    """Writes ``<dirpath>/pytorch_lora_weights.safetensors`` (diffusers format) when training ends."""
+    """Writes ``<dirpath>/pytorch_lora_weights.safetensors`` (diffusers format, plus ``formats`` such as
+    ``kohya``) when training ends. Under FSDP2 every rank hands in its shards and rank 0 writes the full LoRA."""
 
-    def __init__(self, dirpath: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, dirpath: str, metadata: dict[str, Any] | None = None,
+                 formats: list[str] | tuple[str, ...] = ("diffusers",)) -> None:
         self.dirpath = Path(dirpath)
         self.metadata = dict(metadata or {})
+        self.formats = list(formats)
         self.path: Path | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path = self.dirpath / "pytorch_lora_weights.safetensors"
+        state = full_lora_state_dict(pl_module.transformer)  # a collective under FSDP2: every rank calls it
         if trainer.is_global_zero:
             meta = {"gridgen_version": gridgen.__version__, "gridgen_step": trainer.global_step, **self.metadata}
-            self.path = save_lora(self.dirpath, pl_module.transformer, meta)
+            self.path = save_lora(self.dirpath, pl_module.transformer, meta, formats=self.formats, state_dict=state)
             log.info("exported LoRA to %s", self.path)
+
+
+def full_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA's peft-format tensors, whole: sharded (FSDP2 DTensor) ones are gathered from every rank, so
+    every rank must call this together."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(transformer).items()}
 
 
 class RunSummary(L.Callback):

@@ -28,7 +28,7 @@ from gridgen.models.attention import apply_attention_backend
 from gridgen.models.flux import encode_images, encode_prompts
 from gridgen.models.loading import load_flux_pipeline, resolve_pretrained
 from gridgen.models.lora import attach_lora, build_lora_config, load_lora_weights_into
-from gridgen.models.quantization import check_scheme, is_quantized, quantize_transformer
+from gridgen.models.quantization import check_compile, check_scheme, is_quantized, quantize_transformer
 from gridgen.training.flops import training_flops_per_batch
 from gridgen.training.optim import build_optimizer, build_scheduler
 
@@ -111,10 +111,19 @@ class GridModule(L.LightningModule):
             if part is not None:
                 part.requires_grad_(False).eval()
         self.adopt_transformer(pipe.transformer)
+        self._shard_if_fsdp2()
         # The frozen encoders stay outside the module's parameters (not in checkpoints, not wrapped by
         # DDP/FSDP); they follow the module's device in on_fit_start.
         self.pipe = pipe
         self.pipe.transformer = None
+
+    def _shard_if_fsdp2(self) -> None:
+        """Under ``strategy=fsdp`` (FSDP2) Lightning hands the module a device mesh: shard each FLUX block."""
+        from gridgen.training.strategies import FluxFSDP2Strategy, shard_flux_transformer
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FluxFSDP2Strategy):
+            shard_flux_transformer(self.transformer, strategy.device_mesh["data_parallel"], strategy)
 
     def adopt_transformer(self, transformer: torch.nn.Module) -> None:
         """Freeze a FLUX transformer, attach the LoRA and make it this module's (also for benchmarks/notebooks
@@ -125,6 +134,8 @@ class GridModule(L.LightningModule):
         regional compilation: one graph per block class, reused by every block of that class).
         """
         scheme = self.model_cfg.get("quantization")
+        if self.model_cfg.get("compile", False):
+            check_compile(scheme)  # before any work: one line instead of a compile error at the first step
         if scheme is not None and not is_quantized(transformer):
             quantize_transformer(transformer, check_scheme(scheme))
         transformer.train()  # from_pretrained returns eval(); LoRA dropout needs train()
@@ -169,6 +180,8 @@ class GridModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skips = int(checkpoint.get("gridgen_nonfinite_skips", 0))
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        if "state_dict" not in checkpoint:  # FSDP2: the strategy has loaded the weights into the shards itself
+            return
         missing = trainable - set(checkpoint["state_dict"])
         if trainable and missing:
             raise ValueError(

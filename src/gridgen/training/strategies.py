@@ -1,9 +1,19 @@
-"""Distributed strategies that need Python objects (block classes) rather than plain config values."""
+"""FSDP2 for FLUX: per-parameter sharding (``fully_shard``) of each transformer block through Lightning's
+``ModelParallelStrategy``.
+
+Per-parameter sharding keeps each tensor's dtype, so a bf16 frozen base and fp32 LoRA weights shard side by
+side (FSDP1 flattened a block into one buffer of one dtype and needed ``model.dtype=float32``: twice the
+memory for FLUX.1-dev's base). The strategy only sets up the device mesh; the module shards itself in
+``configure_model`` with :func:`shard_flux_transformer`. Checkpoints stay LoRA-only: frozen parameters are left
+out of the gathered state dict, and rank 0 writes one file.
+"""
 
 from __future__ import annotations
 
-from lightning.pytorch.strategies import FSDPStrategy
-from torch.distributed.fsdp import CPUOffload
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 
 def flux_block_classes() -> set[type]:
@@ -16,16 +26,50 @@ def flux_block_classes() -> set[type]:
     return {FluxTransformerBlock, FluxSingleTransformerBlock}
 
 
-def flux_fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointing: bool = True,
-                       cpu_offload: bool = False, **kwargs) -> FSDPStrategy:
-    """Lightning's FSDPStrategy wrapping each FLUX block; frozen and LoRA weights share one flat parameter
-    per block, so ``use_orig_params`` keeps per-parameter ``requires_grad`` (only LoRA trains)."""
+class FluxFSDP2Strategy(ModelParallelStrategy):
+    """Data parallel over every process with FSDP2 (no tensor parallelism); LoRA-only, single-file checkpoints.
+
+    Args:
+        activation_checkpointing: recompute each block in the backward (diffusers' gradient checkpointing).
+        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3; False: ZeRO-2).
+        param_dtype: compute dtype of the gathered weights (``bfloat16``; None keeps each tensor's own dtype,
+            which then must be uniform); gradients are reduced in ``reduce_dtype`` (float32).
+    """
+
+    def __init__(self, activation_checkpointing: bool = True, reshard_after_forward: bool = True,
+                 param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32", **kwargs: Any) -> None:
+        super().__init__(save_distributed_checkpoint=False, **kwargs)
+        self.activation_checkpointing = activation_checkpointing
+        self.reshard_after_forward = reshard_after_forward
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+
+    def setup_environment(self) -> None:
+        # every process is one data-parallel rank: shard across all of them, no tensor parallelism
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The LoRA tensors only, gathered whole on rank 0 (the frozen base is rebuilt from model.pretrained)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
+
+
+def shard_flux_transformer(transformer: torch.nn.Module, mesh: Any, strategy: FluxFSDP2Strategy) -> None:
+    """``fully_shard`` each FLUX block, then the transformer (its embedders and output layers) on ``mesh``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    def dtype(name: str | None) -> torch.dtype | None:
+        return getattr(torch, name) if name else None
+
+    policy = MixedPrecisionPolicy(param_dtype=dtype(strategy.param_dtype), reduce_dtype=dtype(strategy.reduce_dtype))
+    if strategy.activation_checkpointing:
+        transformer.enable_gradient_checkpointing()
     blocks = flux_block_classes()
-    return FSDPStrategy(
-        auto_wrap_policy=blocks,
-        activation_checkpointing_policy=blocks if activation_checkpointing else None,
-        sharding_strategy=sharding_strategy,
-        cpu_offload=CPUOffload(offload_params=True) if cpu_offload else None,
-        use_orig_params=True,
-        **kwargs,
-    )
+    for module in transformer.modules():
+        if type(module) in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=strategy.reshard_after_forward)
+    fully_shard(transformer, mesh=mesh, mp_policy=policy, reshard_after_forward=strategy.reshard_after_forward)
