@@ -60,3 +60,40 @@ def test_regional_compile_same_loss_no_recompiles(tmp_path):
 def test_regional_compile_inductor_same_loss_no_recompiles(tmp_path):
     # stated tolerance: 1e-4 relative (inductor fuses and reorders float reductions)
     check_compiled_run(tmp_path, [], tolerance=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["bnb_int8", "bnb_nf4"])
+def test_regional_compile_on_a_bitsandbytes_base(tmp_path, scheme):
+    """Compiled blocks around bitsandbytes layers + LoRA (the in-memory path of adopt_transformer): the eager
+    quantized losses, and no recompiles once warm. LLM.int8 layers move their int8 weight into their matmul
+    state at their first forward, which costs one recompile at the second step; NF4 compiles once."""
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install -e '.[quant]')")
+    from gridgen.models.loading import load_flux_pipeline
+    from gridgen.models.tiny import ensure_tiny_flux
+    from gridgen.training.module import GridModule
+    from test_quantization import transformer_inputs
+
+    torch._dynamo.reset()
+    counters.clear()
+    losses, graphs = {}, []
+    for compiled in (False, True):
+        cfg = make_cfg(tmp_path, f"model.quantization={scheme}", f"model.compile={str(compiled).lower()}",
+                       "model.compile_options={backend:aot_eager}", "lora.rank=4", "lora.init=gaussian")
+        module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss)
+        module.adopt_transformer(load_flux_pipeline(ensure_tiny_flux(), load_vae=False,
+                                                    load_text_encoders=False).transformer)
+        opt = module.configure_optimizers()["optimizer"]
+        target = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(1))
+        losses[compiled] = []
+        for _ in range(3):
+            loss = torch.nn.functional.mse_loss(module.transformer(**transformer_inputs())[0], target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[compiled].append(loss.item())
+            if compiled:
+                graphs.append(counters["stats"]["unique_graphs"])
+    warm = 1 if scheme == "bnb_int8" else 0
+    assert graphs[0] >= 2 and graphs[warm:] == [graphs[warm]] * (3 - warm), graphs
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses[True][-1] < losses[True][0]

@@ -149,3 +149,18 @@ def test_unknown_scheme_is_one_clear_error(base):
         quantize_transformer(copy.deepcopy(base), "int3")
     with pytest.raises(QuantizationError, match="got 'fp8'"):
         load_flux_pipeline(ensure_tiny_flux(), quantization="fp8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+@pytest.mark.parametrize("scheme", ["bnb_int8", "bnb_nf4"])
+def test_bitsandbytes_loader_without_cuda_is_one_clear_error(scheme):
+    needs(scheme)
+    with pytest.raises(QuantizationError, match=f"model.quantization={scheme} .* needs a CUDA GPU; .*int8_weight_only"):
+        load_flux_pipeline(ensure_tiny_flux(), quantization=scheme)
+
+
+def test_compile_with_torchao_int8_is_one_clear_error(tmp_path, base):
+    cfg = make_cfg(tmp_path, "model.quantization=int8_weight_only", "model.compile=true", "lora.rank=4")
+    module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss)
+    with pytest.raises(QuantizationError, match="model.compile=true cannot train through torchao's int8 weights"):
+        module.adopt_transformer(copy.deepcopy(base))

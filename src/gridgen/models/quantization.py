@@ -42,6 +42,17 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
+def check_compile(scheme: str | None) -> None:
+    """``model.compile=true`` with a quantized base: torch.compile cannot yet differentiate through torchao's
+    int8 tensor subclass once LoRA wraps it (AOTAutograd refuses aliased subclass outputs); bitsandbytes'
+    layers compile (checked in tests/test_compile.py)."""
+    if scheme == "int8_weight_only":
+        raise QuantizationError(
+            "model.compile=true cannot train through torchao's int8 weights (torch.compile refuses aliased "
+            "tensor-subclass outputs under autograd); use model.compile=false, or model.quantization=bnb_int8 on CUDA"
+        )
+
+
 def _require(module: str) -> Any:
     try:
         return __import__(module)
@@ -71,6 +82,11 @@ def quantization_configs(scheme: str, dtype: torch.dtype = torch.bfloat16,
             configs["text_encoder_2"] = transformers.TorchAoConfig(_torchao_int8_config())
         return configs
     _require("bitsandbytes")
+    if not torch.cuda.is_available():
+        raise QuantizationError(
+            f"model.quantization={scheme} loads through diffusers' bitsandbytes loader, which needs a CUDA GPU; "
+            "on this machine use model.quantization=int8_weight_only (torchao, CPU and GPU)"
+        )
     if scheme == "bnb_int8":
         kwargs: dict[str, Any] = {"load_in_8bit": True}
     else:  # bnb_nf4: the QLoRA recipe (NF4, double quantization, compute in the model's dtype)
