@@ -68,7 +68,7 @@ class LoraEMA(L.Callback):
             if set(saved) != set(self.names):
                 raise ValueError("checkpoint's EMA does not fit this LoRA (other lora.rank or lora.target_modules); "
                                  "resume with the run's lora config")
-            self.ema = [saved[n].to(device=p.device, dtype=torch.float32).clone() for n, p in named]
+            self.ema = [_like(saved[n], p) for n, p in named]
             self.step = int(self._loaded["step"])
             self._loaded = None
         else:  # e_0 = w_0
@@ -78,8 +78,9 @@ class LoraEMA(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         if not self.enabled or self.ema is None:
             return {}
+        # whole tensors (FSDP2 shards gathered: every rank dumps callback states together), on the CPU
         return {"decay": self.decay, "step": self.step,
-                "ema": {n: e.detach().cpu().clone() for n, e in zip(self.names, self.ema, strict=True)}}
+                "ema": {n: _full(e).cpu().clone() for n, e in zip(self.names, self.ema, strict=True)}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.enabled and state_dict.get("ema"):
@@ -122,20 +123,38 @@ class LoraEMA(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.ema is None or self.dirpath is None:
             return
+        from gridgen.training.callbacks import LoraExport, full_lora_state_dict
+
         self.path = self.dirpath / EMA_FILE
+        self.swap_in()
+        try:  # peft's key mapping of the EMA weights; a collective under FSDP2: every rank calls it
+            # cloned: on the CPU the returned tensors are the parameters themselves, which swap_out restores
+            state = {k: v.clone() for k, v in full_lora_state_dict(pl_module.transformer).items()}
+        finally:
+            self.swap_out()
         if not trainer.is_global_zero:
             return
-        from gridgen.training.callbacks import LoraExport
-
         # the raw export's metadata (stage, task, rank, config hash set by the entry point), marked as EMA
         raw_meta = next((c.metadata for c in trainer.callbacks if isinstance(c, LoraExport)), {})
         meta = {"gridgen_version": gridgen.__version__, "gridgen_step": trainer.global_step, **raw_meta,
                 "gridgen_ema_decay": self.decay}
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        self.swap_in()
-        try:  # save_lora writes pytorch_lora_weights.safetensors: write it aside, then move it into place
-            with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".ema-") as tmp:
-                os.replace(save_lora(tmp, pl_module.transformer, meta), self.path)
-        finally:
-            self.swap_out()
+        # save_lora names its file pytorch_lora_weights.safetensors: write it aside, then move it into place
+        with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".ema-") as tmp:
+            os.replace(save_lora(tmp, pl_module.transformer, meta, state_dict=state), self.path)
         log.info("exported EMA LoRA (decay %g) to %s", self.decay, self.path)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: an FSDP2 shard (DTensor) is gathered from every rank."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+
+
+def _like(saved: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's whole fp32 EMA tensor placed like ``param`` (sharded again under FSDP2)."""
+    tensor = saved.to(device=param.device, dtype=torch.float32)
+    if hasattr(param, "device_mesh"):  # DTensor
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(tensor, param.device_mesh, param.placements)
+    return tensor.clone()
