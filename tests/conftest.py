@@ -12,3 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # variable also reaches the subprocesses that CLI and DDP tests start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRIDGEN_CACHE", str(ROOT / ".cache" / "tests"))
+
+
+def pytest_sessionstart(session):
+    """Tests that read the embedded sample shards straight from the config (not through a DataModule's
+    prepare_data, which builds them for `make train`) find them built once, whatever order the tests run in."""
+    from gridgen.data.sample import ensure_sample_shards
+
+    ensure_sample_shards(os.environ["GRIDGEN_CACHE"])

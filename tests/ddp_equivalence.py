@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.data.datamodule import GridDataModule, collate_grid_samples
+from gridgen.data.sample import ensure_sample_shards
 from gridgen.layout import GridLayout
 from gridgen.models.lora import save_lora
 from gridgen.training.callbacks import AlphaSchedule, full_lora_state_dict
@@ -51,6 +52,7 @@ def main() -> None:
         cfg = compose("train", overrides=["paths.root_dir=/tmp", "paths.output_dir=/tmp", "lora.rank=4",
                                           "optim.lr=1e-2", "optim.eps=1e-4", "trainer.max_steps=3",
                                           f"trainer.gradient_clip_val={clip}", *strategy])
+    ensure_sample_shards(cfg.data.sample_data_root)  # built on first use (no prepare_data() on this path)
     video = cfg.data.train_shards  # the embedded video subset (train-*.tar and val-*.tar)
     samples = fixed_samples(video, 4)
     loader = DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=collate_grid_samples)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.data.cache import cache_shards, load_encoders
 from gridgen.data.datamodule import parse_sources, resolve_shards
+from gridgen.data.sample import ensure_sample_shards
 
 log = logging.getLogger("gridgen.cache")
 register_resolvers()
@@ -34,6 +35,9 @@ def _choices() -> tuple[str | None, list[str]]:
 
 def cache_plan(data: DictConfig, out: Path, splits: list[str]) -> list[tuple[str, Path, dict[str, list[str]]]]:
     """``[(source name, output folder, {split: [shard url, ...]})]``: one folder per source of a mix."""
+    if data.get("sample_data_root"):  # data=sample: the embedded shards are built on first use
+        ensure_sample_shards(data.sample_data_root)
+    allow_pipe = bool(data.get("allow_pipe", False))
     sources = parse_sources(data.get("train_shards"), data.get("sources"), data.get("weights"))
     single = not data.get("sources") and data.get("weights") is None
     plan = []
@@ -41,13 +45,13 @@ def cache_plan(data: DictConfig, out: Path, splits: list[str]) -> list[tuple[str
         folder = out if single else out / (src.name if data.get("sources") else f"source{index}")
         shards: dict[str, list[str]] = {}
         if "train" in splits:
-            shards["train"] = resolve_shards(src.shards, "train", name=src.config_key)
+            shards["train"] = resolve_shards(src.shards, "train", name=src.config_key, allow_pipe=allow_pipe)
         if "val" in splits:
             if single and data.get("val_shards") is not None:
-                shards["val"] = resolve_shards(data.val_shards, "val", name="val_shards")
+                shards["val"] = resolve_shards(data.val_shards, "val", name="val_shards", allow_pipe=allow_pipe)
             else:
                 try:  # the val-*.tar next to a folder's train shards, if there are any
-                    shards["val"] = resolve_shards(src.shards, "val", name=src.config_key)
+                    shards["val"] = resolve_shards(src.shards, "val", name=src.config_key, allow_pipe=allow_pipe)
                 except FileNotFoundError:
                     log.info("source %s: no val shards next to its train shards; caching train only", src.name)
         plan.append((src.name, folder, shards))

@@ -295,7 +295,7 @@ class GridDataModule(L.LightningDataModule):
                 logger.log_metrics({"data/skipped": skipped, "data/ignored_members": ignored}, step=step)
         return batch
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> SkipFirst:
         """Endless resampled (mixed) stream cut into epochs of a fixed number of batches per process."""
         self.setup("fit")
         assert self.train_urls is not None
@@ -333,8 +333,7 @@ class GridDataModule(L.LightningDataModule):
         loader = loader.with_length(self.batches_per_epoch, silent=True)
         if done:
             log.info("resuming at epoch %d: skipping the %d batches it already trained on", epoch, done)
-            return SkipFirst(loader, done)
-        return loader
+        return SkipFirst(loader, done)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Each validation shard once, in order, unshuffled; the last batch of each layout may be partial.

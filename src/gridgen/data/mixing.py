@@ -155,7 +155,18 @@ def resume_position(trainer: Any, batches_per_epoch: int) -> tuple[int, int]:
 
 
 class SkipFirst:
-    """A loader whose first iteration skips ``skip`` batches (the part of an epoch trained before a resume)."""
+    """A loader whose first iteration skips ``skip`` batches (the part of an epoch trained before a resume).
+
+    Lightning asks a loader for ``state_dict``/``load_state_dict`` to resume mid-epoch (and warns that the run is
+    "not resumable" without them). The position needs no state of its own: it is a function of the trainer's
+    restored step and epoch (:func:`resume_position`), which the DataModule reads when it builds this loader.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # see the class docstring: resume_position() already placed this loader
 
     def __init__(self, loader: Any, skip: int) -> None:
         self.loader, self.skip = loader, skip
