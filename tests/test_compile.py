@@ -35,11 +35,12 @@ def run(tmp_path, *overrides) -> list[dict]:
     return list(StepProbe.steps)
 
 
-def check_compiled_run(tmp_path, backend_overrides: list[str], tolerance: float) -> None:
+def check_compiled_run(tmp_path, overrides: list[str], tolerance: float) -> None:
     torch._dynamo.reset()
     counters.clear()
-    eager = run(tmp_path / "eager")
-    compiled = run(tmp_path / "compiled", "model.compile=true", *backend_overrides)
+    model_overrides = [o for o in overrides if not o.startswith("model.compile_options")]
+    eager = run(tmp_path / "eager", *model_overrides)
+    compiled = run(tmp_path / "compiled", "model.compile=true", *overrides)
     assert len(eager) == len(compiled) == 3
     assert all(s["compiled"] for s in compiled) and not any(s["compiled"] for s in eager)
     # one graph per block class (double, single), forward and backward: nothing new after the first step
@@ -49,9 +50,11 @@ def check_compiled_run(tmp_path, backend_overrides: list[str], tolerance: float)
         assert b["loss"] == pytest.approx(a["loss"], rel=tolerance), (eager, compiled)
 
 
-def test_regional_compile_same_loss_no_recompiles(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])  # flux_dev trains with gradient checkpointing
+def test_regional_compile_same_loss_no_recompiles(tmp_path, checkpointing):
     # stated tolerance: 1e-5 relative (aot_eager runs the same ATen ops as eager)
-    check_compiled_run(tmp_path, ["model.compile_options={backend:aot_eager}"], tolerance=1e-5)
+    check_compiled_run(tmp_path, ["model.compile_options={backend:aot_eager}",
+                                  f"model.gradient_checkpointing={str(checkpointing).lower()}"], tolerance=1e-5)
 
 
 @pytest.mark.slow
