@@ -30,10 +30,11 @@ Sections (``--sections``; default all for tiny, ``variants`` for the others):
 4. hot: GridModule's work outside the transformer (noise draws, position ids, grad-norm logging), alone.
 5. variants: the bare step of the baseline and of each requested variant (``--compile``: regional compilation
    of the repeated blocks, ``--quantization``: frozen base quantized, ``--optim adamw8bit``,
-   ``--gradient-checkpointing``), each in a freshly built module, ``--repeats`` rounds in rotating order:
-   step time, ratio to the baseline of the same round, TFLOP/s and MFU from ``gridgen.training.flops``
-   (model FLOPs: recomputation not counted; peak from ``peak_flops`` of the device) and peak memory of a step
-   (weights, optimiser state and activations). A variant that cannot run here reports ``skipped: <reason>``.
+   ``--gradient-checkpointing``), each a module built as a run builds it: all stepped in turn, one step each
+   in rotating order (dev-random: one variant in memory at a time): step time, ratio to the baseline,
+   TFLOP/s and MFU from ``gridgen.training.flops`` (model FLOPs: recomputation not counted; peak from
+   ``peak_flops`` of the device) and the memory the variant adds (weights, optimiser state, activations).
+   A variant that cannot run here reports ``skipped: <reason>``.
 
 Ratios of variants run step by step are medians of per-pair ratios of neighbouring steps (robust to a drifting
 load); those of blocks, medians over repeats of ratios of median step times. Results go to the ``train``
@@ -468,57 +469,68 @@ def requested_variants(args: argparse.Namespace) -> dict[str, dict[str, dict[str
 
 
 def measure_variants(bench: Bench) -> dict[str, Any]:
-    """Each variant built fresh per round (one in memory at a time), rounds in rotating order."""
+    """Each variant built once and warmed up (the memory it adds measured meanwhile), then all stepped in turn,
+    one step each in rotating order; FLUX.1-dev-sized variants (~24 GB each) one after another instead."""
     a = bench.args
+    together = a.model != "dev-random"
     variants = requested_variants(a)
-    rounds = 1 if a.model == "dev-random" or a.quick else a.repeats
-    times: dict[str, list[list[float]]] = {name: [] for name in variants}
-    peaks: dict[str, list[float]] = {name: [] for name in variants}
+    probe, loops, times = h.MemoryProbe(bench.device), {}, {}
+    memory: dict[str, float] = {}
     skipped: dict[str, str] = {}
     flops: dict[str, tuple[int, int]] = {}
-    for r in range(rounds):
-        for name in h.rotation(list(variants), r):
-            if name in skipped:
-                continue
-            bench.module = None
-            gc.collect()
-            if bench.device.type == "cuda":
-                torch.cuda.empty_cache()
-            probe = h.MemoryProbe(bench.device)
-            probe.start()  # the peak covers building, weights, optimiser state and the steps
-            try:
-                module = bench.build_module(**variants[name])
-                loop = BareLoop(bench, module)
-                for _ in range(max(1, a.warmup)):  # compilation happens here
-                    loop.step()
-            except Exception as e:  # noqa: BLE001 - a variant this machine cannot run is reported, not fatal
-                skipped[name] = h.skip_reason(e)
-                log.info("variant %s: skipped: %s", name, skipped[name])
-                continue
-            times[name].append([loop.step() for _ in range(a.steps)])
-            peaks[name].append(probe.stop())
-            log.info("variant %-40s round %d median %s ms", name, r, h.ms(h.median(times[name][-1])))
-            if name not in flops:
-                counts = (a.batch_size, bench.layout.num_tokens, bench.batch["prompt_embeds"].shape[1])
-                gc_on = bool(variants[name].get("model", {}).get("gradient_checkpointing", False))
-                flops[name] = (training_flops_per_batch(module.transformer, *counts),
-                               training_flops_per_batch(module.transformer, *counts, gradient_checkpointing=gc_on))
-            del module, loop
     bench.module = None
+    for name, overrides in variants.items():
+        gc.collect()
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+        probe.start()
+        try:
+            loop = BareLoop(bench, bench.build_module(**overrides))
+            for _ in range(max(1, a.warmup)):  # compilation happens here
+                loop.step()
+        except Exception as e:  # noqa: BLE001 - a variant this machine cannot run is reported, not fatal
+            skipped[name] = h.skip_reason(e)
+            log.info("variant %s: skipped: %s", name, skipped[name])
+            continue
+        probe.stop()
+        memory[name] = probe.deltas[-1]  # weights, optimiser state and a step's activations
+        counts = (a.batch_size, bench.layout.num_tokens, bench.batch["prompt_embeds"].shape[1])
+        checkpointing = bool(overrides.get("model", {}).get("gradient_checkpointing", False))
+        flops[name] = (training_flops_per_batch(loop.module.transformer, *counts),
+                       training_flops_per_batch(loop.module.transformer, *counts, gradient_checkpointing=checkpointing))
+        if together:
+            loops[name] = loop
+        else:
+            times[name] = [loop.step() for _ in range(a.repeats * a.steps)]
+            del loop
+    if together:
+        rounds = h.interleaved({name: loop._step for name, loop in loops.items()}, a.repeats * a.steps,
+                               device=bench.device)
+        times = {name: [r[0] for r in v] for name, v in rounds.items()}
+    ratios = {}
+    for name in times:
+        if "baseline" not in times:
+            ratios[name] = float("nan")
+        elif together:  # neighbouring steps share the machine's load
+            ratios[name] = h.median(h.pair_ratios(times[name], times["baseline"]))
+        else:
+            ratios[name] = h.ratio(h.median(times[name]), h.median(times["baseline"]))
     dtype = "tfloat32" if bench.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" \
         else bench.dtype
     peak = peak_flops(h.device_name(bench.device), dtype) if bench.device.type == "cuda" else None
-    return {"variants": list(variants), "times": times, "peaks": peaks, "skipped": skipped, "flops": flops,
-            "peak_flops": peak, "rounds": rounds, "memory_kind": probe.kind}
+    return {"variants": list(variants), "times": times, "ratios": ratios, "memory": memory, "skipped": skipped,
+            "flops": flops, "peak_flops": peak, "together": together, "memory_kind": probe.kind}
 
 
 # ---------------------------------------------------------------------------------------------- report
 def render(bench: Bench, results: dict[str, Any], phases: dict[str, float], load_before: str) -> tuple[str, str]:
     a, fc, layout = bench.args, bench.flux_config, bench.layout
     key = f"{a.model}-{bench.device.type}-{a.dtype}-b{a.batch_size}".removeprefix("tiny-") + ("-quick" if a.quick else "")
+    if set(a.sections) != set(SECTIONS):  # a partial run gets its own block, next to the full one
+        key += "-" + "+".join(a.sections)
     lines = [
         f"### {'' if a.model == 'tiny' else a.model + ' / '}{bench.device.type} / {a.dtype} / batch {a.batch_size}"
-        + (" (quick)" if a.quick else ""),
+        + (" (quick)" if a.quick else "") + ("" if set(a.sections) == set(SECTIONS) else f" ({', '.join(a.sections)})"),
         "",
         *h.environment_lines(bench.device, ("lightning", "diffusers", "peft"), load_before),
         f"- wall time {sum(phases.values()):.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
@@ -640,31 +652,31 @@ def render_hot(hot: dict[str, Any], bare_med: float, overhead: float) -> list[st
 
 
 def render_variants(res: dict[str, Any], bench: Bench) -> list[str]:
-    base = res["times"].get("baseline") or []
     rows = []
     for name in res["variants"]:
         if name in res["skipped"]:
             rows.append([name, f"skipped: {res['skipped'][name]}", "", "", "", ""])
             continue
-        rounds = res["times"][name]
-        step = h.median([t for r in rounds for t in r])
-        ratios = [h.ratio(h.median(v), h.median(b)) for v, b in zip(rounds, base, strict=False)]
+        step = h.median(res["times"][name])
         model_flops, executed = res["flops"][name]
         mfu = f"{100 * model_flops / step / res['peak_flops']:.1f} %" if res["peak_flops"] else "n/a"
-        rows.append([name, h.ms(step), f"{h.median(ratios):.3f}" if base else "n/a",
-                     f"{executed / step / 1e12:.3f}", mfu, f"{h.mib(h.median(res['peaks'][name]))}"])
-    model_flops = res["flops"].get("baseline", (0, 0))[0]
-    peak = f"{res['peak_flops'] / 1e12:.1f} TFLOP/s dense {bench.args.dtype}" if res["peak_flops"] else \
+        rows.append([name, h.ms(step), f"{res['ratios'][name]:.3f}", f"{executed / step / 1e12:.3f}", mfu,
+                     h.mib(res["memory"][name])])
+    a = bench.args
+    how = ("all built first, then stepped in turn, one step each in rotating order; ratio = median of the "
+           "per-pair ratios of neighbouring steps" if res["together"] else
+           "one after another (one in memory at a time); ratio of the median steps")
+    peak = f"{res['peak_flops'] / 1e12:.1f} TFLOP/s dense {a.dtype}" if res["peak_flops"] else \
         "unknown for this device (MFU n/a)"
-    return ["", "#### 5. Variants: step time, MFU, peak memory", "",
-            f"Bare-loop steps of a freshly built module per variant and round ({res['rounds']} round(s), rotating "
-            f"order, {bench.args.steps} timed steps after {max(1, bench.args.warmup)} warm-up steps, which hold any "
-            f"compilation); ratio = median over rounds of (variant median / baseline median of the same round). "
-            f"FLOPs per step from `gridgen.training.flops` ({model_flops / 1e9:.3f} GFLOP without recomputation); "
-            f"TFLOP/s counts what runs (with checkpointing: one more forward of the blocks), MFU the model FLOPs "
-            f"against the device's peak: {peak}. Peak memory: {res['memory_kind']} from before the module is "
-            "built to the end of its steps (weights, optimiser state, activations).", "",
-            *h.table(["variant", "median step (ms)", "ratio to baseline", "TFLOP/s", "MFU", "peak memory (MiB)"],
+    return ["", "#### 5. Variants: step time, MFU, memory", "",
+            f"Bare-loop steps of one module per variant, built as a run builds it and warmed up for "
+            f"{max(1, a.warmup)} step(s), which hold any compilation; {a.repeats * a.steps} timed steps each, {how}. "
+            f"FLOPs per step from `gridgen.training.flops` "
+            f"({res['flops'].get('baseline', (0, 0))[0] / 1e9:.3f} GFLOP without recomputation): TFLOP/s counts "
+            f"what runs (with checkpointing one more forward of the blocks), MFU the model FLOPs against the "
+            f"device's peak: {peak}. Memory ({res['memory_kind']}): what building the variant and its warm-up "
+            "steps added (weights, optimiser state, a step's activations).", "",
+            *h.table(["variant", "median step (ms)", "ratio to baseline", "TFLOP/s", "MFU", "memory added (MiB)"],
                      rows, "lrrrrr")]
 
 

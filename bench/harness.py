@@ -218,7 +218,7 @@ class MemoryProbe:
     def kind(self) -> str:
         if self.cuda:
             return "torch.cuda.max_memory_allocated"
-        return "peak RSS (VmHWM reset per step)" if self.can_reset else "process max RSS (no reset available)"
+        return "peak RSS (VmHWM reset at the start)" if self.can_reset else "process max RSS (no reset available)"
 
 
 # ---------------------------------------------------------------------------------------------- the machine

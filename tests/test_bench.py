@@ -47,8 +47,8 @@ def test_bench_quick_smoke():
             assert math.isfinite(float(value)) and float(value) > 0, (name, value)
     targets = re.findall(r"^\| [^|]+ \| ([^|]+) \| <= [\d.]+ \| (PASS|FAIL) \|$", out, re.M)
     assert len(targets) >= 3 and all(math.isfinite(float(v)) for v, _ in targets), out
-    step, ratio, tflops, mfu, peak = variant_rows(out)["baseline"]
-    assert float(step) > 0 and float(ratio) == 1.0 and float(tflops) > 0 and float(peak) > 0
+    step, ratio, tflops, mfu, memory = variant_rows(out)["baseline"]
+    assert float(step) > 0 and float(ratio) == 1.0 and float(tflops) > 0 and math.isfinite(float(memory))
     assert mfu == "n/a"  # a CPU has no peak FLOP/s entry
 
 
