@@ -33,7 +33,9 @@ from gridgen.inference.tasks import (
     reference_frames,
     resolve_layout,
 )
+from gridgen.models.attention import apply_attention_backend
 from gridgen.models.loading import load_flux_pipeline, parse_dtype, resolve_pretrained
+from gridgen.models.quantization import check_compile
 
 log = logging.getLogger("gridgen.generate")
 register_resolvers()
@@ -138,12 +140,19 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(gen.device), parse_dtype(gen.dtype)
     load_started = time.perf_counter()
+    if cfg.model.get("compile"):
+        check_compile(cfg.model.get("quantization"))
     pipe = load_flux_pipeline(resolve_pretrained(cfg.model.pretrained), dtype=dtype, device=device,
-                              revision=cfg.model.get("revision"), variant=cfg.model.get("variant"))
+                              revision=cfg.model.get("revision"), variant=cfg.model.get("variant"),
+                              quantization=cfg.model.get("quantization"),
+                              quantize_text_encoder=bool(cfg.model.get("quantize_text_encoder", False)))
     pipe.set_progress_bar_config(disable=True)
     lora = apply_lora(pipe.transformer, cfg.lora.path, float(cfg.lora.scale)) if cfg.lora.path else None
     if lora and (mismatch := lora_task_mismatch(lora.get("gridgen_task"), spec)):
         log.warning(mismatch)
+    attention = apply_attention_backend(cfg.model.get("attention_backend"), device.type, pipe.transformer)
+    if cfg.model.get("compile"):  # regional compilation of the repeated blocks, LoRA inside (as in training)
+        pipe.transformer.compile_repeated_blocks(**dict(cfg.model.get("compile_options") or {}))
     sampler = GridSampler(pipe, int(gen.max_sequence_length))
     encoded = {key: (None if frames is None else sampler.encode_grid(layout.tile(frames)[None].to(dtype)),  # (1, N, 64)
                      keep_tokens(layout, keep) if keep.any() else None)  # (1, N, 1)
@@ -160,7 +169,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                                                          "height": layout.height, "width": layout.width},
         "T": T, "steps": int(gen.steps), "guidance": float(gen.guidance),
         "mask": cfg.mask.mode if spec.keep != "none" else None,
-        "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained), "dtype": str(dtype).removeprefix("torch.")},
+        "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained), "dtype": str(dtype).removeprefix("torch."),
+                  "attention_backend": attention, "compile": bool(cfg.model.get("compile")),
+                  "quantization": cfg.model.get("quantization")},
         "device": str(device), "lora": lora, "out": str(out), "samples": [],
         "timing": {"load_s": round(load_s, 4)}, "config": _plain(cfg),
     }

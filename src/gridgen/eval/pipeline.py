@@ -46,6 +46,7 @@ from gridgen.eval.metrics import (
     temporal_consistency,
 )
 from gridgen.eval.report import Evaluation, paper_targets, render_table, write_results
+from gridgen.models.attention import apply_attention_backend
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
         raise ValueError("eval.fake is not set: give the generated videos (a folder of mp4s, of frame folders, or a "
                          "gridgen.generate output), or eval.generate=true")
     device = _setup_device(cfg)
+    # CLIP's attention kernel (the I3D and C3D are convolutional); generation runs in its own process
+    attention = apply_attention_backend(cfg.eval.get("attention_backend"), device.type)
     fake = list_videos(fake_spec, ec.layout, ec.background)
     for item in fake:  # generated from the real set: sample k is real video k
         item.name = names.get(item.meta.get("index", -1), item.name)
@@ -281,6 +284,7 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
 
     # ---- one pass over this rank's generated videos --------------------------------------------------------
     rank, world = _rank_world()
+    ev.protocol["attention_backend"] = attention
     ev.protocol["processes"] = f"{world} ({device.type})" + (
         f"; video k goes to process k mod {world}, statistics merged" if world > 1 else "")
     rows, probs, batch, sizes = [], [], [], set()
