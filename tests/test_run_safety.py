@@ -197,7 +197,8 @@ def test_diffusers_attention_backend_is_set_on_the_transformer(tmp_path):
 
 def test_source_tree_import_without_pip_metadata(tmp_path):
     (tmp_path / "src" / "gridgen").mkdir(parents=True)  # a source tree that was never pip-installed
-    (tmp_path / "src" / "gridgen" / "__init__.py").write_text((ROOT / "src" / "gridgen" / "__init__.py").read_text())
+    for name in ("__init__.py", "_quiet.py"):
+        (tmp_path / "src" / "gridgen" / name).write_text((ROOT / "src" / "gridgen" / name).read_text())
     code = "import sys; sys.path.insert(0, 'src'); import gridgen; print(gridgen.__version__)"
     proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "0.1.0+src", proc.stderr
