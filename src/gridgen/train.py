@@ -21,6 +21,7 @@ from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.models.attention import resolve_attention_backend
 from gridgen.models.lora import LORA_FILE, read_lora_header
 from gridgen.training.callbacks import LoraExport, config_hash
+from gridgen.training.ema import LoraEMA
 from gridgen.training.module import GridModule
 
 log = logging.getLogger("gridgen.train")
@@ -247,6 +248,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
             lines.append(f"checkpoints    {checkpoints} (LoRA + optimiser state; last.ckpt to resume)")
         if export:
             lines.append(f"LoRA export    {export}")
+        if ema := next((c.path for c in callbacks if isinstance(c, LoraEMA) and c.path), None):
+            lines.append(f"EMA LoRA       {ema}")
         lines.append("final          " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                    if k.startswith("train/loss") or k == "train/alpha"))
         print("\n".join(lines), flush=True)  # the entry point's answer to the user
