@@ -1,6 +1,7 @@
 """A run that goes wrong: the non-finite guard, corrupt checkpoints, resume in the run's own folder, the
 fine stage's choice of coarse LoRA, failed runs' folders, progress output, the attention backend."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -239,3 +240,25 @@ def test_fsdp2_checkpoint_is_lora_only_and_resumes(tmp_path):
     again, _ = read_lora_file(tmp_path / "resumed" / "lora")
     for key in straight:
         torch.testing.assert_close(again[key], straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+# ---- throughput and MFU -----------------------------------------------------------------------------------
+def test_throughput_logs_mfu_from_the_flops_formula(tmp_path):
+    from gridgen.training.flops import training_flops_per_batch
+
+    cfg = make_cfg(tmp_path, "trainer.max_steps=6", "trainer.log_every_n_steps=2", "lora.rank=4",
+                   "callbacks.throughput.peak_tflops=0.001")
+    train(cfg)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics" / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("train/device/mfu")]
+    assert logged, rows[0].keys()
+    row = logged[-1]
+    flops_per_sec = float(row["train/device/flops_per_sec"])
+    # MFU is the measured FLOP/s over the configured peak; FLOP/s = batches/s x FLOPs per batch of the formula
+    assert float(row["train/device/mfu"]) == pytest.approx(flops_per_sec / 1e9, rel=1e-6)
+    module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss, seed=0)
+    module.configure_model()
+    image_tokens = (4 * 32 // 16) * (4 * 32 // 16)  # the sample's 4x4 grids of 32 px cells: 16 px per token
+    per_batch = training_flops_per_batch(module.transformer, 2, image_tokens, int(cfg.model.max_sequence_length))
+    batches_per_sec = float(row["train/device/batches_per_sec"])
+    assert flops_per_sec == pytest.approx(batches_per_sec * per_batch, rel=1e-6)

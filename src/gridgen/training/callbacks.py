@@ -157,21 +157,22 @@ class GridThroughput(ThroughputMonitor):
     def __init__(self, window_size: int = 2, peak_tflops: float | None = None) -> None:
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
         self.peak_tflops = peak_tflops
+        self._pending_flops: dict[Any, int] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.peak_tflops is None:
+        super().setup(trainer, pl_module, stage)  # Lightning's own table first (None for cards it lacks)
+        if self.peak_tflops is not None:
+            peak: float | None = float(self.peak_tflops) * 1e12
+        else:
             from gridgen.training.flops import peak_flops
 
-            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             device = trainer.strategy.root_device
-            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-            peak = peak_flops(name, dtype)
-            self.available_flops = int(peak) if peak else None
-        else:
-            self.available_flops = int(float(self.peak_tflops) * 1e12)
-        super().setup(trainer, pl_module, stage)
-        if self.available_flops is not None:
-            self.available_flops = int(self.available_flops)
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            peak = peak_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+        if peak:
+            self.available_flops = int(peak)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
 
     @torch.inference_mode()
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
@@ -179,13 +180,16 @@ class GridThroughput(ThroughputMonitor):
         self._samples[stage] += self.batch_size_fn(batch)
         self._lengths[stage] += self.length_fn(batch)
         self._batches[stage] += 1
+        flops = getattr(pl_module, "flops_per_batch", None)
+        if flops is not None:  # Lightning's Throughput takes the FLOPs since its previous update
+            self._pending_flops[stage] = self._pending_flops.get(stage, 0) + int(flops)
         if stage.value == "train" and self._batches[stage] > 1 and not trainer._logger_connector.should_update_logs:
             return  # counted; timed at the next logging step (and at the first batch, the window's start)
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         self._throughputs[stage].update(
             time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage], samples=self._samples[stage],
-            lengths=self._lengths[stage], flops=getattr(pl_module, "flops_per_batch", None),
+            lengths=self._lengths[stage], flops=self._pending_flops.pop(stage, None),
         )
 
 
