@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 from hydra import compose, initialize_config_dir
 from peft import LoraConfig
@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from gridgen.config import CONF_DIR
 from gridgen.generate import cli_overrides, generate
-from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import (
     KOHYA_LORA_FILE,
     LORA_FILE,
@@ -34,23 +33,12 @@ from gridgen.models.lora import (
     read_lora_header,
     save_lora,
 )
-from gridgen.models.tiny import TINY_FLUX_CONFIG, ensure_tiny_flux
+from gridgen.models.tiny import TINY_FLUX_CONFIG
 
 DIM = TINY_FLUX_CONFIG["num_attention_heads"] * TINY_FLUX_CONFIG["attention_head_dim"]  # 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_pipe() -> FluxPipeline:
-    pipe = load_flux_pipeline(ensure_tiny_flux())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from test_inference import one_thread, tiny_pipe  # noqa: E402,F401 (one thread per test module, the tiny pipeline)
 
 
 def randomize_lora(transformer: torch.nn.Module, seed: int = 0) -> None:
