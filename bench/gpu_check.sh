@@ -51,13 +51,13 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, print and log it; record rc and
   echo "=== $name: $verdict (rc=$rc) in $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
 }
 
-# ---- 1. the carried wheels (build backends are for `make setup WHEELHOUSE=` only)
+# ---- 1. the carried wheels (the build backend, setuptools + wheel + packaging, is for `make setup WHEELHOUSE=`)
 shopt -s nullglob
 wheels=("$WHEELHOUSE"/*.whl)
 names=()
 for w in "${wheels[@]}"; do
   name=$(basename "$w" | cut -d- -f1)
-  [[ $name == setuptools || $name == wheel ]] || names+=("$name")
+  [[ $name == setuptools || $name == wheel || $name == packaging ]] || names+=("$name")
 done
 if ((${#names[@]})); then
   echo "=== installing from $WHEELHOUSE: ${names[*]}"

@@ -138,11 +138,25 @@ def resolve(roots: list[Requirement], python_version: str, platforms: list[str])
     raise WheelhouseError(f"the requirements did not settle in {MAX_ROUNDS} rounds: {sorted(requirements)}")
 
 
+def closure(picked: dict[str, dict], names: list[str], python_version: str) -> list[str]:
+    """``names`` and everything they require among ``picked`` (markers evaluated for the target)."""
+    found, todo = [], [canonicalize_name(n) for n in names]
+    while todo:
+        name = todo.pop(0)
+        if name in found or name not in picked:
+            continue
+        found.append(name)
+        todo += [canonicalize_name(r.name) for r in map(Requirement, picked[name]["requires_dist"])
+                 if applies(r, python_version, set())]
+    return found
+
+
 def build(picked: dict[str, dict], only: list[str] | None, dest: Path, python_version: str,
           platforms: list[str]) -> list[Path]:
     chosen = picked
-    if only:  # + the build backend: `pip install --no-index -e .` needs it from the wheelhouse too
-        names = list(dict.fromkeys(canonicalize_name(n) for n in [*only, *build_requirements()]))
+    if only:  # + the build backend and its dependencies: `pip install --no-index -e .` builds in isolation
+        names = list(dict.fromkeys([*(canonicalize_name(n) for n in only),
+                                    *closure(picked, build_requirements(), python_version)]))
         unknown = [n for n in names if n not in picked]
         if unknown:
             raise WheelhouseError(f"WHEEL_ONLY names {', '.join(unknown)}, which gridgen does not need (besides "
