@@ -5,6 +5,7 @@ without torch's. The download itself needs PyPI: the slow test."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def load_wheelhouse():
 
 def make_dry_run(*args: str) -> str:
     """``make -n -B`` in the repository: the commands a target would run, none of them run."""
-    proc = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
