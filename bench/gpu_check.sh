@@ -61,6 +61,7 @@ for w in "${wheels[@]}"; do
 done
 if ((${#names[@]})); then
   echo "=== installing from $WHEELHOUSE: ${names[*]}"
+  export PIP_BREAK_SYSTEM_PACKAGES=1  # a lent machine's system Python may be marked externally managed
   if ! "$PY" -m pip install -q --no-index --find-links "$WHEELHOUSE" "${names[@]}"; then
     echo "=== a dependency is missing from $WHEELHOUSE and this machine: installing without dependencies"
     "$PY" -m pip install -q --no-index --find-links "$WHEELHOUSE" --no-deps "${names[@]}"
