@@ -51,7 +51,7 @@ else
 endif
 	@touch $@
 
-setup: $(VENV)/.installed ## create .venv and install gridgen (torch first, see TORCH_SPEC)
+setup: $(VENV)/.installed ## create .venv and install gridgen (torch first, see TORCH_SPEC; offline: WHEELHOUSE=<dir>)
 
 train: $(VENV)/.installed ## train (embedded default: tiny FLUX, sample shards, ~1 min on 2 CPU cores)
 	$(PY) -m gridgen.train $(OVERRIDES) $(ARGS)
