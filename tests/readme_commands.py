@@ -96,7 +96,7 @@ TABLE: list[Entry] = [
     # --- composed only
     Entry("make train model=flux_dev model.pretrained=/models/FLUX.1-dev strategy=gpu data=shards "
           "data.train_shards=/data/webvid", "compose", NO_FLUX_DEV + " and shards under /data/webvid"),
-    Entry("make train experiment=video_coarse model.pretrained=/models/FLUX.1-dev GRIDGEN_DATA=/data/shards",
+    Entry("GRIDGEN_DATA=/data/shards make train experiment=video_coarse model.pretrained=/models/FLUX.1-dev",
           "compose", NO_FLUX_DEV + " and WebVid/TikTok shards"),
     Entry("make prepare data=webvid prepare.src=/data/webvid/results_10M_train.csv "
           "prepare.out=/data/shards/webvid-4x4 prepare.workers=16", "compose", "needs the WebVid download"),
@@ -105,8 +105,9 @@ TABLE: list[Entry] = [
     Entry("make prepare data=objaverse prepare.src=/data/diffusion4d/renders prepare.out=/data/shards/objaverse-4x6 "
           "data.source.csv=/data/Cap3D.csv", "compose", "needs the Objaverse renders and Cap3D captions"),
     Entry("data.sources.tiktok.weight=0.05", "compose", "needs WebVid/TikTok shards", prefix=MIX),
-    Entry("data.sources.webvid.shards='pipe:aws s3 cp s3://bucket/webvid/train-{000000..010999}.tar -' "
-          "data.allow_pipe=true", "compose", "needs S3 and WebVid shards", prefix=MIX),
+    Entry("python -m gridgen.train data=video_mix \"data.sources.webvid.shards='pipe:aws s3 cp "
+          "s3://bucket/webvid/train-{000000..010999}.tar -'\" data.allow_pipe=true", "compose",
+          "needs S3 and WebVid shards"),
     Entry("data=shards data.train_shards=[/data/a,/data/b] data.weights=[3,1]", "compose", "needs shards in /data",
           prefix="make train"),
     Entry("make cache data=webvid model=flux_dev", "compose", NO_FLUX_DEV + " and WebVid shards"),
@@ -168,9 +169,18 @@ def substitute(command: str, values: dict[str, str]) -> str:
     return command
 
 
+ENV_PREFIX = re.compile(r"^((?:[A-Z_][A-Z0-9_]*=\S*\s+)*)(.*)$", re.S)
+
+
+def split_env(command: str) -> tuple[str, str]:
+    """``NAME=value ... rest`` -> (the environment assignments with their trailing space, the rest)."""
+    env, rest = ENV_PREFIX.match(command).groups()
+    return env, rest
+
+
 def entry_module(command: str) -> str:
     """The gridgen entry point a README command runs (``make train`` -> ``gridgen.train``)."""
-    words = command.split()
+    words = split_env(command)[1].split()
     if words[0] == "make":
         return MAKE_TARGET_MODULE.get(words[1], "")
     if words[:2] == ["python", "-m"]:

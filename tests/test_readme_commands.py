@@ -35,6 +35,7 @@ from readme_commands import (  # noqa: E402
     entry_module,
     readme_blocks,
     readme_commands,
+    split_env,
     substitute,
 )
 
@@ -61,6 +62,8 @@ def test_parser_joins_continuations_and_strips_comments():
     assert readme_commands(text) == ["make train stage=fine", "make report run=a#b"]
     assert substitute("make report run=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny",
                       {"train_run": "outputs/runs/x", "generate_out": "g"}) == "make report run=outputs/runs/x"
+    assert split_env("A=1 B=/x make train") == ("A=1 B=/x ", "make train")
+    assert entry_module("GRIDGEN_DATA=/d make sweep") == "gridgen.train"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ class Workspace:
         """The command bash runs and the environment it adds: placeholders replaced, step counts shortened."""
         command = substitute(entry.command, self.values)
         steps = STEP_ARGS.get(entry_module(command), "")
-        if command.startswith("make "):
+        if split_env(command)[1].startswith("make "):
             return command, {"ARGS": steps}
         return f"{command} {steps}".rstrip(), {}
 
@@ -315,8 +318,9 @@ def composed(workspace: Workspace) -> dict[str, list[dict]]:
         if entry.kind != "compose":
             continue
         command = substitute(f"{entry.prefix} {entry.command}".strip(), workspace.values)
+        env, command = split_env(command)  # NAME=value before the command: kept for make (--cfg job ignores it)
         if command.startswith("make "):
-            dry = workspace.bash("make -n " + command[len("make "):], {"ARGS": "--cfg job"})
+            dry = workspace.bash(env + "make -n " + command[len("make "):], {"ARGS": "--cfg job"})
             assert dry.returncode == 0, f"make -n {command}: {dry.stderr}"
             lines = [ln for ln in dry.stdout.splitlines() if ln.startswith(".venv/bin/python -m ")]
             assert lines, f"make -n {command} runs no gridgen entry point:\n{dry.stdout}"
