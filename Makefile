@@ -1,6 +1,8 @@
 # gridgen — `make help` lists the targets. Hydra overrides pass straight through:
 #   make train stage=fine task=multiview lora.rank=32 trainer.max_steps=100
 SHELL := /bin/bash
+# +B: no brace expansion in recipes, so a quoted shard pattern (train-{000000..000099}.tar) reaches Hydra as typed
+.SHELLFLAGS := +B -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 # Every `key=value` given on the command line (stage=, task=, model.pretrained=, ...) is a Hydra override.
-MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS only ranks
+MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS only ranks GRIDGEN_DATA GRIDGEN_ROOT GRIDGEN_CACHE  # environment, not overrides
 MAKE_ONLY += WHEELHOUSE WHEEL_PYTHON WHEEL_PLATFORM WHEEL_ONLY
 comma := ,
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
