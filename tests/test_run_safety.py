@@ -122,6 +122,9 @@ def test_resume_continues_in_the_same_run_folder(tmp_path):
     first = run_cli("trainer.max_steps=4", "trainer.log_every_n_steps=1", *common, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     (run,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    typo = run_cli("trainer.max_steps=6", *common, f"ckpt_path={run / 'checkpoints' / 'step02.ckpt'}", cwd=tmp_path)
+    assert "does not exist" in one_line_error(typo) or "not a checkpoint" in one_line_error(typo)
+    assert run.is_dir() and not (run / "FAILED").exists()  # a resume that never started leaves the run as it was
     (run / "lora" / "pytorch_lora_weights.safetensors").unlink()  # as if killed before the export
     wandb_before = {p.name.rsplit("-", 1)[-1] for p in run.glob("wandb/offline-run-*")}
     resumed = run_cli("trainer.max_steps=6", "trainer.log_every_n_steps=1", *common,
@@ -130,6 +133,8 @@ def test_resume_continues_in_the_same_run_folder(tmp_path):
     assert list((tmp_path / "outputs" / "runs").glob("*/*")) == [run]  # no second folder
     assert f"run folder     {run}" in resumed.stdout
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "ckpt_path: null" in (run / "config.yaml").read_text()  # the run's own config is kept ...
+    assert "step000002.ckpt" in (run / "config.resume-step2.yaml").read_text()  # ... the resume's beside it
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 6
     rows = (run / "metrics" / "metrics.csv").read_text().splitlines()
@@ -262,3 +267,13 @@ def test_throughput_logs_mfu_from_the_flops_formula(tmp_path):
     per_batch = training_flops_per_batch(module.transformer, 2, image_tokens, int(cfg.model.max_sequence_length))
     batches_per_sec = float(row["train/device/batches_per_sec"])
     assert flops_per_sec == pytest.approx(batches_per_sec * per_batch, rel=1e-6)
+
+
+def test_export_formats_must_include_diffusers():
+    from gridgen.training.callbacks import LoraExport
+
+    with pytest.raises(ValueError, match=r"must include diffusers"):
+        LoraExport("unused", formats=["kohya"])
+    with pytest.raises(ValueError, match=r"lora.export_formats must list distinct formats"):
+        LoraExport("unused", formats=["diffusers", "safetensor"])
+    assert LoraExport("unused", formats=["diffusers", "kohya"]).formats == ["diffusers", "kohya"]

@@ -63,7 +63,7 @@ def _root_dir() -> str:
 
 def run_folder_of_checkpoint(ckpt_path: str | None) -> Path | None:
     """The run folder a ``ckpt_path`` belongs to (``<run>`` or ``<run>/checkpoints/<file>.ckpt``), else None."""
-    if ckpt_path in (None, "", "last"):
+    if ckpt_path in (None, ""):
         return None
     path = Path(str(ckpt_path)).expanduser()
     if path.is_dir() and (path / "checkpoints").is_dir():

@@ -15,6 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
@@ -155,7 +156,8 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
         else:
             logger = instantiate(logger_cfg)
             if resume_step is not None and isinstance(logger, CSVLogger):
-                # Lightning's CSV writer starts the file afresh; keep the rows logged before the checkpoint.
+                # Lightning's CSV writer deletes metrics.csv when it is created (first use of .experiment): read
+                # the rows logged before the checkpoint first, then hand them to the new writer.
                 kept = _metrics_before(Path(logger.log_dir) / "metrics.csv", resume_step)
                 rows = getattr(logger.experiment, "metrics", None)  # a no-op stand-in on ranks other than 0
                 if isinstance(rows, list):
@@ -174,30 +176,34 @@ def _finish_wandb(loggers: list[Any]) -> None:
         wandb.finish()
 
 
-def _keep_or_mark_failed(output_dir: Path, err: BaseException) -> None:
-    """A run that failed before it trained leaves no folder behind; one that trained is marked FAILED."""
+def _keep_or_mark_failed(output_dir: Path, err: BaseException, fit_started: bool) -> None:
+    """A run that failed in ``trainer.fit`` is marked ``FAILED`` (``stage.init_lora=auto`` passes over it); a new
+    run that failed before it holds only Hydra's own files and is removed. A folder with anything else in it (a
+    resumed run that failed before fitting, a folder the user named) is left as it was."""
     if not output_dir.is_dir():
         return
+    if fit_started:
+        (output_dir / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
+        return
     leftovers = [p for p in output_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
-                 and p.name != "config.yaml" and p.suffix != ".log"]  # Hydra's own files, the job log
+                 and p.suffix != ".log"]  # Hydra's own files, the job log
     if not leftovers:
         shutil.rmtree(output_dir, ignore_errors=True)
-    else:
-        (output_dir / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate everything from ``cfg``, fit, export the LoRA; returns the final metrics."""
     output_dir = Path(cfg.paths.output_dir)
+    progress = {"fit_started": False}
     try:
-        return _train(cfg, output_dir)
+        return _train(cfg, output_dir, progress)
     except BaseException as err:
-        if not isinstance(err, KeyboardInterrupt) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            _keep_or_mark_failed(output_dir, err)
+        if not isinstance(err, KeyboardInterrupt) and rank_zero_only.rank == 0:
+            _keep_or_mark_failed(output_dir, err, progress["fit_started"])
         raise
 
 
-def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+def _train(cfg: DictConfig, output_dir: Path, progress: dict[str, bool]) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     init_lora = resolve_init_lora(cfg)
     ckpt_path, resume_step = resolve_ckpt_path(cfg.get("ckpt_path"))
@@ -230,8 +236,10 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
     loggers = build_loggers(cfg, resume_step)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if trainer.is_global_zero:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if trainer.is_global_zero:  # a resumed run keeps the config it started with
+        name = "config.yaml" if resume_step is None else f"config.resume-step{resume_step}.yaml"
+        (output_dir / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    progress["fit_started"] = True
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:

@@ -242,7 +242,9 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
     real = list_videos(ec.real, ec.layout, ec.background) if ec.real and not real_is_stats else None
     names: dict[int, str] = {}
     if ec.generate:
-        fake_spec, names = generate_fake(cfg, out, real, _rank_world()[1])
+        # before _setup_device, so torchrun's WORLD_SIZE counts too: generation must not run once per rank
+        world = max(_rank_world()[1], int(os.environ.get("WORLD_SIZE", "1")))
+        fake_spec, names = generate_fake(cfg, out, real, world)
     else:
         fake_spec = ec.fake
     if not fake_spec:

@@ -169,5 +169,10 @@ def load_flux_pipeline(
                 f"or set model.pretrained=<local folder>"
             ) from e
     if quantization is not None and quantization.startswith("bnb"):
-        return pipe  # bitsandbytes places its weights on the CUDA device while loading; .to() would refuse
+        # bitsandbytes placed its quantized weights on the CUDA device while loading (.to() would refuse them);
+        # the components it did not quantize (VAE, CLIP, T5 unless quantize_text_encoder) still need moving
+        for component in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if component is not None and not getattr(component, "is_quantized", False):
+                component.to(device)
+        return pipe
     return pipe.to(device)

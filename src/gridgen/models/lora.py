@@ -101,7 +101,7 @@ def save_lora(directory: str | Path, transformer: torch.nn.Module, metadata: dic
     # state_dict: the LoRA gathered elsewhere (FSDP2: full tensors collected from every rank's shards)
     peft_state = lora_state_dict(transformer) if state_dict is None else state_dict
     check_finite(peft_state, directory)
-    kohya = kohya_state_dict(peft_state, *_kohya_inputs(transformer)) if "kohya" in formats else None
+    kohya = kohya_state_dict(peft_state, *kohya_inputs(transformer)) if "kohya" in formats else None
     if kohya is not None:
         check_finite(kohya, directory)
     gridgen_header = {k: str(v) for k, v in (metadata or {}).items()}
@@ -264,7 +264,7 @@ def kohya_state_dict(state: dict[str, torch.Tensor], scalings: dict[str, float],
     return out
 
 
-def _kohya_inputs(transformer: torch.nn.Module) -> tuple[dict[str, float], dict[str, int]]:
+def kohya_inputs(transformer: torch.nn.Module) -> tuple[dict[str, float], dict[str, int]]:
     """Per adapted module its LoRA scale, and every linear layer's output size (zero blocks of fused projections)."""
     scalings, out_features = {}, {}
     for name, module in transformer.named_modules():

@@ -18,7 +18,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from peft.utils import get_peft_model_state_dict
 
 import gridgen
-from gridgen.models.lora import save_lora
+from gridgen.models.lora import (
+    check_export_formats,
+    kohya_inputs,
+    kohya_state_dict,
+    lora_state_dict,
+    save_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +79,14 @@ class LoraExport(L.Callback):
                  formats: list[str] | tuple[str, ...] = ("diffusers",)) -> None:
         self.dirpath = Path(dirpath)
         self.metadata = dict(metadata or {})
-        self.formats = list(formats)
+        self.formats = check_export_formats(formats)
+        if "diffusers" not in self.formats:  # the file gridgen itself (init_lora, generate) and diffusers read
+            raise ValueError(f"lora.export_formats={self.formats} must include diffusers, e.g. [diffusers,kohya]")
         self.path: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "kohya" in self.formats and trainer.world_size == 1:  # a LoRA kohya cannot name fails now, not at the end
+            kohya_state_dict(lora_state_dict(pl_module.transformer), *kohya_inputs(pl_module.transformer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path = self.dirpath / "pytorch_lora_weights.safetensors"
@@ -168,6 +180,8 @@ class GridThroughput(ThroughputMonitor):
 
             device = trainer.strategy.root_device
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            if getattr(trainer.strategy, "param_dtype", None):  # FSDP2 computes in its policy's dtype
+                dtype = getattr(torch, trainer.strategy.param_dtype)
             peak = peak_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
         if peak:
             self.available_flops = int(peak)
@@ -195,8 +209,8 @@ class GridThroughput(ThroughputMonitor):
 
 class GridProgressBar(TQDMProgressBar):
     """One bar over the whole run in optimizer steps (``step 12/40``) with the loss, seconds per step and the
-    ETA, instead of Lightning's per-epoch bar (gridgen's epochs are an artefact of streaming). The loss is read
-    every ``refresh_rate`` steps only, so the bar adds no GPU->CPU sync per step."""
+    ETA, instead of Lightning's per-epoch bar (gridgen's epochs are an artefact of streaming). The loss (a GPU
+    value) is read every ``refresh_rate`` steps only: raise it on fast GPU steps."""
 
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
@@ -206,8 +220,8 @@ class GridProgressBar(TQDMProgressBar):
         self.train_progress_bar = self.init_train_tqdm()
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         self.train_progress_bar.reset(total=total)
-        self.train_progress_bar.initial = 0
-        self.train_progress_bar.n = trainer.global_step  # a resumed run starts where it was
+        self.train_progress_bar.initial = trainer.global_step  # a resumed run starts where it was; ETA from here
+        self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_description("step")
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
@@ -260,6 +274,7 @@ class ProgressLog(L.Callback):
         self.cpu_notice_after_s = cpu_notice_after_s
         self._start: tuple[int, float] | None = None
         self._first: float | None = None
+        self._logged_step = -1  # with gradient accumulation several batches end on the same optimizer step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = (trainer.global_step, time.perf_counter())
@@ -272,6 +287,9 @@ class ProgressLog(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step, total = trainer.global_step, trainer.max_steps
+        if step == self._logged_step:
+            return
+        self._logged_step = step
         if self._first is not None and self._start is not None and step == self._start[0] + 1:
             per_step = time.perf_counter() - self._first
             remaining = per_step * max(0, (total or 0) - step)

@@ -271,7 +271,7 @@ class GridModule(L.LightningModule):
         self.flops_per_batch = self._training_flops(out["batch_size"], out["image_tokens"], out["text_tokens"])
         self._step_losses = {k: out[k].detach() for k in ("loss_base", "loss_flow")}  # for the non-finite guard
         # Logged tensors stay on the device; Lightning reads them every trainer.log_every_n_steps (no prog_bar=True:
-        # that converts to a Python float, a GPU->CPU sync, on every step; the progress bar reads them itself).
+        # that converts to a Python float on every step; GridProgressBar reads the loss every refresh_rate steps).
         log_kw = {"on_step": True, "on_epoch": False, "batch_size": out["batch_size"]}
         self.log("train/loss", out["loss"], **log_kw)
         self.log("train/loss_base", out["loss_base"], **log_kw)
@@ -317,10 +317,13 @@ class GridModule(L.LightningModule):
         """
         terms = {**self._step_losses, "grad_norm": grad_norm.detach()}
         values = torch.stack([v.float().reshape(()) for v in terms.values()])
-        if bool(torch.isfinite(values).all()):
+        finite = bool(torch.isfinite(values).all())
+        if self._trainer is not None:  # every rank takes the same decision: no diverging replicas, no hang
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         bad = [f"{name}={value:g}" for name, value in zip(terms, values.tolist(), strict=True)
-               if not math.isfinite(value)]
+               if not math.isfinite(value)] or ["values on another rank"]
         step = self.global_step
         if self.nonfinite["action"] == "skip" and self.nonfinite_skips < int(self.nonfinite["max_skips"]):
             self.nonfinite_skips += 1
