@@ -154,7 +154,7 @@ def test_init_lora_auto_matches_rank_and_skips_debug_and_unfinished_runs(tmp_pat
     train(make_cfg(tmp_path, "trainer.max_steps=1", "lora.rank=8", f"paths.output_dir={unfinished}"))
     (unfinished / "summary.json").unlink()
     (runs / "debug8" / "lora" / "pytorch_lora_weights.safetensors").touch()  # newest of all
-    caplog.set_level("INFO", logger="gridgen.train")
+    caplog.set_level("INFO", logger="gridgen.training.runs")
     fine = make_cfg(tmp_path, "stage=fine", "trainer.max_steps=1", "lora.rank=8", f"paths.output_dir={runs / 'fine'}")
     train(fine)
     _, meta = read_lora_file(runs / "fine" / "lora")
