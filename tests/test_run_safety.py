@@ -277,3 +277,24 @@ def test_export_formats_must_include_diffusers():
     with pytest.raises(ValueError, match=r"lora.export_formats must list distinct formats"):
         LoraExport("unused", formats=["diffusers", "safetensor"])
     assert LoraExport("unused", formats=["diffusers", "kohya"]).formats == ["diffusers", "kohya"]
+
+
+def test_sdpa_backend_resets_a_diffusers_backend():
+    from diffusers import FluxTransformer2DModel
+
+    from gridgen.models.tiny import TINY_FLUX_CONFIG
+
+    transformer = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
+    saved = sdpa_kernels()
+    try:
+        apply_attention_backend("_native_math", "cpu", transformer)
+        backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
+        assert backends == {"_native_math"}
+        apply_attention_backend("sdpa_math", "cpu", transformer)
+        backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
+        assert backends == {None} and sdpa_kernels() == (False, False, True, False)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(saved[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
+        torch.backends.cuda.enable_math_sdp(saved[2])
+        torch.backends.cuda.enable_cudnn_sdp(saved[3])

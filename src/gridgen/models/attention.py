@@ -68,13 +68,19 @@ def sdpa_kernels() -> tuple[bool, bool, bool, bool]:
     return b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled()
 
 
+def _dispatched(transformer: torch.nn.Module) -> bool:
+    """Whether a diffusers attention backend was set on some of ``transformer``'s attention processors."""
+    return any(getattr(getattr(m, "processor", None), "_attention_backend", None) is not None
+               for m in transformer.modules())
+
+
 def apply_attention_backend(name: str | None, device_type: str, transformer: torch.nn.Module | None = None) -> str:
     """Select the attention kernel for this process (and ``transformer``); returns the resolved name."""
     resolved = resolve_attention_backend(name, device_type)
     if resolved in SDPA_BACKENDS or resolved == "sdpa_no_cudnn":
         set_sdpa_kernels(*SDPA_BACKENDS.get(resolved, _NO_CUDNN))
-        if transformer is not None and hasattr(transformer, "reset_attention_backend"):
-            transformer.reset_attention_backend()  # diffusers' `native` dispatch -> torch SDPA under the flags
+        if transformer is not None and _dispatched(transformer):
+            transformer.reset_attention_backend()  # back to diffusers' `native` dispatch: torch SDPA under the flags
     else:
         set_sdpa_kernels(*_NO_CUDNN)  # whatever diffusers falls back to, never cuDNN SDPA
         if transformer is None:
