@@ -60,7 +60,7 @@ def test_every_stage_task_strategy_composes(tmp_path, strategy):
         if strategy == "fsdp":
             from gridgen.training.strategies import FluxFSDP2Strategy
             assert isinstance(strat, FluxFSDP2Strategy)  # FSDP2: per-parameter sharding, bf16 base + fp32 LoRA
-            assert strat.activation_checkpointing and strat.param_dtype == "bfloat16"
+            assert strat.param_dtype == "bfloat16" and strat.reshard_after_forward
         else:
             assert isinstance(strat, DDPStrategy)
 

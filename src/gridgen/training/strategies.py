@@ -29,17 +29,18 @@ def flux_block_classes() -> set[type]:
 class FluxFSDP2Strategy(ModelParallelStrategy):
     """Data parallel over every process with FSDP2 (no tensor parallelism); LoRA-only, single-file checkpoints.
 
+    Activation checkpointing is ``model.gradient_checkpointing`` (diffusers' per-block checkpointing, on by
+    default for FLUX.1-dev), as for every other strategy.
+
     Args:
-        activation_checkpointing: recompute each block in the backward (diffusers' gradient checkpointing).
         reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3; False: ZeRO-2).
         param_dtype: compute dtype of the gathered weights (``bfloat16``; None keeps each tensor's own dtype,
             which then must be uniform); gradients are reduced in ``reduce_dtype`` (float32).
     """
 
-    def __init__(self, activation_checkpointing: bool = True, reshard_after_forward: bool = True,
-                 param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32", **kwargs: Any) -> None:
+    def __init__(self, reshard_after_forward: bool = True, param_dtype: str | None = "bfloat16",
+                 reduce_dtype: str | None = "float32", **kwargs: Any) -> None:
         super().__init__(save_distributed_checkpoint=False, **kwargs)
-        self.activation_checkpointing = activation_checkpointing
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
@@ -66,8 +67,6 @@ def shard_flux_transformer(transformer: torch.nn.Module, mesh: Any, strategy: Fl
         return getattr(torch, name) if name else None
 
     policy = MixedPrecisionPolicy(param_dtype=dtype(strategy.param_dtype), reduce_dtype=dtype(strategy.reduce_dtype))
-    if strategy.activation_checkpointing:
-        transformer.enable_gradient_checkpointing()
     blocks = flux_block_classes()
     for module in transformer.modules():
         if type(module) in blocks:
