@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a lent, offline GPU machine (torch with CUDA already installed, no internet):
 #   1. installs the wheels carried in $WHEELHOUSE (default .whl, made here by
-#      `make wheelhouse WHEEL_ONLY="diffusers hydra-core omegaconf antlr4-python3-runtime webdataset braceexpand av"`);
+#      `make wheelhouse WHEEL_ONLY="diffusers hydra-core omegaconf antlr4-python3-runtime webdataset braceexpand av pytest pluggy iniconfig"`);
 #   2. prints versions and nvidia-smi;
 #   3. runs each GPU test (tests/gpu, marker gpu) in its own pytest process under its own timeout;
 #   4. runs bench/bench_train.py and bench/bench_generate.py on FLUX.1-dev-sized random weights.

@@ -130,7 +130,7 @@ TABLE: list[Entry] = [
     Entry("make lint", "skip", "ruff over the tree: a style check, not a user workflow"),
     Entry("make bench", "skip", "takes minutes; tests/test_bench.py runs the benchmarks' checks"),
     Entry("make wheelhouse", "skip", "downloads about 230 MiB of wheels from PyPI"),
-    Entry('make wheelhouse WHEEL_ONLY="diffusers hydra-core omegaconf antlr4-python3-runtime webdataset braceexpand av"',
+    Entry('make wheelhouse WHEEL_ONLY="diffusers hydra-core omegaconf antlr4-python3-runtime webdataset braceexpand av pytest pluggy iniconfig"',
           "skip", "downloads wheels from PyPI"),
     Entry("make setup WHEELHOUSE=.whl", "skip",
           "installs .venv from a wheelhouse (made by `make wheelhouse`); would replace the environment under test"),
