@@ -298,3 +298,41 @@ def test_sdpa_backend_resets_a_diffusers_backend():
         torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
         torch.backends.cuda.enable_math_sdp(saved[2])
         torch.backends.cuda.enable_cudnn_sdp(saved[3])
+
+
+# ---- bf16 on CPU: the dtype plumbing users run on GPUs ----------------------------------------------------
+def test_bf16_mixed_and_true_train_finite_and_close_to_fp32(tmp_path):
+    """The GPU suite checks bf16 on CUDA; here the same configs on CPU: a bf16 frozen base with fp32 LoRA
+    weights (bf16-true) and autocast (bf16-mixed) train to finite losses close to fp32's."""
+    common = ["trainer.max_steps=8", "lora.rank=4", "optim.lr=1e-3"]
+    losses = {}
+    for name, extra in (("fp32", []), ("bf16-mixed", ["trainer.precision=bf16-mixed"]),
+                        ("bf16-true", ["model.dtype=bfloat16", "trainer.precision=bf16-true"])):
+        metrics = train(make_cfg(tmp_path / name, *common, *extra))
+        losses[name] = metrics["train/loss_base"]
+        lora, _ = read_lora_file(tmp_path / name / "run" / "lora")
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values()), name
+    for name in ("bf16-mixed", "bf16-true"):
+        assert losses[name] == pytest.approx(losses["fp32"], rel=0.05), losses
+
+
+def test_bf16_true_resume_is_exact(tmp_path, monkeypatch):
+    """bf16-true casts the module to bf16 after the checkpoint's LoRA is loaded; the fp32 LoRA must survive."""
+    common = ["lora.rank=4", "optim.lr=1e-2", "model.dtype=bfloat16", "trainer.precision=bf16-true",
+              "callbacks.checkpoint.every_n_train_steps=2"]
+    train(make_cfg(tmp_path / "a", *common, "trainer.max_steps=2"))
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    seen = {}
+    original = GridModule.on_train_start
+
+    def record(self):  # the weights the resumed run starts its first step from
+        seen.update({k: v.detach().clone() for k, v in self.named_parameters() if v.requires_grad})
+        return original(self)
+
+    monkeypatch.setattr(GridModule, "on_train_start", record)
+    train(make_cfg(tmp_path / "b", *common, f"ckpt_path={ckpt}", "trainer.max_steps=3"))
+    assert saved.keys() == seen.keys()
+    for key, value in saved.items():
+        assert value.dtype == torch.float32 and seen[key].dtype == torch.float32, key
+        torch.testing.assert_close(seen[key], value, rtol=0, atol=0, msg=key)

@@ -45,6 +45,14 @@ def _plain(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def keep_lora_fp32(transformer: torch.nn.Module) -> None:
+    """Adapters train in fp32 while the frozen base may be bf16 (model.dtype=bfloat16, as diffusers' FLUX LoRA
+    scripts do): AdamW on bf16 weights loses small updates. peft casts a layer's input to its adapter's dtype."""
+    for param in transformer.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 class GridModule(L.LightningModule):
     """Holds the FLUX pipeline (frozen) and trains a LoRA on the transformer.
 
@@ -84,6 +92,7 @@ class GridModule(L.LightningModule):
         self.num_trainable = 0
         self.flops_per_batch: int | None = None  # read by ThroughputMonitor; None = no MFU figure
         self._flops_cache: dict[tuple[int, int, int], int] = {}
+        self._restored_lora: dict[str, torch.Tensor] | None = None
         # Checkpoints hold only LoRA weights; the frozen model is rebuilt from model.pretrained.
         self.strict_loading = False
         # Build the LoRA config now so that a bad rank/target fails before any weights load.
@@ -144,11 +153,7 @@ class GridModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.num_trainable = attach_lora(transformer, self._lora_config)
-        # Adapters train in fp32 while the frozen base may be bf16 (model.dtype=bfloat16 with bf16-mixed, as
-        # diffusers' FLUX LoRA scripts do): AdamW on bf16 weights loses small updates.
-        for param in transformer.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+        keep_lora_fp32(transformer)
         if self.model_cfg.get("gradient_checkpointing", False):
             transformer.enable_gradient_checkpointing()
         if self.init_lora:
@@ -159,6 +164,17 @@ class GridModule(L.LightningModule):
         self.transformer = transformer
 
     def on_fit_start(self) -> None:
+        # trainer.precision=bf16-true casts the whole module to bf16 after configure_model: the LoRA goes back
+        # to fp32 here (same Parameter objects, so the optimizer, whose state starts at the first step, keeps them)
+        if self.transformer is not None:
+            keep_lora_fp32(self.transformer)
+            if self._restored_lora:  # a resumed LoRA, exact (not rounded through that bf16 cast)
+                params = dict(self.named_parameters())
+                with torch.no_grad():
+                    for name, tensor in self._restored_lora.items():
+                        if name in params:
+                            params[name].copy_(tensor)
+            self._restored_lora = None
         # Every process (Lightning starts one per device) selects its attention kernel before the first step.
         self.attention_backend = apply_attention_backend(self.model_cfg.get("attention_backend"), self.device.type,
                                                          self.transformer)
@@ -182,6 +198,7 @@ class GridModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         if "state_dict" not in checkpoint:  # FSDP2: the strategy has loaded the weights into the shards itself
             return
+        self._restored_lora = checkpoint["state_dict"]  # LoRA tensors only (small); re-applied in on_fit_start
         missing = trainable - set(checkpoint["state_dict"])
         if trainable and missing:
             raise ValueError(
