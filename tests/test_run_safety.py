@@ -307,12 +307,13 @@ def test_bf16_mixed_and_true_train_finite_and_close_to_fp32(tmp_path):
     common = ["trainer.max_steps=8", "lora.rank=4", "optim.lr=1e-3"]
     losses = {}
     for name, extra in (("fp32", []), ("bf16-mixed", ["trainer.precision=bf16-mixed"]),
+                        ("bf16-base-mixed", ["model.dtype=bfloat16", "trainer.precision=bf16-mixed"]),  # flux_dev's
                         ("bf16-true", ["model.dtype=bfloat16", "trainer.precision=bf16-true"])):
         metrics = train(make_cfg(tmp_path / name, *common, *extra))
         losses[name] = metrics["train/loss_base"]
         lora, _ = read_lora_file(tmp_path / name / "run" / "lora")
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values()), name
-    for name in ("bf16-mixed", "bf16-true"):
+    for name in ("bf16-mixed", "bf16-base-mixed", "bf16-true"):
         assert losses[name] == pytest.approx(losses["fp32"], rel=0.05), losses
 
 
