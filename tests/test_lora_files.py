@@ -295,10 +295,10 @@ def test_cli_garbage_lora_is_one_line_exit_2(tmp_path, name, message):
 ])
 def test_generate_warns_when_the_lora_was_trained_for_the_other_kind(tmp_path, caplog, lora_task, task, warned):
     save_lora(tmp_path / "lora", tiny_lora(), {"gridgen_task": lora_task})
-    with caplog.at_level(logging.WARNING, logger="gridgen.generate"):
+    with caplog.at_level(logging.WARNING, logger="gridgen.inference.pipeline"):
         manifest = generate(gen_cfg(tmp_path, f"task={task}", "prompt=x", f"lora={tmp_path / 'lora'}"))
     assert manifest["lora"]["gridgen_task"] == lora_task and len(manifest["samples"]) == 1
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "gridgen.generate"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "gridgen.inference.pipeline"]
     if warned:
         assert len(warnings) == 1 and warnings[0].startswith(f"LoRA was trained for task {lora_task}, generating {task}: ")
         assert ("task=i2mv|t2mv" if lora_task == "multiview" else "task=edit|i2v|interpolate") in warnings[0]

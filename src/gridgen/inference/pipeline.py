@@ -1,0 +1,193 @@
+"""Omni inference as a library: a generate config -> grids sampled with FLUX (eqs. 8-11), exported with a manifest.
+
+``gridgen.generate`` (``make generate``) is the command line around :func:`generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import gridgen
+from gridgen.config import CONF_DIR
+from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
+from gridgen.inference.sampler import MASK_MODES, GridSampler, apply_lora, check_lora_source, check_strength
+from gridgen.inference.tasks import (
+    SampleRequest,
+    TaskSpec,
+    initial_frames,
+    keep_tokens,
+    read_requests,
+    reference_frames,
+    resolve_layout,
+)
+from gridgen.models.attention import apply_attention_backend
+from gridgen.models.loading import load_flux_pipeline, parse_dtype, resolve_pretrained
+from gridgen.models.quantization import check_compile
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"generate.device={name} but no CUDA device is available; use generate.device=cpu")
+    return device
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "sample"
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
+    """Everything that can be wrong with the request alone, before any weights load."""
+    spec = TaskSpec.from_config(cfg.task)
+    T = check_strength(cfg.T)
+    if T < 1.0 and spec.init == "noise":
+        raise ValueError(f"task {spec.name} starts from pure noise, so T must be 1, got T={T}; "
+                         "T < 1 needs a reference grid (i2v, interpolate, i2mv, edit, style, restore)")
+    if cfg.mask.mode not in MASK_MODES:
+        raise ValueError(f"mask.mode must be one of {list(MASK_MODES)}, got {cfg.mask.mode!r}")
+    if int(cfg.generate.steps) < 1 or int(cfg.generate.batch_size) < 1:
+        raise ValueError(f"generate.steps and generate.batch_size must be >= 1, got {cfg.generate.steps} and "
+                         f"{cfg.generate.batch_size}")
+    if not 0 < float(cfg.ref_fit.min_kept) <= 1:
+        raise ValueError(f"ref_fit.min_kept must be in (0, 1], got {cfg.ref_fit.min_kept}")
+    if cfg.lora.path:
+        check_lora_source(cfg.lora.path)  # a missing, corrupt or foreign file fails here, before weights load
+    return spec, T
+
+
+def _task_kinds(group: str) -> dict[str, str]:
+    """Task name -> kind (video | multiview) for a task config group (``task`` for training, ``generate_task``)."""
+    return {path.stem: str(OmegaConf.load(path).get("kind")) for path in sorted((CONF_DIR / group).glob("*.yaml"))}
+
+
+def lora_task_mismatch(lora_task: str | None, spec: TaskSpec) -> str | None:
+    """The warning for a LoRA trained for the other kind of grid (multi-view vs video) than ``spec``, else None."""
+    lora_kind = _task_kinds("task").get(str(lora_task)) if lora_task else None
+    if lora_kind is None or lora_kind == spec.kind:
+        return None
+    fitting = [name for name, kind in _task_kinds("generate_task").items() if kind == lora_kind]
+    return (f"LoRA was trained for task {lora_task}, generating {spec.name}: it learned {lora_kind} grids, not "
+            f"{spec.kind} ones; use it with task={'|'.join(fitting)} or pick a LoRA trained for a {spec.kind} task")
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Generate one grid per request in ``cfg`` and export it; returns the manifest (also in ``manifest.json``)."""
+    started = time.perf_counter()
+    spec, T = check_config(cfg)
+    gen = cfg.generate
+    height = gen.height or (gen.grid_heights or {}).get(cfg.model.name, 1024)
+    layout = resolve_layout(cfg.layout, int(height), None if gen.width is None else int(gen.width))
+    requests = read_requests(cfg.prompt, cfg.prompts_file, _plain(cfg.ref), cfg.seed)
+
+    # References -> initial grids and kept cells, once per distinct ref (bad input fails before the model loads)
+    starts: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    for request in requests:
+        key = json.dumps(request.ref)
+        if key not in starts:
+            frames = reference_frames(spec, layout, request.ref, float(cfg.ref_fit.min_kept))
+            starts[key] = initial_frames(spec, layout, frames)
+
+    out = Path(str(gen.out)).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    device, dtype = resolve_device(gen.device), parse_dtype(gen.dtype)
+    load_started = time.perf_counter()
+    if cfg.model.get("compile"):
+        check_compile(cfg.model.get("quantization"))
+    pipe = load_flux_pipeline(resolve_pretrained(cfg.model.pretrained), dtype=dtype, device=device,
+                              revision=cfg.model.get("revision"), variant=cfg.model.get("variant"),
+                              quantization=cfg.model.get("quantization"),
+                              quantize_text_encoder=bool(cfg.model.get("quantize_text_encoder", False)))
+    pipe.set_progress_bar_config(disable=True)
+    lora = apply_lora(pipe.transformer, cfg.lora.path, float(cfg.lora.scale)) if cfg.lora.path else None
+    if lora and (mismatch := lora_task_mismatch(lora.get("gridgen_task"), spec)):
+        log.warning(mismatch)
+    attention = apply_attention_backend(cfg.model.get("attention_backend"), device.type, pipe.transformer)
+    if cfg.model.get("compile"):  # regional compilation of the repeated blocks, LoRA inside (as in training)
+        pipe.transformer.compile_repeated_blocks(**dict(cfg.model.get("compile_options") or {}))
+    sampler = GridSampler(pipe, int(gen.max_sequence_length))
+    encoded = {key: (None if frames is None else sampler.encode_grid(layout.tile(frames)[None].to(dtype)),  # (1, N, 64)
+                     keep_tokens(layout, keep) if keep.any() else None)  # (1, N, 1)
+               for key, (frames, keep) in starts.items()}
+    load_s = time.perf_counter() - load_started
+
+    cameras = None
+    if spec.kind == "multiview":
+        cameras = cameras_document(layout, float(cfg.cameras.radius), cfg.cameras.step_deg,
+                                   float(cfg.cameras.elevation_deg), float(cfg.cameras.start_deg))
+    manifest: dict[str, Any] = {
+        "gridgen_version": gridgen.__version__,
+        "task": spec.name, "kind": spec.kind, "layout": {"name": layout.name, **layout.to_dict(),
+                                                         "height": layout.height, "width": layout.width},
+        "T": T, "steps": int(gen.steps), "guidance": float(gen.guidance),
+        "mask": cfg.mask.mode if spec.keep != "none" else None,
+        "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained), "dtype": str(dtype).removeprefix("torch."),
+                  "attention_backend": attention, "compile": bool(cfg.model.get("compile")),
+                  "quantization": cfg.model.get("quantization")},
+        "device": str(device), "lora": lora, "out": str(out), "samples": [],
+        "timing": {"load_s": round(load_s, 4)}, "config": _plain(cfg),
+    }
+    batch_size = int(gen.batch_size)
+    bar = tqdm(total=len(requests), desc=f"{spec.name} {layout.name}", unit="grid", disable=not gen.progress)
+    sampling_s = 0.0
+    for first in range(0, len(requests), batch_size):
+        batch: list[SampleRequest] = requests[first:first + batch_size]
+        batch_started = time.perf_counter()
+        captions = [spec.caption(layout, r.prompt) for r in batch]
+        starts_of_batch = [encoded[json.dumps(r.ref)] for r in batch]
+        init = None if spec.init == "noise" else torch.cat([s[0] for s in starts_of_batch])  # (B, N, 64)
+        keep = None if starts_of_batch[0][1] is None else torch.cat([s[1] for s in starts_of_batch])  # (B, N, 1)
+        text = sampler.encode_text(captions)
+        latents = sampler.sample(layout, text, [r.seed for r in batch], steps=int(gen.steps), T=T,
+                                 guidance=float(gen.guidance), init=init, keep=keep, mask_mode=cfg.mask.mode)
+        grids = to_uint8(sampler.decode(latents, layout))  # (B, H, W, 3)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        batch_s = time.perf_counter() - batch_started
+        sampling_s += batch_s
+        for k, (request, caption) in enumerate(zip(batch, captions, strict=True)):
+            folder = out / f"{request.index:03d}_{_slug(request.prompt)}"
+            files = export_sample(folder, grids[k], layout, spec.kind, int(cfg.export.fps), bool(cfg.export.frames),
+                                  bool(cfg.export.mp4), bool(cfg.export.gif), cameras)
+            if cfg.export.latents:
+                tensors = {"latents": latents[k].float().cpu().contiguous()}
+                if init is not None:
+                    tensors["init"] = init[k].float().cpu().contiguous()
+                if keep is not None:
+                    tensors["keep"] = keep[k].cpu().contiguous()
+                save_file(tensors, folder / "latents.safetensors")
+                files["latents"] = f"{folder.name}/latents.safetensors"
+            manifest["samples"].append({
+                "index": request.index, "prompt": request.prompt, "caption": caption, "seed": request.seed,
+                "ref": request.ref, "folder": folder.name, "files": files,
+                "timing": {"sample_s": round(batch_s / len(batch), 4),
+                           "per_frame_s": round(batch_s / len(batch) / layout.num_cells, 5)},
+            })
+            bar.update()
+        write_manifest(out / "manifest.json", manifest)  # after every batch: an interrupted run keeps its record
+    bar.close()
+    count = len(requests)
+    manifest["timing"].update({
+        "sampling_s": round(sampling_s, 4), "per_grid_s": round(sampling_s / count, 4),
+        "per_frame_s": round(sampling_s / count / layout.num_cells, 5),
+        "total_s": round(time.perf_counter() - started, 4),
+    })
+    write_manifest(out / "manifest.json", manifest)
+    return manifest
