@@ -12,7 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gridgen.config import CONF_DIR
-from gridgen.models.attention import apply_attention_backend, resolve_attention_backend, sdpa_kernels
+from gridgen.models.attention import (
+    apply_attention_backend,
+    resolve_attention_backend,
+    sdpa_kernels,
+    set_sdpa_kernels,
+)
 from gridgen.models.lora import read_lora_file
 from gridgen.train import train
 from gridgen.training.module import GridModule, NonFiniteError
@@ -178,21 +183,22 @@ def test_progress_bar_and_log_lines(tmp_path):
 
 
 # ---- attention backend ------------------------------------------------------------------------------------
-def test_attention_backend_never_cudnn_by_default_on_cuda():
+@pytest.fixture
+def sdpa_flags():
+    """The process-global SDPA kernel flags, restored after the test."""
     saved = sdpa_kernels()
-    try:
-        assert resolve_attention_backend("auto", "cpu") == "sdpa"
-        assert apply_attention_backend("auto", "cuda") == "sdpa_no_cudnn"
-        assert sdpa_kernels() == (True, True, True, False)
-        apply_attention_backend("sdpa_math", "cuda")
-        assert sdpa_kernels() == (False, False, True, False)
-        with pytest.raises(ValueError, match="model.attention_backend='nope' is unknown"):
-            resolve_attention_backend("nope", "cuda")
-    finally:
-        torch.backends.cuda.enable_flash_sdp(saved[0])
-        torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
-        torch.backends.cuda.enable_math_sdp(saved[2])
-        torch.backends.cuda.enable_cudnn_sdp(saved[3])
+    yield
+    set_sdpa_kernels(*saved)
+
+
+def test_attention_backend_never_cudnn_by_default_on_cuda(sdpa_flags):
+    assert resolve_attention_backend("auto", "cpu") == "sdpa"
+    assert apply_attention_backend("auto", "cuda") == "sdpa_no_cudnn"
+    assert sdpa_kernels() == (True, True, True, False)
+    apply_attention_backend("sdpa_math", "cuda")
+    assert sdpa_kernels() == (False, False, True, False)
+    with pytest.raises(ValueError, match="model.attention_backend='nope' is unknown"):
+        resolve_attention_backend("nope", "cuda")
 
 
 def test_diffusers_attention_backend_is_set_on_the_transformer(tmp_path):
@@ -279,25 +285,18 @@ def test_export_formats_must_include_diffusers():
     assert LoraExport("unused", formats=["diffusers", "kohya"]).formats == ["diffusers", "kohya"]
 
 
-def test_sdpa_backend_resets_a_diffusers_backend():
+def test_sdpa_backend_resets_a_diffusers_backend(sdpa_flags):
     from diffusers import FluxTransformer2DModel
 
     from gridgen.models.tiny import TINY_FLUX_CONFIG
 
     transformer = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
-    saved = sdpa_kernels()
-    try:
-        apply_attention_backend("_native_math", "cpu", transformer)
-        backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
-        assert backends == {"_native_math"}
-        apply_attention_backend("sdpa_math", "cpu", transformer)
-        backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
-        assert backends == {None} and sdpa_kernels() == (False, False, True, False)
-    finally:
-        torch.backends.cuda.enable_flash_sdp(saved[0])
-        torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
-        torch.backends.cuda.enable_math_sdp(saved[2])
-        torch.backends.cuda.enable_cudnn_sdp(saved[3])
+    apply_attention_backend("_native_math", "cpu", transformer)
+    backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
+    assert backends == {"_native_math"}
+    apply_attention_backend("sdpa_math", "cpu", transformer)
+    backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
+    assert backends == {None} and sdpa_kernels() == (False, False, True, False)
 
 
 # ---- bf16 on CPU: the dtype plumbing users run on GPUs ----------------------------------------------------
