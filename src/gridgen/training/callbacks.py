@@ -194,7 +194,8 @@ class GridThroughput(ThroughputMonitor):
         self._samples[stage] += self.batch_size_fn(batch)
         self._lengths[stage] += self.length_fn(batch)
         self._batches[stage] += 1
-        flops = getattr(pl_module, "flops_per_batch", None)
+        # training FLOPs (forward + backward) only: a validation batch is three forwards, not a training step
+        flops = getattr(pl_module, "flops_per_batch", None) if stage.value == "train" else None
         if flops is not None:  # Lightning's Throughput takes the FLOPs since its previous update
             self._pending_flops[stage] = self._pending_flops.get(stage, 0) + int(flops)
         if stage.value == "train" and self._batches[stage] > 1 and not trainer._logger_connector.should_update_logs:
