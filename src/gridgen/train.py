@@ -47,7 +47,6 @@ def _train(cfg: DictConfig, output_dir: Path, progress: dict[str, bool]) -> dict
     init_lora = resolve_init_lora(cfg)
     ckpt_path, resume_step = resolve_ckpt_path(cfg.get("ckpt_path"))
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "FAILED").unlink(missing_ok=True)  # a resumed run starts clean
 
     # The attention kernel this run will use, recorded in config.yaml and the loggers' hyperparameters.
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
@@ -79,6 +78,7 @@ def _train(cfg: DictConfig, output_dir: Path, progress: dict[str, bool]) -> dict
         name = "config.yaml" if resume_step is None else f"config.resume-step{resume_step}.yaml"
         (output_dir / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     progress["fit_started"] = True
+    (output_dir / "FAILED").unlink(missing_ok=True)  # a resumed run that fits again is no longer a failed one
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
