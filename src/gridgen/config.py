@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 # conf/ sits at the repository root (src/gridgen/config.py -> ../../conf); GRIDGEN_CONF overrides it.
 CONF_DIR = Path(os.environ.get("GRIDGEN_CONF", Path(__file__).resolve().parents[2] / "conf"))
@@ -31,6 +32,69 @@ def exit_on_user_error(entry: str) -> Iterator[None]:
             raise
         print(f"gridgen.{entry}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def check_added_keys(cfg: DictConfig, config_name: str) -> None:
+    """Refuse ``+key=value`` for a key the config does not know (``+lora.rnak=4`` would otherwise be stored and
+    ignored): one line naming the nearest known key. Known: the keys the config has without the ``+`` overrides,
+    and for a node built from ``_target_`` the parameters of that class (``+trainer.limit_train_batches=5``). A new
+    entry with its own ``_target_`` (a callback, a logger) and keys under a free-form node (null by default, e.g.
+    ``model.compile_options``) are accepted."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return  # composed in code (tests, notebooks): no command line to check
+    overrides = list(HydraConfig.get().overrides.task)
+    added = [o for o in overrides if o.startswith("+") and "=" in o]
+    added = [o for o in added if not o.lstrip("+").startswith("hydra.")
+             and not (CONF_DIR / o.lstrip("+").partition("=")[0].replace(".", "/")).is_dir()]  # a config group
+    if not added:
+        return
+    base = compose(config_name, overrides=[o for o in overrides if o not in added])
+    for override in added:
+        key, _, _ = override.lstrip("+").partition("=")
+        node, parts = base, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, DictConfig) or part not in node:
+                break
+            node = node[part]
+        else:
+            continue  # the key exists (`++key=` forced it): nothing added
+        if not isinstance(node, DictConfig):
+            continue  # under a free-form node (null by default) or a value
+        value = OmegaConf.select(cfg, ".".join(parts[:depth + 1]))
+        if isinstance(value, DictConfig) and "_target_" in value:
+            continue  # a new callback/logger/... entry of its own
+        known = set(node.keys()) - {"_target_"}
+        if "_target_" in node:
+            params = _target_parameters(str(node["_target_"]))
+            if params is None:
+                continue  # the class takes **kwargs
+            known |= params
+        if parts[depth] in known:
+            continue
+        where = ".".join(parts[:depth])
+        near = difflib.get_close_matches(parts[depth], sorted(known), n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join([*parts[:depth], near[0]])}=...? (without '+': it exists)" if near else \
+            f"known keys under {where or 'the top level'}: {', '.join(sorted(known)[:20])}"
+        raise ValueError(f"'{override}': '{key}' is not a key gridgen knows, so it would be stored and ignored; {hint}")
+
+
+def _target_parameters(target: str) -> set[str] | None:
+    """The keyword parameters of a ``_target_`` class or function (None: it takes ``**kwargs``)."""
+    import importlib
+    import inspect
+
+    module, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    params = inspect.signature(obj).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
 
 
 _SWEEP_VALUE = re.compile(r"^(?:[^=]*,[^=]*|(?:range|choice|glob|interval)\(.*\))$")
@@ -73,10 +137,37 @@ def run_folder_of_checkpoint(ckpt_path: str | None) -> Path | None:
     return None
 
 
-def _run_dir(ckpt_path: str | None, new_dir: str) -> str:
-    """``hydra.run.dir``: a resumed run continues in its own folder (metrics, checkpoints, W&B run, export)."""
+def resumes_in_place(ckpt_path: str | None) -> Path | None:
+    """The run folder a resume continues in, or None for a new folder.
+
+    Only an unfinished run (no ``summary.json``) resumed from its own last checkpoint (``ckpt_path=<run>`` or
+    ``<run>/checkpoints/last.ckpt``) continues in place; a finished run, or an older checkpoint, continues in a
+    new folder that records its parent, so no later command changes a finished result."""
     folder = run_folder_of_checkpoint(ckpt_path)
+    if folder is None:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    from_last = path.is_dir() or path.name == "last.ckpt"
+    return folder if from_last and not (folder / "summary.json").exists() else None
+
+
+def _run_dir(ckpt_path: str | None, new_dir: str) -> str:
+    """``hydra.run.dir``: an unfinished run resumed from its last checkpoint continues in its own folder."""
+    folder = resumes_in_place(ckpt_path)
     return str(folder) if folder is not None else new_dir
+
+
+def _hydra_subdir(ckpt_path: str | None, stamp: str) -> str:
+    """``hydra.output_subdir``: a resume in place keeps Hydra's files (configs, log) apart from the run's own, so
+    a resume that fails can remove exactly what it added."""
+    return f".hydra/resume-{stamp}" if resumes_in_place(ckpt_path) is not None else ".hydra"
+
+
+def _log_file(output_subdir: str | None, job_name: str) -> str:
+    """The job log: ``train.log``, or ``train.resume-<time>.log`` for a resume in place (a file of its own, as
+    Hydra opens it before it creates its output subfolder)."""
+    stamp = str(output_subdir).rpartition("/resume-")[2] if "/resume-" in str(output_subdir) else None
+    return f"{job_name}.resume-{stamp}.log" if stamp else f"{job_name}.log"
 
 
 def register_resolvers() -> None:
@@ -87,5 +178,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("gridgen_root", _root_dir)
     if not OmegaConf.has_resolver("gridgen_run_dir"):
         OmegaConf.register_new_resolver("gridgen_run_dir", _run_dir)
+    if not OmegaConf.has_resolver("gridgen_hydra_subdir"):
+        OmegaConf.register_new_resolver("gridgen_hydra_subdir", _hydra_subdir)
+    if not OmegaConf.has_resolver("gridgen_log_file"):
+        OmegaConf.register_new_resolver("gridgen_log_file", _log_file)
     if not OmegaConf.has_resolver("gridgen_sweep_subdir"):
         OmegaConf.register_new_resolver("gridgen_sweep_subdir", _sweep_subdir)

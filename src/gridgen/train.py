@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -11,18 +14,25 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
+from gridgen.config import CONF_DIR, check_added_keys, exit_on_user_error, register_resolvers
 from gridgen.models.attention import resolve_attention_backend
+from gridgen.models.loading import EMBEDDED_TINY_NAMES, check_model_source
 from gridgen.training.callbacks import LoraExport, config_hash
 from gridgen.training.ema import LoraEMA
 from gridgen.training.module import GridModule
 from gridgen.training.runs import (
+    RunFolderGuard,
     build_loggers,
+    check_resume,
+    check_run_settings,
+    failure_text,
     finish_wandb,
-    keep_or_mark_failed,
-    resolve_ckpt_path,
+    hydra_files_of_this_command,
+    read_checkpoint,
+    record_parent,
     resolve_init_lora,
 )
 
@@ -31,22 +41,43 @@ register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Instantiate everything from ``cfg``, fit, export the LoRA; returns the final metrics."""
+    """Instantiate everything from ``cfg``, fit, export the LoRA; returns the final metrics.
+
+    Everything that can be checked is checked before the first file is written; a command that fails before
+    training a step leaves the run folder as it was (a new one is removed), and ``FAILED`` (with the reason) marks
+    only a run that trained at least one step."""
     output_dir = Path(cfg.paths.output_dir)
-    progress = {"fit_started": False}
+    guard = RunFolderGuard(output_dir, hydra_files_of_this_command(output_dir))
+    state: dict[str, Any] = {"trainer": None, "start_step": 0}
     try:
-        return _train(cfg, output_dir, progress)
+        return _train(cfg, output_dir, state)
     except BaseException as err:
-        if not isinstance(err, KeyboardInterrupt) and rank_zero_only.rank == 0:
-            keep_or_mark_failed(output_dir, err, progress["fit_started"])
+        trainer = state["trainer"]
+        step = trainer.global_step if trainer is not None else state["start_step"]
+        if rank_zero_only.rank == 0:
+            if step > state["start_step"]:
+                if not isinstance(err, KeyboardInterrupt):
+                    (output_dir / "FAILED").write_text(failure_text(err, step, output_dir))
+            else:
+                guard.restore()
+        if isinstance(err, SIGTERMException):  # Lightning's exits 0; a scheduler should see the signal
+            raise SystemExit(128 + signal.SIGTERM) from err
         raise
 
 
-def _train(cfg: DictConfig, output_dir: Path, progress: dict[str, bool]) -> dict[str, float]:
-    L.seed_everything(cfg.seed, workers=True)
+def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str, float]:
+    if str(cfg.model.pretrained).lower() in EMBEDDED_TINY_NAMES:
+        log.info("model=%s is a tiny FLUX with random weights: it checks the mechanics end to end, and its sample "
+                 "grids are colour noise by design", cfg.model.name)
+    check_added_keys(cfg, "train")
+    check_run_settings(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     init_lora = resolve_init_lora(cfg)
-    ckpt_path, resume_step = resolve_ckpt_path(cfg.get("ckpt_path"))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    resume = read_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if resume is not None:
+        check_resume(cfg, resume)
+        state["start_step"] = resume.step
+    check_model_source(cfg.model.pretrained, revision=cfg.model.get("revision"))
 
     # The attention kernel this run will use, recorded in config.yaml and the loggers' hyperparameters.
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
@@ -55,8 +86,12 @@ def _train(cfg: DictConfig, output_dir: Path, progress: dict[str, bool]) -> dict
         cfg.model.attention_backend = resolve_attention_backend(cfg.model.get("attention_backend"), device_type)
 
     datamodule = instantiate(cfg.data)
+    if "LOCAL_RANK" not in os.environ:  # one process (or the launcher of DDP's processes): check the data now,
+        datamodule.prepare_data()  # before any logger or file (Lightning's setup skips what is done)
+        datamodule.setup("fit")
     module = GridModule(model=cfg.model, lora=cfg.lora, optim=cfg.optim, loss=cfg.loss, init_lora=init_lora,
-                        seed=cfg.seed, max_steps=cfg.trainer.max_steps, nonfinite=cfg.get("nonfinite"))
+                        seed=cfg.seed, max_steps=cfg.trainer.max_steps, nonfinite=cfg.get("nonfinite"),
+                        run={"task": cfg.task.name, "layout": str(cfg.task.get("sample_layout"))})
 
     callbacks = []
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
@@ -72,15 +107,19 @@ def _train(cfg: DictConfig, output_dir: Path, progress: dict[str, bool]) -> dict
             })
         callbacks.append(callback)
 
-    loggers = build_loggers(cfg, resume_step)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    loggers = build_loggers(cfg, resume)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if trainer.is_global_zero:  # a resumed run keeps the config it started with
-        name = "config.yaml" if resume_step is None else f"config.resume-step{resume_step}.yaml"
+    state["trainer"] = trainer
+    if trainer.is_global_zero:  # a run resumed in place keeps the config it started with
+        in_place = resume is not None and resume.in_place
+        name = f"config.resume-step{resume.step}.yaml" if in_place else "config.yaml"
         (output_dir / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    progress["fit_started"] = True
+        if resume is not None and not in_place:
+            record_parent(output_dir, resume)
     (output_dir / "FAILED").unlink(missing_ok=True)  # a resumed run that fits again is no longer a failed one
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume and resume.path, weights_only=True)
     finally:
         finish_wandb(loggers)
 
@@ -89,6 +128,8 @@ def _train(cfg: DictConfig, output_dir: Path, progress: dict[str, bool]) -> dict
         export = next((c.path for c in callbacks if isinstance(c, LoraExport)), None)
         checkpoints = cfg.callbacks.get("checkpoint", {}).get("dirpath")
         lines = [f"run folder     {output_dir}", f"config         {output_dir / 'config.yaml'}"]
+        if resume is not None and not resume.in_place:
+            lines.append(f"resumed from   {resume.path} (step {resume.step}; that run is unchanged, see parent.json)")
         if (output_dir / "metrics" / "metrics.csv").exists():
             lines.append(f"metrics        {output_dir / 'metrics' / 'metrics.csv'}")
         if checkpoints:

@@ -95,6 +95,31 @@ def _dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
+def _check_folder(name: str) -> Path:
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"model folder '{folder}' does not exist; {_HINT}")
+    if not (folder / "model_index.json").is_file():
+        raise ModelNotFoundError(f"model folder '{folder}' has no model_index.json (not a diffusers pipeline folder); {_HINT}")
+    return folder
+
+
+def check_model_source(pretrained: str | Path, revision: str | None = None) -> str:
+    """Raise ``ModelNotFoundError`` (one line) unless ``pretrained`` can be loaded offline: a diffusers folder,
+    or a hub id in the local HF cache; returns the resolved name. Cheap: reads no weights."""
+    name = resolve_pretrained(pretrained)
+    if isinstance(pretrained, Path) or looks_local(name):
+        _check_folder(name)
+        return name
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "model_index.json", revision=revision), str):
+        raise ModelNotFoundError(f"'{name}' is not in the local Hugging Face cache; download it once with "
+                                 f"`hf download {name}` (gated models such as FLUX.1-dev need `hf auth login` first) "
+                                 "or set model.pretrained=<local folder>")
+    return name
+
+
 def load_flux_pipeline(
     pretrained: str | Path,
     *,
@@ -138,13 +163,7 @@ def load_flux_pipeline(
             quantization, torch_dtype, text_encoder=quantize_text_encoder and load_text_encoders)
 
     if isinstance(pretrained, Path) or looks_local(name):
-        folder = Path(name).expanduser()
-        if not folder.is_dir():
-            raise ModelNotFoundError(f"model folder '{folder}' does not exist; {_HINT}")
-        if not (folder / "model_index.json").is_file():
-            raise ModelNotFoundError(
-                f"model folder '{folder}' has no model_index.json (not a diffusers pipeline folder); {_HINT}"
-            )
+        folder = _check_folder(name)
         logger.info("loading FLUX pipeline from %s", folder)
         try:
             # revision only means something for the hub; a local folder is one fixed version

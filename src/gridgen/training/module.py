@@ -65,6 +65,7 @@ class GridModule(L.LightningModule):
         loss: ``timestep_sampling`` (uniform | logit_normal | shifted), ``logit_mean``, ``logit_std``,
             ``timestep_shift`` (a number or ``auto`` = FLUX's resolution shift), ``alpha`` (initial alpha).
         init_lora: optional LoRA file to start from (fine stage starts from the coarse LoRA).
+        run: what the run trains (``task``, ``layout``), kept in checkpoints so a resume can check it.
         seed: seeds the per-sample noise and times.
         nonfinite: ``action`` (``stop``: end the run at the first non-finite loss term or gradient norm with a
             one-line error; ``skip``: drop that step's update, up to ``max_skips`` steps, each counted and logged
@@ -72,13 +73,15 @@ class GridModule(L.LightningModule):
     """
 
     def __init__(self, model: Any, lora: Any, optim: Any, loss: Any, init_lora: str | None = None,
-                 seed: int = 0, max_steps: int | None = None, nonfinite: Any = None) -> None:
+                 seed: int = 0, max_steps: int | None = None, nonfinite: Any = None,
+                 run: dict[str, str] | None = None) -> None:
         super().__init__()
         self.model_cfg, self.lora_cfg = _plain(model), _plain(lora)
         self.optim_cfg, self.loss_cfg = _plain(optim), _plain(loss)
         # plain containers: checkpoints stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters({"model": self.model_cfg, "lora": self.lora_cfg, "optim": self.optim_cfg,
-                                   "loss": self.loss_cfg, "init_lora": init_lora, "seed": seed, "max_steps": max_steps})
+                                   "loss": self.loss_cfg, "init_lora": init_lora, "seed": seed, "max_steps": max_steps,
+                                   "run": dict(run or {})})
         self.init_lora, self.seed, self.max_steps = init_lora, int(seed), max_steps
         self.nonfinite = {"action": "stop", "max_skips": 0, **_plain(nonfinite or {})}
         if self.nonfinite["action"] not in NONFINITE_ACTIONS:

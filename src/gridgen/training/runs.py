@@ -1,13 +1,16 @@
 """What a training run needs around ``trainer.fit``: the fine stage's coarse LoRA, the checkpoint to resume
-from (read safely), loggers that continue a resumed run, and the run folder of a failed run."""
+from (read safely and checked against the config), loggers that continue a resumed run, and a run folder that a
+failed command leaves as it was."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
@@ -16,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gridgen.config import resumes_in_place, run_folder_of_checkpoint
 from gridgen.models.lora import LORA_FILE, read_lora_header
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,32 @@ def find_coarse_lora(output_root: Path, task: str, model: str, rank: int, debug_
     return chosen
 
 
+def _command_line_keys() -> set[str]:
+    """The keys this command set on its command line (empty outside ``@hydra.main``)."""
+    if not HydraConfig.initialized():
+        return set()
+    return {o.partition("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Settings that could not act are refused before anything runs: a step count that trains nothing or never
+    ends (the alpha ramp and the LR schedule need a finite run), validation asked for but never reached."""
+    max_steps = cfg.trainer.get("max_steps")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        raise ValueError(f"trainer.max_steps={max_steps} trains nothing or never ends (the alpha ramp and the LR "
+                         "schedule need a finite run); set a positive number of optimizer steps, e.g. trainer.max_steps=40")
+    interval, batches = cfg.trainer.get("val_check_interval"), cfg.trainer.get("limit_val_batches", 1.0)
+    if cfg.data.get("val_shards") is None or not batches or not isinstance(interval, int) or interval <= max_steps:
+        return
+    asked = _command_line_keys() & {"trainer.val_check_interval", "trainer.limit_val_batches"}
+    message = (f"trainer.val_check_interval={interval} is beyond trainer.max_steps={max_steps}: this run would never "
+               f"validate (no val losses, no sample grids)")
+    if asked:
+        raise ValueError(f"{message}; set trainer.val_check_interval={max_steps} or less, or "
+                         "trainer.limit_val_batches=0 to train without validation")
+    log.warning("%s; set trainer.val_check_interval=%d to validate at its end", message, max_steps)
+
+
 def resolve_init_lora(cfg: DictConfig) -> str | None:
     init = cfg.stage.get("init_lora")
     if init in (None, "", "none"):
@@ -86,11 +116,24 @@ def resolve_init_lora(cfg: DictConfig) -> str | None:
     return str(path)
 
 
-def resolve_ckpt_path(ckpt: str | None) -> tuple[str | None, int | None]:
-    """A run folder: its ``checkpoints/last.ckpt``; else the file. The file is read once here with
-    ``weights_only=True`` (never unpickled) so that a truncated or foreign file is one line, not a traceback."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint to resume from, read once (never unpickled): where it is, its step, what it was trained
+    with, and the folder the resume writes to."""
+
+    path: str
+    step: int
+    hparams: dict[str, Any]
+    lora_shapes: dict[str, tuple[int, ...]]
+    parent: Path | None  # the run folder the checkpoint belongs to (None: a loose .ckpt file)
+    in_place: bool  # an unfinished run continued from its last checkpoint in its own folder
+
+
+def read_checkpoint(ckpt: str | None, output_dir: Path) -> ResumePoint | None:
+    """``ckpt_path`` (a run folder: its ``checkpoints/last.ckpt``; else the file), read with
+    ``weights_only=True`` so that a truncated or foreign file is one line, not a traceback."""
     if ckpt in (None, ""):
-        return None, None
+        return None
     path = Path(ckpt).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
@@ -107,7 +150,63 @@ def resolve_ckpt_path(ckpt: str | None) -> tuple[str | None, int | None]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise CheckpointError(f"ckpt_path '{path}' is not a Lightning checkpoint (no state_dict/global_step); "
                               "point it at a run folder or its checkpoints/*.ckpt")
-    return str(path), int(checkpoint["global_step"])
+    parent = run_folder_of_checkpoint(ckpt)
+    in_place = parent is not None and output_dir.resolve() == parent
+    if in_place and resumes_in_place(ckpt) is None:
+        raise ValueError(f"ckpt_path '{ckpt}': the run '{parent}' finished or has a later checkpoint, so it is not "
+                         "continued in its own folder; leave hydra.run.dir / paths.output_dir unset and the resume "
+                         "writes a new run folder that records its parent")
+    shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
+    return ResumePoint(str(path), int(checkpoint["global_step"]), dict(checkpoint.get("hyper_parameters") or {}),
+                       shapes, parent, in_place)
+
+
+def check_resume(cfg: DictConfig, resume: ResumePoint) -> None:
+    """Refuse, before anything is written, a resume whose checkpoint cannot continue this config: a finished
+    step count, another LoRA (rank, alpha, targets), another model, task or layout."""
+    max_steps = int(cfg.trainer.max_steps)
+    if resume.step >= max_steps:
+        raise ValueError(f"ckpt_path '{resume.path}' is at step {resume.step} and trainer.max_steps={max_steps}: "
+                         f"nothing to train; set trainer.max_steps above {resume.step} to continue it")
+    saved = resume.hparams
+    now = {"lora.rank": int(cfg.lora.rank), "lora.alpha": float(cfg.lora.alpha),
+           "lora.target_modules": sorted(cfg.lora.target_modules), "model.name": cfg.model.name,
+           "model.pretrained": str(cfg.model.pretrained), "task.name": cfg.task.name,
+           "task.sample_layout": str(cfg.task.get("sample_layout"))}
+    then = {"lora.rank": saved.get("lora", {}).get("rank"), "lora.alpha": saved.get("lora", {}).get("alpha"),
+            "lora.target_modules": saved.get("lora", {}).get("target_modules"),
+            "model.name": saved.get("model", {}).get("name"), "model.pretrained": saved.get("model", {}).get("pretrained"),
+            "task.name": saved.get("run", {}).get("task"), "task.sample_layout": saved.get("run", {}).get("layout")}
+    then["lora.alpha"] = None if then["lora.alpha"] is None else float(then["lora.alpha"])
+    then["lora.target_modules"] = None if then["lora.target_modules"] is None else sorted(then["lora.target_modules"])
+    then["model.pretrained"] = None if then["model.pretrained"] is None else str(then["model.pretrained"])
+    # the LoRA tensors themselves: lora_A is (rank, in), lora_B is (out, rank)
+    ranks = {shape[0] if ".lora_A" in key else shape[-1] for key, shape in resume.lora_shapes.items()}
+    if len(ranks) == 1 and then["lora.rank"] is None:
+        then["lora.rank"] = ranks.pop()
+    elif ranks and ranks != {now["lora.rank"]}:
+        then["lora.rank"] = sorted(ranks)[0]
+    differ = [k for k in now if then[k] is not None and then[k] != now[k]]
+    if differ:
+        pairs = ", ".join(f"{k}={then[k]} in the checkpoint, {now[k]} now" for k in differ)
+        fix = " ".join(f"{k}={_override_value(then[k])}" for k in differ)
+        raise ValueError(f"ckpt_path '{resume.path}' cannot continue this config ({pairs}); resume with {fix}, or start "
+                         "a new run from its LoRA with stage=fine stage.init_lora=<run>/lora")
+
+
+def _override_value(value: Any) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+
+
+def record_parent(output_dir: Path, resume: ResumePoint) -> None:
+    """A resume in a new folder names the run it continues (``parent.json``); the parent itself is not touched."""
+    why = "the run had finished" if (resume.parent and (resume.parent / "summary.json").exists()) else \
+        "the checkpoint is not the run's last"
+    record = {"parent_run": str(resume.parent) if resume.parent else None, "checkpoint": str(Path(resume.path).resolve()),
+              "step": resume.step, "why_a_new_folder": why}
+    (output_dir / "parent.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("resuming from step %d of %s in a new run folder %s (%s; the original is left as it is)", resume.step,
+             resume.parent or resume.path, output_dir, why)
 
 
 def _wandb_run_id(output_dir: Path) -> str | None:
@@ -124,8 +223,9 @@ def _metrics_before(path: Path, step: int) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(file) if row.get("step", "").isdigit() and int(row["step"]) < step]
 
 
-def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
-    """The configured loggers; ``resume_step``: a resumed run continues its W&B run and its metrics.csv."""
+def build_loggers(cfg: DictConfig, resume: ResumePoint | None = None) -> list[Any]:
+    """The configured loggers. A resumed run's metrics.csv starts with the rows its checkpoint's run logged
+    before that step; a resume in place also continues that run's W&B run."""
     from lightning.pytorch.loggers import CSVLogger
 
     output_dir = Path(cfg.paths.output_dir)
@@ -138,7 +238,8 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
             if logger_cfg.get("group") is None and HydraConfig.initialized() and \
                     HydraConfig.get().mode == hydra.types.RunMode.MULTIRUN:
                 logger_cfg["group"] = Path(HydraConfig.get().sweep.dir).name  # one W&B group per sweep
-            if resume_step is not None and logger_cfg.get("id") is None and (run_id := _wandb_run_id(output_dir)):
+            if resume is not None and resume.in_place and logger_cfg.get("id") is None and \
+                    (run_id := _wandb_run_id(output_dir)):
                 logger_cfg.update(id=run_id, resume="allow")
             logger = instantiate(logger_cfg)
             # All train metrics share the optimizer-step axis.
@@ -147,10 +248,12 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
             loggers.append(logger)
         else:
             logger = instantiate(logger_cfg)
-            if resume_step is not None and isinstance(logger, CSVLogger):
+            if resume is not None and isinstance(logger, CSVLogger):
                 # Lightning's CSV writer deletes metrics.csv when it is created (first use of .experiment): read
                 # the rows logged before the checkpoint first, then hand them to the new writer.
-                kept = _metrics_before(Path(logger.log_dir) / "metrics.csv", resume_step)
+                source = Path(logger.log_dir) if resume.parent is None else \
+                    resume.parent / Path(logger.log_dir).relative_to(output_dir)
+                kept = _metrics_before(source / "metrics.csv", resume.step)
                 rows = getattr(logger.experiment, "metrics", None)  # a no-op stand-in on ranks other than 0
                 if isinstance(rows, list):
                     rows.extend(kept)
@@ -168,16 +271,74 @@ def finish_wandb(loggers: list[Any]) -> None:
         wandb.finish()
 
 
-def keep_or_mark_failed(output_dir: Path, err: BaseException, fit_started: bool) -> None:
-    """A run that failed in ``trainer.fit`` is marked ``FAILED`` (``stage.init_lora=auto`` passes over it); a new
-    run that failed before it holds only Hydra's own files and is removed. A folder with anything else in it (a
-    resumed run that failed before fitting, a folder the user named) is left as it was."""
-    if not output_dir.is_dir():
-        return
-    if fit_started:
-        (output_dir / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
-        return
-    leftovers = [p for p in output_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts
-                 and p.suffix != ".log"]  # Hydra's own files, the job log
-    if not leftovers:
-        shutil.rmtree(output_dir, ignore_errors=True)
+class RunFolderGuard:
+    """What a run folder held before this command wrote to it, so that a command that fails before training a
+    step leaves it byte for byte as it was: a new folder (only Hydra's files of this command) is removed; in an
+    existing one (a resume in place) files this command added are removed and changed small files restored."""
+
+    MAX_SAVED_BYTES = 16 * 2**20  # larger files (checkpoints of big LoRAs) are written only after a trained step
+
+    def __init__(self, folder: Path, own: tuple[Path, ...] = ()) -> None:
+        self.folder, self.own = folder, own  # own: files/folders this command's Hydra already wrote
+        self.existed = folder.is_dir()
+        files = [p for p in folder.rglob("*") if p.is_file() and not self._is_own(p)] if self.existed else []
+        # a folder with nothing but Hydra's files (of this command, or a folder Hydra made just now) is new
+        self.new = not [p for p in files if ".hydra" not in p.relative_to(folder).parts and p.suffix != ".log"]
+        self.dirs = {p for p in folder.rglob("*") if p.is_dir() and not self._is_own(p)} if self.existed else set()
+        self.saved = {p: p.read_bytes() for p in files if p.stat().st_size <= self.MAX_SAVED_BYTES}
+        self.stats = {p: _stat(p) for p in files}
+
+    def _is_own(self, path: Path) -> bool:
+        return any(path == own or own in path.parents for own in self.own)
+
+    def restore(self) -> None:
+        if not self.folder.is_dir():
+            return
+        if self.new:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for path in sorted(self.folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_file() and path not in self.stats:
+                path.unlink()
+            elif path.is_dir() and path not in self.dirs:
+                shutil.rmtree(path, ignore_errors=True)
+        for own in self.own:  # the folders Hydra made for them (.hydra of a folder that had none), once empty
+            for folder in own.parents:
+                if folder == self.folder or self.folder not in folder.parents or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+        for path, stat in self.stats.items():
+            if not path.is_file() or _stat(path) != stat:
+                if path in self.saved:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(self.saved[path])
+                else:
+                    log.warning("%s changed during a failed resume and is too large to have been kept", path)
+
+
+def hydra_files_of_this_command(output_dir: Path) -> tuple[Path, ...]:
+    """What Hydra wrote for this command in a run folder resumed in place (its own config folder and log)."""
+    if not HydraConfig.initialized():
+        return ()
+    config = HydraConfig.get()
+    subdir = config.output_subdir or ""
+    if "/resume-" not in subdir:
+        return ()
+    stamp = subdir.rpartition("/resume-")[2]
+    return output_dir / subdir, output_dir / f"{config.job.name}.resume-{stamp}.log"
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def failure_text(err: BaseException, step: int, output_dir: Path) -> str:
+    """The ``FAILED`` marker's text: the error, or what stopped the run when the exception says nothing
+    (SIGTERM from a scheduler or ``kill``), with the command that continues it."""
+    message = str(err).strip()
+    if not message:
+        kind = "SIGTERM (a scheduler's time limit, preemption or `kill`)" if "SIGTERM" in type(err).__name__ \
+            else f"{type(err).__name__} without a message"
+        message = f"stopped at step {step} by {kind}"
+    return f"{type(err).__name__}: {message}\nresume: python -m gridgen.train ckpt_path={output_dir}\n"
