@@ -33,6 +33,12 @@ def exit_on_user_error(entry: str) -> Iterator[None]:
         sys.exit(2)
 
 
+def hydra_quote(value: str) -> str:
+    """A string as one Hydra override value: single-quoted, with quotes, trailing backslashes and ``${`` escaped."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
 _SWEEP_VALUE = re.compile(r"^(?:[^=]*,[^=]*|(?:range|choice|glob|interval)\(.*\))$")
 
 
