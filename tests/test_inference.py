@@ -24,6 +24,7 @@ from gridgen.inference import (
     GridSampler,
     TaskSpec,
     apply_lora,
+    cameras_document,
     export_sample,
     flux_schedule,
     initial_frames,
@@ -44,6 +45,7 @@ from gridgen.models.lora import LoraFileError, attach_lora, build_lora_config, s
 from gridgen.models.tiny import TINY_FLUX_CONFIG, ensure_tiny_flux
 
 MAX_SEQ = 32  # conf/model/flux_tiny.yaml
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -340,6 +342,23 @@ def test_export_writes_frames_videos_and_cameras(tmp_path):
     assert np.array_equal(grid_frames(grid, layout)[4], grid[32:64, 48:96])
 
 
+def test_readme_names_the_files_generate_writes(tmp_path):
+    """Every file or folder export_sample writes, for video and multi-view, is named in the README's Output text."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("Output (`generate.out`")
+    output = readme[start:readme.index("\n\n", start)]
+    layout = GridLayout(2, 2, 16, 16)
+    grid = np.zeros((32, 32, 3), np.uint8)
+    for kind in ("video", "multiview"):
+        files = export_sample(tmp_path / kind, grid, layout, kind=kind,
+                              cameras=cameras_document(layout) if kind == "multiview" else None)
+        names = {Path(v[0]).parts[1] + "/" if isinstance(v, list) else Path(v).parts[1] for v in files.values()}
+        assert names == ({"grid.png", "views/", "views.mp4", "views.gif", "cameras.json"} if kind == "multiview" else
+                         {"grid.png", "frames/", "frames.mp4", "frames.gif"})
+        missing = sorted(name for name in names if not re.search(rf"[`/]{re.escape(name)}`", output))
+        assert not missing, f"README's Output paragraph does not name {missing} ({kind})"
+
+
 # ---- requests ----------------------------------------------------------------------------------------------
 def test_prompts_file_lines_json_lines_and_seeds(tmp_path):
     path = tmp_path / "p.txt"
@@ -557,6 +576,23 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, refs):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.generate: error:")]
     assert len(errors) == 1 and "too few keyframes for layout 4x4" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_make_generate_echoes_the_values_it_passes():
+    """`make generate` prints the command with the prompt's value (not `"prompt=$prompt"`), and that printed line,
+    run by bash as make runs it, hands Python exactly the typed values."""
+    prompt = 'a dog\'s tail, "wagging" [fast] & (more); 100% #1'
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    dry = subprocess.run(["make", "-n", "generate", f"prompt={prompt}", "ref=dog.png", "seed=3", "layout=4x8",
+                          "generate.steps=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    recipe = re.sub(r"\\\n\s*", " ", dry.stdout)  # make echoes the recipe's continuation lines as written
+    (line,) = [ln for ln in recipe.splitlines() if ln.startswith(".venv/bin/python -m gridgen.generate")]
+    assert "$prompt" not in line and "prompt=a dog" in line
+    argv = subprocess.run(["bash", "+B", "-c", "printf '%s\\0' " + line.removeprefix(".venv/bin/python ")],
+                          capture_output=True, text=True, timeout=60).stdout.split("\0")[:-1]
+    assert argv == ["-m", "gridgen.generate", f"prompt={prompt}", "ref=dog.png", "layout=4x8", "seed=3",
+                    "generate.steps=1"]
 
 
 @pytest.mark.slow
