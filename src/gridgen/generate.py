@@ -6,14 +6,13 @@ and ``conf/generate_task/``), writes the grids, frames, videos and ``manifest.js
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
+from gridgen.config import CONF_DIR, exit_on_user_error, hydra_quote, register_resolvers
 from gridgen.inference.pipeline import generate  # noqa: F401 (the library call; tests and notebooks import it here)
 
 register_resolvers()
@@ -23,12 +22,6 @@ register_resolvers()
 KEY_ALIASES = {"task": "generate_task@task", "lora": "lora.path"}
 # Free text and paths: quoted for Hydra so that commas, quotes and brackets in them stay literal.
 TEXT_KEYS = ("prompt", "prompts_file", "ref", "lora.path", "generate.out")
-
-
-def hydra_quote(value: str) -> str:
-    """A string as one Hydra override value: single-quoted, with quotes, trailing backslashes and ``${`` escaped."""
-    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def cli_overrides(argv: list[str]) -> list[str]:
@@ -58,7 +51,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         f"grids          {len(manifest['samples'])} x {manifest['layout']['name']} "
         f"({manifest['layout']['height']}x{manifest['layout']['width']} px), task {manifest['task']}, "
         f"T={manifest['T']}, {manifest['steps']} steps",
-        f"time           {timing['per_grid_s']:.3f} s per grid, {timing['per_frame_s'] * 1000:.1f} ms per frame "
+        f"time           {timing['per_grid_total_s']:.3f} s per grid: sampling + decoding {timing['per_grid_s']:.3f} s "
+        f"({timing['per_frame_s'] * 1000:.1f} ms per frame), writing files {timing['per_grid_export_s']:.3f} s "
         f"(+ {timing['load_s']:.1f} s loading)",
     ]
     lines += [f"sample {s['index']:<7} {out / s['files']['grid']}" for s in manifest["samples"][:10]]

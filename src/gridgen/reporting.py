@@ -34,17 +34,28 @@ SWEEP_LABELS = {"final_loss_base": "final L_base", "final_loss_flow": "final L_f
 RUN_HINT = "pass run=<run folder or sweep folder>, e.g. make report run=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny"
 
 
+# Keys that gridgen logs itself with ``step=trainer.global_step`` (steps done), not through ``self.log``.
+LOGGED_AT_GLOBAL_STEP = ("data/",)
+
+
 def read_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """``metrics/metrics.csv`` (Lightning CSVLogger) -> {metric: [(step, value), ...]}."""
+    """``metrics/metrics.csv`` (Lightning CSVLogger) -> {metric: [(step, value), ...]} at the run's own step.
+
+    Lightning writes ``self.log`` values with the count of optimizer steps done *before* the current one (its
+    ``_batches_that_stepped``, incremented after validation): the row of step 4 holds the loss of the run's 5th
+    step, the row of step 19 the validation after step 20. Those rows are moved to ``step + 1``, the step the
+    run's console, checkpoints and ``summary.json`` name; keys in :data:`LOGGED_AT_GLOBAL_STEP` are already there.
+    """
     path = run / "metrics" / "metrics.csv"
     series: dict[str, list[tuple[int, float]]] = {}
     if not path.is_file():
         return series
     with path.open() as f:
         for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
+            logged = int(float(row.get("step") or 0))
             for key, value in row.items():
                 if key not in ("step", "epoch") and value not in ("", None):
+                    step = logged if key.startswith(LOGGED_AT_GLOBAL_STEP) else logged + 1
                     series.setdefault(key, []).append((step, float(value)))
     return series
 
@@ -161,8 +172,19 @@ def _job_row(job: Path) -> dict[str, Any]:
     return row
 
 
+def spread_text(values: list[float]) -> str:
+    """How far apart a panel's values are, in its own unit and relative to the largest: ``spread 0.0003 (0.02%)``."""
+    spread, largest = max(values) - min(values), max(abs(v) for v in values)
+    relative = f" ({100 * spread / largest:.2g}% of the largest)" if largest else ""
+    return f"spread {spread:.3g}{relative}"
+
+
 def plot_sweep(rows: list[dict[str, Any]]) -> plt.Figure | None:
-    """One panel per quantity over the LoRA rank (log axis, a tick at each swept rank); None without ranks."""
+    """One panel per quantity over the LoRA rank (log axis, a tick at each swept rank); None without ranks.
+
+    The y axis starts at zero for quantities that cannot be negative, and each panel states the spread of its
+    values: a 1.3632 vs 1.3635 difference must not fill the panel's height as if it were large.
+    """
     ranked = sorted((r for r in rows if r.get("lora.rank") is not None), key=lambda r: r["lora.rank"])
     panels = [c for c in SWEEP_LABELS if any(r.get(c) is not None for r in ranked)]
     if not ranked or not panels:
@@ -176,6 +198,9 @@ def plot_sweep(rows: list[dict[str, Any]]) -> plt.Figure | None:
         ax.set_xticks(sorted(set(ranks)), [str(r) for r in sorted(set(ranks))])  # exactly the swept ranks
         ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(plain_number))  # no offset text over the title
+        if min(values) >= 0:
+            ax.set_ylim(bottom=0, top=max(values) * 1.15 or 1)  # headroom for the spread text
+        ax.text(0.03, 0.97, spread_text(list(values)), transform=ax.transAxes, ha="left", va="top", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -50,6 +50,7 @@ TIMING_KEYS = ("sample_s", "inference_time_s", "sequence_s", "seconds", "time_s"
 REFERENCE_STEMS = ("reference", "ref", "input", "condition")
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 _TAR_MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+_SPLIT_SHARD = re.compile(r"^(.+)-(\d+)[.]tar$")  # make prepare's shard names: <split>-000000.tar
 
 
 @dataclass
@@ -324,14 +325,18 @@ def list_videos(spec: str | Path, layout: str | None = None, background: str = "
         if suffix in IMAGE_SUFFIXES:
             return [_image_as_grid(path, layout, background)]
         raise ValueError(f"cannot read '{path}': not a video ({', '.join(VIDEO_SUFFIXES)}), image or .tar shard")
+    shards = sorted(path.glob("*.tar"), key=natural_key)
+    if shards:  # before manifest.json: `make prepare` writes one beside its shards, describing them
+        return [item for shard in _one_split(path, shards) for item in _tar_items(shard, layout, background)]
     if (path / MANIFEST).is_file():
         manifest = json.loads((path / MANIFEST).read_text())
         if isinstance(manifest.get("samples"), list):
             return generate_run_items(path, manifest, background)
+        kinds = sorted(p.parent.name for p in path.glob(f"*/{MANIFEST}") if any(p.parent.glob("*.tar")))
+        if kinds:  # the embedded sample data: one prepare output per kind of grid
+            raise ValueError(f"'{path}' holds one shard folder per kind of grid ({', '.join(kinds)}); evaluate one: "
+                             f"eval.real={path / kinds[0]}")
         return [sample_folder_item(path, layout, background)]
-    shards = sorted(path.glob("*.tar"), key=natural_key)
-    if shards:
-        return [item for shard in shards for item in _tar_items(shard, layout, background)]
     videos = _videos(path)
     folders = sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
     if videos:
@@ -344,6 +349,22 @@ def list_videos(spec: str | Path, layout: str | None = None, background: str = "
     if layout or any(_sidecar(p, ".json") for p in images):
         return [_image_as_grid(p, layout, background) for p in images]
     return [VideoItem(path.name, lambda: read_frames(images, background), str(path))]  # one video of frames
+
+
+def _one_split(folder: Path, shards: list[Path]) -> list[Path]:
+    """The shards of a folder, refused when they belong to several splits (``train-*.tar`` and ``val-*.tar`` of
+    ``make prepare``): a real set is one split, and the message names a brace pattern for each."""
+    splits: dict[str, list[str]] = {}
+    for shard in shards:
+        if match := _SPLIT_SHARD.match(shard.name):
+            splits.setdefault(match[1], []).append(match[2])
+    if len(splits) < 2:
+        return shards
+    patterns = {split: f"{split}-{{{numbers[0]}..{numbers[-1]}}}.tar" for split, numbers in sorted(splits.items())}
+    listed = ", ".join(f"{pattern} ({len(splits[split])} shards)" for split, pattern in patterns.items())
+    last = list(patterns.values())[-1]
+    raise ValueError(f"'{folder}' holds the shards of {len(splits)} splits: {listed}; evaluate one split, quoted "
+                     f"for the shell: eval.real='{folder}/{last}'")
 
 
 def _caption_sidecar(path: Path) -> str | None:

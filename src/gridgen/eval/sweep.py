@@ -17,6 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gridgen.config import hydra_quote
 from gridgen.eval.report import write_sweep_summary
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,23 @@ SHORTHANDS = {"task": "eval_task", "lora": "gen.lora", "T": "gen.T", "steps": "g
               "seed": "gen.seed"}
 
 
+# Shard brace patterns (`val-{000000..000003}.tar`) in these keys are quoted for Hydra, whose grammar reads `{` as a
+# dictionary: the shell's quotes (needed against its own brace expansion) are gone by the time Python sees them.
+SET_KEYS = ("eval.real", "eval.fake")
+_BRACE_RANGE = re.compile(r"\{[^{}$]*(?:\.\.|,)[^{}$]*\}")
+
+
 def expand_shorthands(argv: list[str]) -> list[str]:
-    """``task=i2v`` -> ``eval_task=i2v``, ``lora=x`` -> ``gen.lora=x`` (see :data:`SHORTHANDS`)."""
+    """``task=i2v`` -> ``eval_task=i2v``, ``lora=x`` -> ``gen.lora=x`` (see :data:`SHORTHANDS`); a brace pattern
+    in ``eval.real`` / ``eval.fake`` is quoted for Hydra (each value of a ``-m`` sweep on its own)."""
     expanded = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        expanded.append(f"{SHORTHANDS[key]}={value}" if sep and key in SHORTHANDS else arg)
+        key = SHORTHANDS.get(key, key) if sep else key
+        if sep and key in SET_KEYS and value[:1] not in ("'", '"') and "${" not in value:
+            value = ",".join(hydra_quote(part) if _BRACE_RANGE.search(part) else part
+                             for part in split_overrides(value))
+        expanded.append(f"{key}={value}" if sep else arg)
     return expanded
 
 

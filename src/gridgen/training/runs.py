@@ -9,8 +9,8 @@ import json
 import logging
 import os
 import shutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
