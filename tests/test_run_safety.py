@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,14 +260,53 @@ def test_init_lora_auto_matches_rank_and_skips_debug_and_unfinished_runs(tmp_pat
 
 
 # ---- progress ---------------------------------------------------------------------------------------------
-def test_progress_bar_and_log_lines(tmp_path):
-    proc = run_cli("trainer.max_steps=4", "trainer.log_every_n_steps=2", "callbacks.progress_log.cpu_notice_after_s=0",
-                   "logger=csv", cwd=tmp_path)
+def test_console_one_bar_with_both_losses_and_no_library_noise(tmp_path):
+    """The default command's console (W&B logger included): the embedded model's notice first, one bar showing
+    L_base, L_flow and alpha, one s/step figure shared by bar and log line, log lines above the bar (never
+    inside it), no validation bars, none of the libraries' known noise."""
+    proc = run_cli("trainer.max_steps=4", "trainer.log_every_n_steps=2", "trainer.val_check_interval=4",
+                   "callbacks.progress_log.cpu_notice_after_s=0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "step 4/4" in out and "v_num" not in out and "Epoch" not in out, out[-3000:]
-    assert "s/step" in out and "loss" in out
+    first = next(line for line in out.splitlines() if line.strip())
+    assert "tiny FLUX with random weights" in first and "colour noise by design" in first, first
+    for noise in ("anonymous setting", "litlogger", "LeafSpec", "TPU available", "Run history", "v_num", "Epoch",
+                  "Validation", "Training:", "Loading pipeline components", "Loading weights"):
+        assert noise not in out, noise
     assert "on CPU: the 4 steps of this run will take about" in out
+    # every log line starts a line of its own: tqdm clears the bar before writing it
+    for match in re.finditer(r"\[\d{4}-\d\d-\d\d [\d:,]+\]\[", proc.stdout):
+        before = proc.stdout[:match.start()]
+        tail = before[max(before.rfind("\n"), before.rfind("\r")) + 1:]
+        assert not tail.strip(), f"log line inside the bar: {tail!r}"
+    bars = re.findall(r"step 4/4 \|[^|]*\| (L_base [\d.]+  L_flow [\d.]+  alpha [\d.]+  s/step ([\d.]+)  eta 0:00)",
+                      proc.stdout)
+    logged = re.findall(r"step 4/4  (L_base [\d.]+  L_flow [\d.]+  alpha [\d.]+  s/step ([\d.]+)  eta 0:00)", out)
+    assert bars and logged, out[-3000:]
+    assert bars[-1] == logged[-1]  # the same figures, the same s/step
+    assert "W&B run        " in proc.stdout and "wandb sync" in proc.stdout
+
+
+def test_step_timer_excludes_validation_and_the_first_step():
+    from types import SimpleNamespace
+
+    from gridgen.training.callbacks import StepTimer
+
+    clock = iter([10.0, 11.0, 11.2, 15.2, 16.0])  # step 1 (warm-up) ends at 10 s; then a 4 s validation
+    timer = StepTimer(smoothing=0.5)
+    trainer = SimpleNamespace(global_step=0, max_steps=10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("gridgen.training.callbacks.time.perf_counter", lambda: next(clock))
+        timer.on_train_start(trainer, None)
+        for step, validate in ((1, False), (2, False), (3, True)):
+            trainer.global_step = step
+            if validate:
+                timer.on_validation_start(trainer, None)
+                timer.on_validation_end(trainer, None)
+            timer.on_train_batch_end(trainer, None, None, None, step - 1)
+    # step 2: 11.0 - 10.0 = 1 s (first timed: the mean); step 3: 16.0 - 11.0 - 4.0 (validation) = 1 s
+    assert timer.seconds_per_step == pytest.approx(1.0)
+    assert timer.eta(trainer) == pytest.approx(7.0)
 
 
 # ---- attention backend ------------------------------------------------------------------------------------

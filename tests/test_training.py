@@ -1,5 +1,6 @@
 """Training module, callbacks, checkpoints, export and the Hydra entry point on the embedded tiny FLUX."""
 
+import csv
 import os
 import re
 import subprocess
@@ -113,6 +114,18 @@ def test_checkpoint_holds_only_lora_and_optimizer_state(trained_run):
     assert n_lora < 0.5 * sum(p.numel() for p in load_flux_pipeline(ensure_tiny_flux()).transformer.parameters())
 
 
+def test_exported_lora_is_readable_like_the_checkpoints(trained_run):
+    run, _, _ = trained_run
+    export = (run / "lora" / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777
+    assert export == (run / "checkpoints" / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_export_loads_in_diffusers_and_matches(trained_run):
     run, cfg, _ = trained_run
     from gridgen.training.module import GridModule
@@ -144,9 +157,15 @@ def test_resume_continues_step_alpha_and_lr(tmp_path, trained_run):
     assert ckpt["global_step"] == 6
     # alpha at the last step (5) of a 4-step ramp to 0.5 is 0.5; step 5 was taken, so the schedule continued
     assert resumed["train/alpha"] == pytest.approx(0.5)
-    rows = (tmp_path / "run" / "metrics" / "metrics.csv").read_text().splitlines()
-    steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:] if r.split(",")[rows[0].split(",").index("step")]]
-    assert min(steps) >= 2  # no step before the checkpoint was re-run
+    def rows(folder):
+        with (folder / "metrics" / "metrics.csv").open(newline="") as file:
+            return [{k: v for k, v in r.items() if v} for r in csv.DictReader(file) if r["step"]]
+
+    parent, child = rows(run), rows(tmp_path / "run")
+    before = [r for r in child if int(r["step"]) < 2]
+    assert before == [r for r in parent if int(r["step"]) < 2]  # the parent's history before the checkpoint ...
+    assert {int(r["step"]) for r in child if r not in before} >= {4, 5}  # ... then its own, no step re-run
+    assert (run / "metrics" / "metrics.csv").stat().st_mtime < (tmp_path / "run" / "parent.json").stat().st_mtime
 
 
 @pytest.mark.parametrize("task", TASKS)

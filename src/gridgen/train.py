@@ -34,6 +34,7 @@ from gridgen.training.runs import (
     read_checkpoint,
     record_parent,
     resolve_init_lora,
+    wandb_run_line,
 )
 
 log = logging.getLogger("gridgen.train")
@@ -121,6 +122,7 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume and resume.path, weights_only=True)
     finally:
+        wandb_line = wandb_run_line(loggers)
         finish_wandb(loggers)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -132,6 +134,8 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
             lines.append(f"resumed from   {resume.path} (step {resume.step}; that run is unchanged, see parent.json)")
         if (output_dir / "metrics" / "metrics.csv").exists():
             lines.append(f"metrics        {output_dir / 'metrics' / 'metrics.csv'}")
+        if wandb_line:
+            lines.append(wandb_line)
         if checkpoints:
             lines.append(f"checkpoints    {checkpoints} (LoRA + optimiser state; last.ckpt to resume)")
         if export:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gridgen._quiet import library_progress_bars_off
+
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
 
@@ -167,7 +169,8 @@ def load_flux_pipeline(
         logger.info("loading FLUX pipeline from %s", folder)
         try:
             # revision only means something for the hub; a local folder is one fixed version
-            pipe = FluxPipeline.from_pretrained(str(folder), **kwargs)
+            with library_progress_bars_off():
+                pipe = FluxPipeline.from_pretrained(str(folder), **kwargs)
         except OSError as e:  # a component folder or weight file is missing
             raise ModelNotFoundError(
                 f"could not load model folder '{folder}': {_short_reason(e)}; {_HINT}"
@@ -177,9 +180,10 @@ def load_flux_pipeline(
 
         logger.info("loading FLUX pipeline %s (revision %s) from the HF cache", name, revision or "main")
         try:
-            pipe = FluxPipeline.from_pretrained(
-                name, revision=revision, local_files_only=local_files_only, **kwargs
-            )
+            with library_progress_bars_off():
+                pipe = FluxPipeline.from_pretrained(
+                    name, revision=revision, local_files_only=local_files_only, **kwargs
+                )
         except (OSError, HFValidationError) as e:  # not cached / not downloadable / not a valid repo id
             mode = "offline" if local_files_only else "from the Hugging Face hub"
             raise ModelNotFoundError(

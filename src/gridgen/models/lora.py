@@ -151,10 +151,17 @@ def check_finite(tensors: dict[str, torch.Tensor], destination: str | Path) -> N
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _save_atomically(weights: dict[str, torch.Tensor], filename: str | Path, header: dict[str, str]) -> None:
     tmp = f"{filename}.tmp-{os.getpid()}"
     try:
         safetensors.torch.save_file(weights, tmp, metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; exports are shared like checkpoints
         os.replace(tmp, filename)  # a crash mid-write leaves the previous file intact
     finally:
         if os.path.exists(tmp):

@@ -492,7 +492,10 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         pipe = build_tiny_flux_pipeline(seed, staging_dir=tmp)
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        from gridgen._quiet import library_progress_bars_off
+
+        with library_progress_bars_off():
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
         _finalise_tokenizer_folders(tmp)
         marker = {"format_version": TINY_FLUX_FORMAT_VERSION, "seed": seed, "transformer": TINY_FLUX_CONFIG}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")

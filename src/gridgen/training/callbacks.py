@@ -7,15 +7,18 @@ import json
 import logging
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from peft.utils import get_peft_model_state_dict
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import gridgen
 from gridgen.models.lora import (
@@ -208,77 +211,145 @@ class GridThroughput(ThroughputMonitor):
         )
 
 
-class GridProgressBar(TQDMProgressBar):
-    """One bar over the whole run in optimizer steps (``step 12/40``) with the loss, seconds per step and the
-    ETA, instead of Lightning's per-epoch bar (gridgen's epochs are an artefact of streaming). The loss (a GPU
-    value) is read every ``refresh_rate`` steps only: raise it on fast GPU steps."""
+class StepTimer(L.Callback):
+    """Seconds per optimizer step: the one figure that the progress bar, the log lines and their ETA show.
 
-    def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
+    The time between optimizer steps (data loading included), without the time spent in validation and sample
+    grids, and without the run's first step (model warm-up); averaged over the steps so far, then an exponential
+    moving average with weight ``smoothing`` once more than ``1 / smoothing`` steps are timed."""
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"callbacks.step_timer.smoothing must be in (0, 1], got {smoothing}")
+        self.smoothing = smoothing
+        self.seconds_per_step: float | None = None
+        self._timed = 0
         self._last: tuple[int, float] | None = None
+        self._paused = 0.0
+        self._pause_start: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.train_progress_bar = self.init_train_tqdm()
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        self.train_progress_bar.reset(total=total)
-        self.train_progress_bar.initial = trainer.global_step  # a resumed run starts where it was; ETA from here
-        self.train_progress_bar.n = trainer.global_step
-        self.train_progress_bar.set_description("step")
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        pass  # one bar for the run, not one per epoch
+        self._last = None  # the first step (warm-up) only starts the clock
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        bar = self.train_progress_bar
-        step = trainer.global_step
-        if step == bar.n or step % max(1, self.refresh_rate):
-            bar.n = step
-            return
-        bar.n = step
-        postfix = {}
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            postfix["loss"] = f"{float(loss):.4g}"
-        now = time.perf_counter()
+        step, now = trainer.global_step, time.perf_counter()
         if self._last is not None and step > self._last[0]:
-            postfix["s/step"] = f"{(now - self._last[1]) / (step - self._last[0]):.3g}"
-        self._last = (step, now)
-        bar.set_postfix(postfix, refresh=False)
-        bar.refresh()
+            seconds = (now - self._last[1] - self._paused) / (step - self._last[0])
+            self._timed += 1
+            weight = max(self.smoothing, 1.0 / self._timed)
+            self.seconds_per_step = seconds if self.seconds_per_step is None else \
+                (1 - weight) * self.seconds_per_step + weight * seconds
+        if self._last is None or step > self._last[0]:
+            self._last, self._paused = (step, now), 0.0
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pass
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause_start = time.perf_counter()
 
-    def on_train_end(self, *_: Any) -> None:
-        self.train_progress_bar.close()
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pause_start is not None:
+            self._paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
 
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the CSV logger's version name ("metrics"), not a number
-        return metrics
+    def eta(self, trainer: L.Trainer) -> float | None:
+        if self.seconds_per_step is None or not trainer.max_steps or trainer.max_steps < 0:
+            return None
+        return self.seconds_per_step * max(0, trainer.max_steps - trainer.global_step)
 
 
-def _duration(seconds: float) -> str:
+def step_timer(trainer: L.Trainer) -> StepTimer | None:
+    return next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
+
+
+def progress_figures(trainer: L.Trainer) -> dict[str, str]:
+    """What a glance at a run should show: both loss terms and alpha (their weighted sum rises as alpha ramps,
+    which reads as divergence), seconds per step and the ETA from the run's :class:`StepTimer`."""
+    metrics = trainer.callback_metrics
+    figures = {}
+    for key, label in (("train/loss_base", "L_base"), ("train/loss_flow", "L_flow"), ("train/alpha", "alpha")):
+        if (value := metrics.get(key)) is not None:
+            figures[label] = f"{float(value):.4g}"
+    if (timer := step_timer(trainer)) is not None and timer.seconds_per_step is not None:
+        figures["s/step"] = f"{timer.seconds_per_step:.3g}"
+        if (eta := timer.eta(trainer)) is not None:
+            figures["eta"] = format_duration(eta)
+    return figures
+
+
+class GridProgressBar(ProgressBar):
+    """One bar over the whole run in optimizer steps (``step 12/40``) with L_base, L_flow, alpha, seconds per
+    step and the ETA; log lines are written above it. Validation shows no bar of its own (its losses go to the
+    loggers, its sample grids to a log line). The loss terms (GPU values) are read every ``refresh_rate`` steps."""
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__()
+        self.refresh_rate = max(1, int(refresh_rate))
+        self._enabled = True
+        self.bar: tqdm | None = None
+        self._redirect: Any = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        # a resumed run starts where it was; tqdm's own rate would mix in validation pauses, so none is shown
+        self.bar = tqdm(total=total, initial=trainer.global_step, dynamic_ncols=True, file=sys.stdout,
+                        bar_format="step {n_fmt}/{total_fmt} |{bar}| {desc}")  # desc: the figures
+        self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)  # log lines above the bar, not inside it
+        self._redirect.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.bar is None or trainer.global_step == self.bar.n:
+            return
+        self.bar.n = trainer.global_step
+        if trainer.global_step % self.refresh_rate == 0 or trainer.global_step == trainer.max_steps:
+            self.bar.set_description_str("  ".join(f"{k} {v}" for k, v in progress_figures(trainer).items()),
+                                         refresh=False)
+            self.bar.refresh()
+
+    def _close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+
+def format_duration(seconds: float) -> str:
+    """``1:02:03`` / ``2:03`` for durations shown to people."""
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class ProgressLog(L.Callback):
-    """A log line every ``every_n_steps`` optimizer steps (step/total, loss, s/step, ETA), for log files and
-    SLURM outputs where a progress bar is unreadable; after the first step of a long run on CPU, one line with
-    the measured time per step and the expected duration."""
+    """A log line every ``every_n_steps`` optimizer steps (the bar's figures: step/total, L_base, L_flow, alpha,
+    s/step, ETA), for log files and SLURM outputs where a progress bar is unreadable; after the first step of a
+    long run on CPU, one line with the measured time of that step and the expected duration."""
 
     def __init__(self, every_n_steps: int = 10, cpu_notice_after_s: float = 120.0) -> None:
         self.every_n_steps = max(1, int(every_n_steps))
         self.cpu_notice_after_s = cpu_notice_after_s
-        self._start: tuple[int, float] | None = None
+        self._start_step: int | None = None
         self._first: float | None = None
         self._logged_step = -1  # with gradient accumulation several batches end on the same optimizer step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = (trainer.global_step, time.perf_counter())
+        self._start_step = trainer.global_step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._first is None:
@@ -288,21 +359,16 @@ class ProgressLog(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step, total = trainer.global_step, trainer.max_steps
-        if step == self._logged_step:
+        if step == self._logged_step or self._start_step is None:
             return
         self._logged_step = step
-        if self._first is not None and self._start is not None and step == self._start[0] + 1:
-            per_step = time.perf_counter() - self._first
-            remaining = per_step * max(0, (total or 0) - step)
-            if pl_module.device.type == "cpu" and remaining > self.cpu_notice_after_s:
+        if self._first is not None and step == self._start_step + 1:
+            first = time.perf_counter() - self._first
+            if pl_module.device.type == "cpu" and first * max(0, (total or 0) - step) > self.cpu_notice_after_s:
                 log.warning("step 1 took %.1f s on CPU: the %d steps of this run will take about %s "
-                            "(a GPU: strategy=gpu; fewer steps: trainer.max_steps=N)", per_step, total or 0,
-                            _duration(per_step * (total or 0)))
-        if step % self.every_n_steps or self._start is None or step <= self._start[0]:
+                            "(a GPU: strategy=gpu; fewer steps: trainer.max_steps=N)", first, total or 0,
+                            format_duration(first * (total or 0)))
+        if step % self.every_n_steps or step <= self._start_step:
             return
-        elapsed = time.perf_counter() - self._start[1]
-        per_step = elapsed / (step - self._start[0])
-        loss = trainer.callback_metrics.get("train/loss")
-        eta = f"  eta {_duration(per_step * (total - step))}" if total and total > 0 else ""
-        log.info("step %d/%s  loss %s  %.3g s/step%s", step, total if total and total > 0 else "?",
-                 f"{float(loss):.4g}" if loss is not None else "-", per_step, eta)
+        figures = "  ".join(f"{k} {v}" for k, v in progress_figures(trainer).items())
+        log.info("step %d/%s  %s", step, total if total and total > 0 else "?", figures)
