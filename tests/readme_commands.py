@@ -66,7 +66,8 @@ GENERATE_T2V = 'make generate prompt="a red circle moves from left to right"'
 GENERATE_4X8 = 'make generate task=t2v prompt="..." layout=4x8'
 CURRICULUM = "make curriculum task=multiview"
 NO_FLUX_DEV = "needs FLUX.1-dev under /models and a GPU"
-MIX = "make train stage=coarse task=t2v data=video_mix"  # the README's `Overrides:` lines extend this command
+MIX = "make train stage=coarse task=t2v data=video_mix"
+RESUME = "make train ckpt_path=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny trainer.max_steps=80"  # the README's `Overrides:` lines extend this command
 
 TABLE: list[Entry] = [
     # --- CI part: at least one of each documented workflow, in dependency order
@@ -81,8 +82,7 @@ TABLE: list[Entry] = [
     Entry(GENERATE_4X8, "run", "a 4x8 grid"),
     Entry("make eval task=t2v eval.real=<real videos> eval.fake=<generated videos> [eval.out=<folder>]", "run",
           "outputs/eval/t2v.json + t2v.md", needs=(GENERATE_T2V, GENERATE_4X8)),
-    Entry("make train ckpt_path=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny", "run", "resumes in the run folder",
-          needs=(TRAIN,)),
+    Entry(RESUME, "run", "continues the finished run in a new folder naming it", needs=(TRAIN,)),
     Entry('make generate task=i2v prompt="a dog runs on the beach" ref=dog.png '
           "lora=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny", "run", "manifest names the LoRA", needs=(TRAIN,)),
     # --- slow part (`make test-slow`): the other variants of the same entry points
@@ -156,6 +156,8 @@ STEP_ARGS: dict[str, str] = {
     "gridgen.train": "trainer.max_steps=2 trainer.val_check_interval=2 trainer.log_every_n_steps=1",
     "gridgen.generate": "generate.steps=2",
 }
+# A resume continues a (shortened, 2-step) run: it is shortened to one step past it.
+RESUME_STEP_ARGS = "trainer.max_steps=3 trainer.val_check_interval=3 trainer.log_every_n_steps=1"
 MAKE_TARGET_MODULE = {"train": "gridgen.train", "curriculum": "gridgen.train", "sweep": "gridgen.train",
                       "generate": "gridgen.generate", "eval": "gridgen.evaluate", "report": "gridgen.report",
                       "prepare": "gridgen.prepare", "cache": "gridgen.cache"}

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_commands import (  # noqa: E402
     README,
     ROOT,
+    RESUME,
+    RESUME_STEP_ARGS,
     STEP_ARGS,
     TABLE,
     Entry,
@@ -115,7 +117,7 @@ class Workspace:
     def command_line(self, entry: Entry) -> tuple[str, dict[str, str]]:
         """The command bash runs and the environment it adds: placeholders replaced, step counts shortened."""
         command = substitute(entry.command, self.values)
-        steps = STEP_ARGS.get(entry_module(command), "")
+        steps = RESUME_STEP_ARGS if "ckpt_path=" in command else STEP_ARGS.get(entry_module(command), "")
         if split_env(command)[1].startswith("make "):
             return command, {"ARGS": steps}
         return f"{command} {steps}".rstrip(), {}
@@ -253,7 +255,10 @@ def _check_eval(ws: Workspace, result) -> None:
 
 
 def _check_resume(ws: Workspace, result) -> None:
-    assert ws.printed_path(result, "run folder") == ws.values["train_run"], "the resumed run left its folder"
+    child, parent = ws.printed_path(result, "run folder"), ws.values["train_run"]
+    assert child != parent, "a finished run was continued in its own folder"
+    record = json.loads((ws.cwd / child / "parent.json").read_text())
+    assert record["parent_run"] == str((ws.cwd / parent).resolve())
 
 
 def _check_runs(*suffixes: str):
@@ -277,7 +282,7 @@ CHECKS = {
     PREPARE_DEMO: _check_prepare,
     GENERATE_T2V_CMD: _check_generate("4x4"),
     BY_COMMAND_4X8: _check_generate("4x8"),
-    "make train ckpt_path=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny": _check_resume,
+    RESUME: _check_resume,
     'make generate task=i2v prompt="a dog runs on the beach" ref=dog.png '
     "lora=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny": _check_generate_lora,
     'make generate task=interpolate prompt="..." ref=keyframes/': _check_generate(),

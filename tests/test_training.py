@@ -229,6 +229,11 @@ def test_cli_multirun_sweep_over_rank(tmp_path):
     (["stage=fine", "stage.init_lora=/nonexistent/lora"], "stage.init_lora '/nonexistent/lora' does not exist"),
     (["data=shards", "data.train_shards=EMPTY"], "no shards"),
     (["lora.rnak=4"], "Could not override 'lora.rnak'"),
+    (["+lora.rnak=4"], "'lora.rnak' is not a key gridgen knows, so it would be stored and ignored; did you mean lora.rank"),
+    (["+trainer.bogus=1"], "'trainer.bogus' is not a key gridgen knows"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing or never ends"),
+    (["trainer.max_steps=-1"], "trainer.max_steps=-1 trains nothing or never ends"),
+    (["trainer.max_steps=4", "trainer.val_check_interval=10"], "would never validate"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -236,9 +241,19 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
     proc = run_cli(*args, "logger=none", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
-    if not args[0].startswith("lora.rnak"):  # ours: exactly one line, no traceback
+    if not args[0].startswith("lora.rnak"):  # ours: exactly one line, no traceback, no folder
         errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.train: error:")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_known_added_keys_are_accepted(tmp_path):
+    """`+` for a parameter of a `_target_` class, a new callback with its own `_target_`, a key under a free-form
+    node: composed and run (one step)."""
+    proc = run_cli("+trainer.limit_train_batches=5", "+model.compile_options.mode=default", "trainer.max_steps=1",
+                   "+callbacks.extra={_target_:lightning.pytorch.callbacks.Timer}", "logger=none",
+                   "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
