@@ -28,9 +28,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_commands import (  # noqa: E402
     README,
-    ROOT,
     RESUME,
     RESUME_STEP_ARGS,
+    ROOT,
     STEP_ARGS,
     TABLE,
     Entry,
