@@ -18,7 +18,7 @@ batches carry cached latents and random text embeddings, so the VAE and text enc
 Sections (``--sections``; default all for tiny, ``variants`` for the others):
 
 1. framework: a ``lightning.Trainer`` (conf/trainer + conf/strategy with the run's per-step callbacks
-   AlphaSchedule, GridThroughput, RunSummary; no logger, no checkpoints) fitting GridModule on a loader that
+   StepTimer, AlphaSchedule, GridThroughput, RunSummary; no logger, no checkpoints) fitting GridModule on a loader that
    repeats the batch, timed between consecutive ``on_train_batch_start`` (data fetch, hooks, logging, clipping,
    optimiser and scheduler all in), against a bare loop ``compute_losses -> backward -> clip -> optimiser step
    -> zero_grad -> scheduler step`` on the same module: A. in blocks of ``--steps`` (order alternating per
@@ -87,7 +87,7 @@ MODELS: dict[str, dict[str, Any]] = {  # flux config, layout, text tokens (full 
                    "text": 512, "quick_text": 32},
 }
 SECTIONS = ("framework", "flow", "memory", "hot", "variants")
-RUN_CALLBACKS = ("alpha", "throughput", "summary")  # conf/callbacks acting on every step (no checkpoints)
+RUN_CALLBACKS = ("step_timer", "alpha", "throughput", "summary")  # conf/callbacks acting on every step (no checkpoints)
 TARGET_FRAMEWORK = 1.05
 TARGET_FLOW = 1.03
 

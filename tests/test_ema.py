@@ -9,7 +9,7 @@ from peft.utils import get_peft_model_state_dict
 from gridgen.models.lora import read_lora_file
 from gridgen.models.tiny import ensure_tiny_flux
 from gridgen.train import train
-from gridgen.training.ema import EMA_FILE, LoraEMA
+from gridgen.training.callbacks.ema import EMA_FILE, LoraEMA
 from gridgen.training.module import GridModule
 from test_training import make_cfg
 

@@ -21,7 +21,7 @@ from gridgen.config import CONF_DIR, check_added_keys, exit_on_user_error, regis
 from gridgen.models.attention import resolve_attention_backend
 from gridgen.models.loading import EMBEDDED_TINY_NAMES, check_model_source
 from gridgen.training.callbacks import LoraExport, config_hash
-from gridgen.training.ema import LoraEMA
+from gridgen.training.callbacks.ema import LoraEMA
 from gridgen.training.module import GridModule
 from gridgen.training.runs import (
     RunFolderGuard,

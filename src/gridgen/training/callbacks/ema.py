@@ -123,7 +123,7 @@ class LoraEMA(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.ema is None or self.dirpath is None:
             return
-        from gridgen.training.callbacks import LoraExport, full_lora_state_dict
+        from gridgen.training.callbacks.export import LoraExport, full_lora_state_dict
 
         self.path = self.dirpath / EMA_FILE
         self.swap_in()
