@@ -129,11 +129,19 @@ class GridModule(L.LightningModule):
         self.pipe = pipe
         self.pipe.transformer = None
 
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, None outside ``fit`` (a notebook, a benchmark loop)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's "not attached to a Trainer"
+            return None
+
     def _shard_if_fsdp2(self) -> None:
         """Under ``strategy=fsdp`` (FSDP2) Lightning hands the module a device mesh: shard each FLUX block."""
         from gridgen.training.strategies import FluxFSDP2Strategy, shard_flux_transformer
 
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = self.attached_trainer()
+        strategy = trainer.strategy if trainer is not None else None
         if isinstance(strategy, FluxFSDP2Strategy):
             shard_flux_transformer(self.transformer, strategy.device_mesh["data_parallel"], strategy)
 
@@ -338,8 +346,8 @@ class GridModule(L.LightningModule):
         terms = {**self._step_losses, "grad_norm": grad_norm.detach()}
         values = torch.stack([v.float().reshape(()) for v in terms.values()])
         finite = bool(torch.isfinite(values).all())
-        if self._trainer is not None:  # every rank takes the same decision: no diverging replicas, no hang
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if (trainer := self.attached_trainer()) is not None:  # every rank takes the same decision: no hang
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return
         bad = [f"{name}={value:g}" for name, value in zip(terms, values.tolist(), strict=True)
