@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # Every `key=value` given on the command line (stage=, task=, model.pretrained=, ...) is a Hydra override.
 MAKE_ONLY := PYTHON VENV TORCH_SPEC ARGS only ranks GRIDGEN_DATA GRIDGEN_ROOT GRIDGEN_CACHE  # environment, not overrides
-MAKE_ONLY += WHEELHOUSE WHEEL_PYTHON WHEEL_PLATFORM WHEEL_ONLY
+MAKE_ONLY += WHEELHOUSE WHEEL_PYTHON WHEEL_PLATFORM WHEEL_ONLY TEST_WORKERS
 comma := ,
 OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
@@ -86,11 +86,14 @@ eval: $(VENV)/.installed ## FVD/IS/CLIP/PSNR/SSIM/time vs the paper: make eval t
 report: $(VENV)/.installed ## loss curves, alpha schedule, samples, sweep summary as PNG/Markdown: make report run=<folder>
 	$(PY) -m gridgen.report $(OVERRIDES) $(ARGS)
 
-test: $(VENV)/.installed ## the CI suite (slow checks excluded)
-	WANDB_MODE=offline $(PY) -m pytest -q $(ARGS)
+# pytest-xdist: TEST_WORKERS processes (CI: 2 cores), each test file on one of them (its module fixtures built once)
+TEST_WORKERS ?= 2
+PYTEST := WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+test: $(VENV)/.installed ## the CI suite (slow checks excluded; TEST_WORKERS=2 processes)
+	$(PYTEST) $(ARGS)
 
 test-slow: $(VENV)/.installed ## only the checks marked slow
-	WANDB_MODE=offline $(PY) -m pytest -q -m slow $(ARGS)
+	$(PYTEST) -m slow $(ARGS)
 
 test-gpu: $(VENV)/.installed ## the CUDA checks (bf16/FSDP2 training, generation, FLUX.1-dev-sized step, FVD): figures printed
 	WANDB_MODE=disabled $(PY) -m pytest -q -s -m gpu tests/gpu $(ARGS)
