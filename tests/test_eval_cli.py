@@ -352,3 +352,31 @@ def test_eval_metrics_logged_into_the_training_runs_wandb(tmp_path):
     assert len(files) == 2 and {f.name for f in files} == {f"run-{train_run.id}.wandb"}  # resumed, same id
     assert {"eval/psnr", "eval/ssim", "eval/interpolate_table"} <= summarise(files[-1])["keys"]
     assert metrics["psnr"] > 40  # identical videos
+
+
+def test_sweep_folder_names_leave_out_the_constant_keys(tmp_path):
+    """SweepFolderNames (train and evaluate): at the start of a multirun the keys given one value join Hydra's
+    override_dirname exclude_keys; each job, composed with those Hydra overrides, is named by its swept keys only.
+    A multirun that sweeps nothing names its job job<num>."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from gridgen.config import SweepFolderNames
+
+    def master(*task: str):
+        return OmegaConf.create({"hydra": {"overrides": {"task": list(task), "hydra": ["hydra.mode=MULTIRUN"]},
+                                           "job": {"config": {"override_dirname": {"exclude_keys": ["logger"]}}}}})
+
+    cfg = master("eval.real=/r", "eval.fake=a,b", "eval.metrics=[psnr,ssim]", "+x.y=1")
+    SweepFolderNames().on_multirun_start(cfg)
+    added = OverridesParser.create().parse_override(cfg.hydra.overrides.hydra[-1])
+    assert added.key_or_group == "hydra.job.config.override_dirname.exclude_keys"
+    assert added.value() == ["logger", "eval.real", "eval.metrics", "x.y"]  # [a,b] is a list, not a sweep
+    cfg = master("eval.real=/r", "eval.metrics=[psnr]")
+    SweepFolderNames().on_multirun_start(cfg)
+    assert cfg.hydra.overrides.hydra[-1] == "hydra.sweep.subdir=job${hydra.job.num}"
+    # composed as a job is: Hydra's own override_dirname, the swept key only
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        job = compose("evaluate", overrides=["hydra.job.config.override_dirname.exclude_keys=[eval.real]",
+                                             "eval.real=/r", "eval.fake=runs/a"], return_hydra_config=True)
+    assert job.hydra.job.override_dirname == "eval.fake=runs/a"
