@@ -141,23 +141,21 @@ def refuse_renamed_keys(argv: list[str]) -> None:
 class SweepFolderNames(Callback):
     """Hydra callback: a multirun's job folders named by the swept keys only (``lora.rank=8``).
 
-    Folder names are Hydra's ``hydra.job.override_dirname``; at the start of a multirun this adds every key given a
-    single value (``trainer.max_steps=5``) to its ``exclude_keys``, through the Hydra overrides every job is composed
-    with. A multirun that sweeps nothing names its one job ``job0``."""
+    Folder names are Hydra's ``hydra.job.override_dirname``; at the start of a multirun that sweeps a key this adds
+    every key given a single value (``trainer.max_steps=5``) to its ``exclude_keys``, through the Hydra overrides
+    every job is composed with. A multirun that sweeps nothing keeps Hydra's name of all its overrides."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        constant = [o.key_or_group for o in overrides if not o.is_sweep_override()]
-        names = config.hydra.job.config.override_dirname
+        if not any(o.is_sweep_override() for o in overrides):
+            return
+        excluded = [*config.hydra.job.config.override_dirname.exclude_keys,
+                    *(o.key_or_group for o in overrides if not o.is_sweep_override())]
         with read_write(config.hydra.overrides):
-            if any(o.is_sweep_override() for o in overrides):
-                excluded = [*names.exclude_keys, *constant]
-                config.hydra.overrides.hydra.append(
-                    f"hydra.job.config.override_dirname.exclude_keys=[{','.join(map(repr, excluded))}]")
-            else:
-                config.hydra.overrides.hydra.append("hydra.sweep.subdir=job${hydra.job.num}")
+            config.hydra.overrides.hydra.append(
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(map(repr, excluded))}]")
 
 
 def _root_dir() -> str:
