@@ -72,12 +72,17 @@ cache: $(VENV)/.installed ## encode shards once with the model's VAE + text enco
 	$(PY) -m gridgen.cache $(OVERRIDES) $(ARGS)
 
 # task= prompt= prompts_file= ref= lora= layout= seed= T= are read from make's own variables and single-quoted for the
-# shell (a ' inside becomes '\''), so spaces, commas and quotes in a prompt survive and the echoed command shows the
-# values; any other key=value is a Hydra override as for `make train`.
+# shell (a ' inside becomes '\''), so the echoed command shows the values; prompt, prompts_file, ref and lora are also
+# quoted for Hydra (a ' inside becomes \', a \ before a quote or at the end is doubled), so spaces, commas, quotes and
+# brackets in them are literal (a value that starts with [ or a quote, or null, is passed as typed). Any other
+# key=value is a Hydra override as for `make train`.
 GENERATE_KEYS := task prompt prompts_file ref lora layout seed T
+TEXT_KEYS := prompt prompts_file ref lora
 shell_quote = '$(subst ','\'',$(1))'
+hydra_quote = $(if $(filter [% '% "% null,$(firstword $(1))),$(1),'$(subst ',\',$(subst \',\\',$(1)))$(if $(filter %\,$(lastword $(1))),\)')
+generate_arg = $(call shell_quote,$(1)=$(if $(filter $(1),$(TEXT_KEYS)),$(call hydra_quote,$($(1))),$($(1))))
 generate: $(VENV)/.installed ## omni inference: make generate task=i2v prompt="..." ref=<image> [lora=<run>] [layout=4x4] [seed=N]
-	$(PY) -m gridgen.generate $(foreach k,$(GENERATE_KEYS),$(if $(filter command line,$(origin $(k))),$(call shell_quote,$(k)=$($(k))))) \
+	$(PY) -m gridgen.generate $(foreach k,$(GENERATE_KEYS),$(if $(filter command line,$(origin $(k))),$(call generate_arg,$(k)))) \
 		$(filter-out $(addsuffix =%,$(GENERATE_KEYS)),$(foreach w,$(OVERRIDES),$(if $(findstring =,$(w)),$(w)))) $(ARGS)
 
 eval: $(VENV)/.installed ## FVD/IS/CLIP/PSNR/SSIM/time vs the paper: make eval task=i2v eval.real=<set> eval.fake=<set> [eval.out=<dir>]

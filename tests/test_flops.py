@@ -15,7 +15,7 @@ from gridgen.training.flops import generation_flops, peak_flops, training_flops_
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-           "ff_context.net.2", "proj_mlp", "proj_out"]  # conf/lora/default.yaml
+           "ff_context.net.2", "proj_mlp", "proj_out"]  # conf/adapter/lora.yaml
 
 # 1 double + 1 single block, width D = 1 head x 8, latent channels C = 4, text J = 4, pooled 4.
 HAND_CONFIG = {**TINY_FLUX_CONFIG, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 1,

@@ -126,3 +126,24 @@ def test_library_never_imports_an_entry_point():
     bad = sorted(f"{module} imports {target}" for module, targets in import_graph().items()
                  if module not in ENTRY_POINTS for target in targets & ENTRY_POINTS)
     assert not bad, "; ".join(bad)
+
+
+def entry_point_launches(tree: ast.AST) -> list[int]:
+    """Lines where code lists ``"-m", "gridgen.<entry point>"`` (a subprocess of an entry point, as an argv)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.List | ast.Tuple):
+            words = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            if any(a == "-m" and b in ENTRY_POINTS for a, b in zip(words, words[1:], strict=False)):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_library_never_starts_an_entry_point_as_a_process():
+    """Evaluation generates through the library's generate function, in its own process: no `python -m gridgen.*`
+    argv anywhere in src/ (the check finds the one `eval/generation.py` used to build)."""
+    old = 'command = [sys.executable, "-m", "gridgen.generate", *args]\nsubprocess.Popen(command)\n'
+    assert entry_point_launches(ast.parse(old)) == [1]
+    bad = [f"{path.relative_to(SRC)}:{line}" for path in sorted((SRC / "gridgen").rglob("*.py"))
+           for line in entry_point_launches(ast.parse(path.read_text(), str(path)))]
+    assert not bad, "a subprocess of a gridgen entry point: " + ", ".join(bad)

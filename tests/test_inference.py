@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from gridgen.config import CONF_DIR, USER_ERRORS
-from gridgen.generate import cli_overrides, generate
+from gridgen.generate import generate
 from gridgen.inference import (
     GridSampler,
     TaskSpec,
@@ -64,11 +64,11 @@ def tiny_pipe() -> FluxPipeline:
 
 
 def gen_cfg(tmp: Path, *overrides: str):
-    """Compose conf/generate.yaml as the command line would (through the same argument shorthands)."""
+    """Compose conf/generate.yaml with the overrides a command line gives Hydra."""
     args = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", f"generate.out={tmp}/out",
             "generate.progress=false", *overrides]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("generate", overrides=cli_overrides(args))
+        return compose("generate", overrides=args)
 
 
 def save_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0, stem: str = "key") -> Path:
@@ -246,7 +246,7 @@ def test_lora_changes_output_scale_zero_is_base_and_matches_diffusers(lora_run):
     tuned, info = run(lora_run)  # a run folder -> its lora/ export
     assert info["rank"] == 4 and info["gridgen_stage"] == "coarse" and info["path"].endswith("lora/pytorch_lora_weights.safetensors")
     assert (tuned - base).abs().max() > 1e-3  # the trained LoRA changes the output
-    assert torch.equal(run(lora_run, scale=0.0)[0], base)  # lora.scale=0 is the base model
+    assert torch.equal(run(lora_run, scale=0.0)[0], base)  # lora_scale=0 is the base model
     from_ckpt, ckpt_info = run(lora_run / "checkpoints" / "last.ckpt")
     assert ckpt_info["path"].endswith(".ckpt") and torch.equal(from_ckpt, tuned)  # the checkpoint holds the same LoRA
     half, _ = run(lora_run / "lora" / "pytorch_lora_weights.safetensors", scale=0.5)
@@ -374,15 +374,39 @@ def test_prompts_file_lines_json_lines_and_seeds(tmp_path):
         read_requests(None, str(path), None, 0)
 
 
-def test_cli_overrides_spell_out_shorthands_and_keep_text_literal():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def test_old_spellings_are_refused_with_the_new_one():
+    """Nothing rewrites the command line: a key spelled the old way (when `task`/`lora` were rewritten) stops with one
+    line naming the new spelling, and the new spellings compose as typed."""
+    from gridgen.config import refuse_renamed_keys
 
-    args = cli_overrides(["task=i2v", "lora=runs/x", "lora.scale=0", "prompt=a dog's tail, running \\", "ref=[a.png,b.png]",
-                          "seed=3"])
-    assert args[:3] == ["generate_task@task=i2v", "lora.path='runs/x'", "lora.scale=0"] and args[-2:] == [
-        "ref=[a.png,b.png]", "seed=3"]
-    parsed = OverridesParser.create().parse_override(args[3])
-    assert parsed.key_or_group == "prompt" and parsed.value() == "a dog's tail, running \\"
+    for old, new in (("lora.scale=0", "write lora_scale=0"), ("lora.path=runs/x", "write lora=runs/x"),
+                     ("generate_task@task=i2v", "write task=i2v"), ("eval_task=i2v", "write task=i2v"),
+                     ("gen.lora=a,b", "write lora=a,b"), ("steps=2", "write generate.steps=2")):
+        with pytest.raises(ValueError, match=re.escape(new)) as info:
+            refuse_renamed_keys(["-m", "prompt=x", old])
+        assert "\n" not in str(info.value) and str(info.value).startswith(f"'{old}'")
+    refuse_renamed_keys(["task=i2v", "lora=runs/x", "lora_scale=0", "prompt='a, b'", "--cfg", "job"])  # no error
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("generate", overrides=["task=i2v", "lora=runs/x", "lora_scale=0",
+                                              "prompt='a dog\\'s tail, running'", "ref=[a.png,b.png]"])
+    assert (cfg.task.name, cfg.task.init, cfg.T, cfg.lora, cfg.lora_scale) == ("i2v", "expand", 0.9, "runs/x", 0)
+    assert cfg.prompt == "a dog's tail, running" and list(cfg.ref) == ["a.png", "b.png"]
+
+
+def test_task_rows_share_one_schema():
+    """conf/task is one table: every row has the same keys; the tasks that generate, evaluate and train are the ones
+    the README lists, and a row's evaluation and generation fields agree (frames = the layout's cells)."""
+    from gridgen.config import task_table, tasks_with
+
+    table = task_table()
+    assert len({tuple(row) for row in table.values()}) == 1, {name: list(row) for name, row in table.items()}
+    assert set(tasks_with("init")) == {"t2v", "t2v_64", "i2v", "interpolate", "t2mv", "i2mv", "edit", "style", "restore"}
+    assert set(tasks_with("metrics")) == {"t2v", "t2v_64", "i2v", "interpolate", "t2mv", "i2mv"}
+    for name, row in table.items():
+        assert row.name == name and row.data_subset == row.kind
+        if row.metrics is not None:
+            rows, cols = (int(x) for x in str(row.layout).split("x"))
+            assert row.frames == rows * cols, (name, row.frames, row.layout)
 
 
 # ---- the generate() entry: every task, any layout ----------------------------------------------------------
@@ -558,8 +582,9 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_i2v_with_lora_and_literal_prompt(tmp_path, refs, lora_run):
-    prompt = "a dog's tail, wagging [fast]"
-    proc = run_cli("task=i2v", f"prompt={prompt}", f"ref={refs}/img/ref_0.png", f"lora={lora_run}", "lora.scale=0.5",
+    prompt = "a dog's tail, wagging [fast]"  # quoted for Hydra as the README shows: prompt="'a dog\\'s tail, ...'"
+    proc = run_cli("task=i2v", "prompt='a dog\\'s tail, wagging [fast]'", f"ref={refs}/img/ref_0.png", f"lora={lora_run}",
+                   "lora_scale=0.5",
                    "seed=5", "generate.steps=2", f"generate.out={tmp_path}/out", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"output folder  {tmp_path}/out" in proc.stdout and "s per grid: sampling + decoding" in proc.stdout
@@ -580,7 +605,7 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, refs):
 
 def test_make_generate_echoes_the_values_it_passes():
     """`make generate` prints the command with the prompt's value (not `"prompt=$prompt"`), and that printed line,
-    run by bash as make runs it, hands Python exactly the typed values."""
+    run by bash as make runs it, hands Hydra the typed values: prompt= and ref= quoted for Hydra by the Makefile."""
     prompt = 'a dog\'s tail, "wagging" [fast] & (more); 100% #1'
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
     dry = subprocess.run(["make", "-n", "generate", f"prompt={prompt}", "ref=dog.png", "seed=3", "layout=4x8",
@@ -588,11 +613,15 @@ def test_make_generate_echoes_the_values_it_passes():
     assert dry.returncode == 0, dry.stderr
     recipe = re.sub(r"\\\n\s*", " ", dry.stdout)  # make echoes the recipe's continuation lines as written
     (line,) = [ln for ln in recipe.splitlines() if ln.startswith(".venv/bin/python -m gridgen.generate")]
-    assert "$prompt" not in line and "prompt=a dog" in line
+    assert "$prompt" not in line and "prompt=" in line and "a dog" in line
     argv = subprocess.run(["bash", "+B", "-c", "printf '%s\\0' " + line.removeprefix(".venv/bin/python ")],
                           capture_output=True, text=True, timeout=60).stdout.split("\0")[:-1]
-    assert argv == ["-m", "gridgen.generate", f"prompt={prompt}", "ref=dog.png", "layout=4x8", "seed=3",
-                    "generate.steps=1"]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert argv[:2] == ["-m", "gridgen.generate"] and argv[3:] == ["ref='dog.png'", "layout=4x8", "seed=3",
+                                                                   "generate.steps=1"]
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv[2:])}
+    assert parsed["prompt"] == prompt and parsed["ref"] == "dog.png"  # what Hydra reads is what was typed
 
 
 @pytest.mark.slow

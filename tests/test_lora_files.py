@@ -19,7 +19,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from gridgen.config import CONF_DIR
-from gridgen.generate import cli_overrides, generate
+from gridgen.generate import generate
 from gridgen.models.lora import (
     KOHYA_LORA_FILE,
     LORA_FILE,
@@ -244,7 +244,7 @@ def gen_cfg(tmp: Path, *overrides: str):
             "generate.progress=false", "generate.steps=1", "export.mp4=false", "export.gif=false",
             "export.frames=false", *overrides]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("generate", overrides=cli_overrides(args))
+        return compose("generate", overrides=args)
 
 
 def foreign_files(tmp: Path) -> dict[str, Path]:

@@ -1,16 +1,18 @@
-"""Where the Hydra configs live, OmegaConf resolvers, and which exceptions count as user errors."""
+"""Where the Hydra configs live, the task table, OmegaConf resolvers, sweep folder names, and which exceptions
+count as user errors."""
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
 
 # conf/ sits at the repository root (src/gridgen/config.py -> ../../conf); GRIDGEN_CONF overrides it.
 CONF_DIR = Path(os.environ.get("GRIDGEN_CONF", Path(__file__).resolve().parents[2] / "conf"))
@@ -95,30 +97,65 @@ def _target_parameters(target: str) -> set[str] | None:
     return {p.name for p in params}
 
 
-def hydra_quote(value: str) -> str:
-    """A string as one Hydra override value: single-quoted, with quotes, trailing backslashes and ``${`` escaped."""
-    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-    return "'" + value.replace("'", "\\'").replace("${", "\\${") + "'"
+def task_table() -> dict[str, DictConfig]:
+    """The task table: name -> its row, ``conf/task/<name>.yaml`` (kind, layout, conditioning, metrics, ...).
+
+    Training, generation and evaluation read the same row for ``task=<name>``; a wing a task has no use in holds
+    null there (``init`` for generation, ``metrics`` for evaluation)."""
+    return {path.stem: OmegaConf.load(path) for path in sorted((CONF_DIR / "task").glob("*.yaml"))}
 
 
-_SWEEP_VALUE = re.compile(r"^(?:[^=]*,[^=]*|(?:range|choice|glob|interval)\(.*\))$")
+def tasks_with(key: str, kind: str | None = None) -> list[str]:
+    """The tasks whose ``key`` is set (``init``: they generate, ``metrics``: they evaluate), of ``kind`` if given."""
+    return [name for name, row in task_table().items()
+            if row.get(key) is not None and (kind is None or row.get("kind") == kind)]
 
 
-def swept_keys(argv: list[str]) -> list[str]:
-    """Keys that a multirun command line sweeps (``lora.rank=4,8`` or ``x=range(1,3)``), in order."""
-    keys = []
+# Keys that were spelled otherwise on the command line: refused with the new spelling, so an old command stops
+# instead of silently meaning something else.
+RENAMED = {"lora.path": "lora", "lora.scale": "lora_scale", "generate_task": "task", "eval_task": "task",
+           "gen.lora": "lora", "gen.T": "T", "gen.steps": "generate.steps", "gen.layout": "layout", "gen.seed": "seed",
+           "gen.overrides": "", "steps": "generate.steps"}  # "": each generate key on its own
+
+
+def refuse_renamed_keys(argv: list[str]) -> None:
+    """One line for a key of :data:`RENAMED` on the command line (read with Hydra's own parser; nothing rewritten)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
     for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and not key.startswith("hydra.") and _SWEEP_VALUE.match(value):
-            keys.append(key.lstrip("+~"))
-    return keys
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            key = parser.parse_override(arg).key_or_group
+        except HydraException:
+            continue  # Hydra reports it with its own message
+        if key in RENAMED:
+            new, value = RENAMED[key], arg.partition("=")[2]
+            fix = f"is now spelled {new}: write {new}={value}" if new else \
+                "is gone: give each generate key on its own (generate.height=64 export.gif=false ...)"
+            raise ValueError(f"'{arg}': {key} {fix}")
 
 
-def _sweep_subdir(override_dirname: str, job_num: int) -> str:
-    """A sweep job's folder named by the swept overrides only (``lora.rank=8``), not the constant ones."""
-    keys = swept_keys(sys.argv[1:])
-    parts = [p for p in override_dirname.split(",") if p.partition("=")[0].lstrip("+~") in keys]
-    return ",".join(parts) or override_dirname or f"job{job_num}"
+class SweepFolderNames(Callback):
+    """Hydra callback: a multirun's job folders named by the swept keys only (``lora.rank=8``).
+
+    Folder names are Hydra's ``hydra.job.override_dirname``; at the start of a multirun that sweeps a key this adds
+    every key given a single value (``trainer.max_steps=5``) to its ``exclude_keys``, through the Hydra overrides
+    every job is composed with. A multirun that sweeps nothing keeps Hydra's name of all its overrides."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        if not any(o.is_sweep_override() for o in overrides):
+            return
+        excluded = [*config.hydra.job.config.override_dirname.exclude_keys,
+                    *(o.key_or_group for o in overrides if not o.is_sweep_override())]
+        with read_write(config.hydra.overrides):
+            config.hydra.overrides.hydra.append(
+                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(map(repr, excluded))}]")
 
 
 def _root_dir() -> str:
@@ -186,5 +223,3 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("gridgen_hydra_subdir", _hydra_subdir)
     if not OmegaConf.has_resolver("gridgen_log_file"):
         OmegaConf.register_new_resolver("gridgen_log_file", _log_file)
-    if not OmegaConf.has_resolver("gridgen_sweep_subdir"):
-        OmegaConf.register_new_resolver("gridgen_sweep_subdir", _sweep_subdir)

@@ -1,8 +1,7 @@
 """Evaluation entry point: ``python -m gridgen.evaluate task=<task> eval.real=<set> eval.fake=<set>``.
 
 A thin ``@hydra.main`` around :func:`gridgen.eval.pipeline.run_evaluation` (FVD, IS, CLIP scores, PSNR / SSIM and
-timing beside the paper's numbers, ``conf/evaluate.yaml``). Shorthands (``task=``, ``lora=``, ``T=``, ...) are
-rewritten first (:data:`gridgen.eval.sweep.SHORTHANDS`); a multirun (``-m``) ends with ``eval_summary.*``.
+timing beside the paper's numbers, ``conf/evaluate.yaml``); a multirun (``-m``) ends with ``eval_summary.*``.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
+from gridgen.config import CONF_DIR, exit_on_user_error, refuse_renamed_keys, register_resolvers
 from gridgen.eval.pipeline import run_evaluation
-from gridgen.eval.sweep import expand_shorthands, register_eval_resolvers
 
 register_resolvers()
-register_eval_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
@@ -31,7 +28,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *expand_shorthands(sys.argv[1:])]
+    with exit_on_user_error("evaluate"):
+        refuse_renamed_keys(sys.argv[1:])
     _hydra_main()
 
 

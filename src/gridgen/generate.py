@@ -1,7 +1,7 @@
 """Omni inference entry point: ``python -m gridgen.generate task=<task> prompt="..." [ref=...] [lora=...]``.
 
 A thin ``@hydra.main`` around :func:`generate`, which builds everything from the config (``conf/generate.yaml``
-and ``conf/generate_task/``), writes the grids, frames, videos and ``manifest.json``, and returns the manifest.
+and the task table, ``conf/task/``), writes the grids, frames, videos and ``manifest.json``, and returns the manifest.
 """
 
 from __future__ import annotations
@@ -12,31 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gridgen.config import CONF_DIR, exit_on_user_error, hydra_quote, register_resolvers
+from gridgen.config import CONF_DIR, exit_on_user_error, refuse_renamed_keys, register_resolvers
 from gridgen.inference.pipeline import generate  # noqa: F401 (the library call; tests and notebooks import it here)
 
 register_resolvers()
-
-# Command-line shorthands. `task` and `lora` are also names of training config groups (conf/task, conf/lora),
-# so Hydra would read `task=i2v` as a group choice; these spell out what they mean here.
-KEY_ALIASES = {"task": "generate_task@task", "lora": "lora.path"}
-# Free text and paths: quoted for Hydra so that commas, quotes and brackets in them stay literal.
-TEXT_KEYS = ("prompt", "prompts_file", "ref", "lora.path", "generate.out")
-
-
-def cli_overrides(argv: list[str]) -> list[str]:
-    """``task=i2v`` -> ``generate_task@task=i2v``, ``lora=<path>`` -> ``lora.path=<path>``; free-text values
-    (``prompt``, ``ref``, paths) are quoted unless already quoted or a ``[list]``. Other arguments pass through."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and not arg.startswith(("-", "+", "~")):
-            key = KEY_ALIASES.get(key, key)
-            if key in TEXT_KEYS and value and value[0] not in "'\"[" and value != "null":
-                value = hydra_quote(value)
-            arg = f"{key}={value}"
-        out.append(arg)
-    return out
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
@@ -60,7 +39,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *cli_overrides(sys.argv[1:])]
+    with exit_on_user_error("generate"):
+        refuse_renamed_keys(sys.argv[1:])
     _hydra_main()
 
 

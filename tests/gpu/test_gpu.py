@@ -155,7 +155,7 @@ def test_fsdp2_bf16_checkpoint_resume_and_export(tmp_path, report):
 def test_generation_on_cuda_equals_flux_pipeline(tmp_path, report):
     from safetensors.torch import load_file
 
-    from gridgen.generate import cli_overrides, generate
+    from gridgen.generate import generate
     from gridgen.models.loading import load_flux_pipeline
     from gridgen.models.tiny import ensure_tiny_flux
 
@@ -165,7 +165,7 @@ def test_generation_on_cuda_equals_flux_pipeline(tmp_path, report):
             "generate.progress=false", f"prompts_file={tmp_path / 'prompts.txt'}", "seed=7", "generate.batch_size=2",
             "generate.steps=8", "generate.device=cuda", "export.latents=true", "export.mp4=false", "export.gif=false"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("generate", overrides=cli_overrides(args))
+        cfg = compose("generate", overrides=args)
     started = time.perf_counter()
     manifest = generate(cfg)
     ours_s = time.perf_counter() - started

@@ -387,5 +387,5 @@ def protocol_frames(frames: torch.Tensor, count: int, name: str) -> torch.Tensor
     """The first ``count`` frames; a shorter video is a user error, never padded."""
     if frames.shape[0] < count:
         raise ValueError(f"video '{name}' has {frames.shape[0]} frames, the protocol needs {count}; "
-                         "evaluate with a task whose frames fit (eval_task.frames) or longer videos")
+                         "evaluate with a task whose frames fit (task.frames, eval.frames) or longer videos")
     return frames[:count]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from gridgen.config import CONF_DIR
+from gridgen.config import CONF_DIR, tasks_with
 from gridgen.eval.clip import (
     ClipEmbedder,
     ClipModelNotFoundError,
@@ -178,6 +178,9 @@ def _real_stats(cfg: DictConfig, real: list[VideoItem] | None, extractor: I3DFea
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def _check_metrics(cfg: DictConfig) -> list[str]:
+    if cfg.task.get("metrics") is None:  # no paper protocol: no frames, no metrics, no numbers to compare with
+        raise ValueError(f"task {cfg.task.name} has no evaluation protocol (its row in conf/task has metrics: null); "
+                         f"evaluate with task={'|'.join(tasks_with('metrics'))}")
     wanted = [str(m) for m in cfg.eval.metrics]
     unknown = sorted(set(wanted) - set(METRICS))
     if unknown:
@@ -197,7 +200,7 @@ def _reference_frame(item: VideoItem, pair: VideoItem | None, index: int, frames
 def _score_video(item: VideoItem, video: torch.Tensor, clip_frames: torch.Tensor, pair: VideoItem | None,
                  clip: ClipEmbedder | None, cfg: DictConfig, wanted: list[str]) -> dict[str, Any]:
     """The per-video metrics of one generated video ``(F, 3, H, W)`` (its protocol frames) as a plain dict."""
-    frames, stride = int(cfg.eval.frames), cfg.eval_task.get("keyframes_every")
+    frames, stride = int(cfg.eval.frames), cfg.task.get("keyframes_every")
     row: dict[str, Any] = {"name": item.name, "seconds": item.seconds, "frames": int(video.shape[0])}
     if clip is not None:
         emb = clip.images(clip_frames)  # (F, D)
@@ -234,7 +237,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def run_evaluation(cfg: DictConfig) -> EvalResult:
     """:func:`evaluate`, also returning the Markdown table and the paths of the result files (rank 0)."""
     wanted = _check_metrics(cfg)
-    task, ec = cfg.eval_task, cfg.eval
+    task, ec = cfg.task, cfg.eval
     ev = Evaluation(task=str(task.name), target=str(task.target))
     out = Path(ec.out)
     frames = int(ec.frames)
@@ -251,7 +254,7 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
         raise ValueError("eval.fake is not set: give the generated videos (a folder of mp4s, of frame folders, or a "
                          "gridgen.generate output), or eval.generate=true")
     device = _setup_device(cfg)
-    # CLIP's attention kernel (the I3D and C3D are convolutional); generation runs in its own process
+    # CLIP's attention kernel (the I3D and C3D are convolutional); generation set its own above
     attention = apply_attention_backend(cfg.eval.get("attention_backend"), device.type)
     fake = list_videos(fake_spec, ec.layout, ec.background)
     for item in fake:  # generated from the real set: sample k is real video k

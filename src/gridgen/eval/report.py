@@ -84,12 +84,15 @@ def write_results(ev: Evaluation, out: Path, paper: dict[str, Any]) -> tuple[Pat
 
 
 def write_sweep_summary(sweep: Path) -> Path:
-    """``eval_summary.{md,csv,png}`` in a sweep folder: one row per job, one column per metric."""
+    """``eval_summary.{md,csv,png}`` in a sweep folder: one row per job, one column per metric.
+
+    A job's folder is Hydra's ``<num>_<override_dirname>``, nested where a swept value is a path
+    (``0_eval.fake=runs/a/samples``): its results are found at any depth, named by that folder's relative path."""
     rows = []
-    for path in sorted(sweep.glob("*/*.json")):
+    for path in sorted(sweep.rglob("*.json")):
         record = json.loads(path.read_text())
         if isinstance(record, dict) and {"task", "metrics", "protocol"} <= set(record):
-            rows.append({"job": path.parent.name, "task": record["task"],
+            rows.append({"job": path.parent.relative_to(sweep).as_posix(), "task": record["task"],
                          **{k: v for k, v in record["metrics"].items() if isinstance(v, int | float)}})
     if not rows:
         raise FileNotFoundError(f"sweep folder '{sweep}' has no evaluation results (*/<task>.json)")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import gridgen
-from gridgen.config import CONF_DIR
+from gridgen.config import task_table, tasks_with
 from gridgen.inference.budget import ALLOW_KEY, measure_grid_cost, oversize, refusal
 from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
 from gridgen.inference.sampler import MASK_MODES, GridSampler, apply_lora, check_lora_source, check_strength
@@ -69,22 +69,21 @@ def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
                          f"{cfg.generate.batch_size}")
     if not 0 < float(cfg.ref_fit.min_kept) <= 1:
         raise ValueError(f"ref_fit.min_kept must be in (0, 1], got {cfg.ref_fit.min_kept}")
-    if cfg.lora.path:
-        check_lora_source(cfg.lora.path)  # a missing, corrupt or foreign file fails here, before weights load
+    if cfg.lora is not None and not isinstance(cfg.lora, str):
+        raise ValueError(f"lora= takes the LoRA file or run folder itself, got {_plain(cfg.lora)!r}; its scale is "
+                         "lora_scale=")
+    if cfg.lora:
+        check_lora_source(cfg.lora)  # a missing, corrupt or foreign file fails here, before weights load
     return spec, T
-
-
-def _task_kinds(group: str) -> dict[str, str]:
-    """Task name -> kind (video | multiview) for a task config group (``task`` for training, ``generate_task``)."""
-    return {path.stem: str(OmegaConf.load(path).get("kind")) for path in sorted((CONF_DIR / group).glob("*.yaml"))}
 
 
 def lora_task_mismatch(lora_task: str | None, spec: TaskSpec) -> str | None:
     """The warning for a LoRA trained for the other kind of grid (multi-view vs video) than ``spec``, else None."""
-    lora_kind = _task_kinds("task").get(str(lora_task)) if lora_task else None
+    row = task_table().get(str(lora_task)) if lora_task else None
+    lora_kind = row.get("kind") if row is not None else None
     if lora_kind is None or lora_kind == spec.kind:
         return None
-    fitting = [name for name, kind in _task_kinds("generate_task").items() if kind == lora_kind]
+    fitting = tasks_with("init", lora_kind)
     return (f"LoRA was trained for task {lora_task}, generating {spec.name}: it learned {lora_kind} grids, not "
             f"{spec.kind} ones; use it with task={'|'.join(fitting)} or pick a LoRA trained for a {spec.kind} task")
 
@@ -115,7 +114,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                               quantization=cfg.model.get("quantization"),
                               quantize_text_encoder=bool(cfg.model.get("quantize_text_encoder", False)))
     pipe.set_progress_bar_config(disable=True)
-    lora = apply_lora(pipe.transformer, cfg.lora.path, float(cfg.lora.scale)) if cfg.lora.path else None
+    lora = apply_lora(pipe.transformer, cfg.lora, float(cfg.lora_scale)) if cfg.lora else None
     if lora and (mismatch := lora_task_mismatch(lora.get("gridgen_task"), spec)):
         log.warning(mismatch)
     attention = apply_attention_backend(cfg.model.get("attention_backend"), device.type, pipe.transformer)

@@ -9,7 +9,7 @@ Every task is the same sampler (``sampler.py``) with a different start (paper 2.
     interpolate I_ij = (1 - j/n) I_i0 + (j/n) I_(i+1)0 (eq. 8)        the keyframes, cells (i,0)
     sequence    the input sequence, tiled (A.5, eq. 13)               none
 
-Tasks are configs (``conf/generate_task/*.yaml``) naming an init, the reference they need and the mask;
+Tasks are rows of the task table (``conf/task/*.yaml``) naming an init, the reference they need and the mask;
 this module turns images into those grids. Frames are ``(F, 3, h, w)`` float tensors in [-1, 1].
 """
 
@@ -42,7 +42,7 @@ ASPECT_TOLERANCE = 0.01  # aspects within 1% are resized without a crop or a war
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One ``conf/generate_task/<name>.yaml``."""
+    """What generation reads of a task row, ``conf/task/<name>.yaml``."""
 
     name: str
     kind: str = "video"
@@ -64,10 +64,13 @@ class TaskSpec:
 
     @classmethod
     def from_config(cls, cfg: Any) -> TaskSpec:
-        data = dict(cfg)
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"task config has unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        """The generation fields of a task row (the row also holds evaluation and training fields)."""
+        data = {key: cfg[key] for key in cls.__dataclass_fields__ if key in cfg}
+        if data.get("init") is None:
+            from gridgen.config import tasks_with
+
+            raise ValueError(f"task {data.get('name')} does not generate (its row in conf/task has init: null); "
+                             f"generate with task={'|'.join(tasks_with('init', data.get('kind')))}")
         return cls(**data)
 
     def caption(self, layout: GridLayout, prompt: str) -> str:
