@@ -236,6 +236,7 @@ def test_a_run_that_never_trained_leaves_no_folder_and_no_wandb_run(tmp_path):
         proc = run_cli("trainer.max_steps=2", bad, cwd=tmp_path)  # the default logger: W&B (offline)
         one_line_error(proc)
     assert not list(tmp_path.glob("outputs/runs/*/*")) and not list(tmp_path.rglob("wandb"))
+    assert not (tmp_path / "outputs").exists()  # nor the empty outputs/runs/<date> above it
 
 
 # ---- fine stage: which coarse LoRA ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     training a step leaves the run folder as it was (a new one is removed), and ``FAILED`` (with the reason) marks
     only a run that trained at least one step."""
     output_dir = Path(cfg.paths.output_dir)
-    guard = RunFolderGuard(output_dir, hydra_files_of_this_command(output_dir))
+    guard = RunFolderGuard(output_dir, hydra_files_of_this_command(output_dir), root=Path(cfg.paths.root_dir))
     state: dict[str, Any] = {"trainer": None, "start_step": 0}
     try:
         return _train(cfg, output_dir, state)
@@ -110,6 +110,8 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
 
     output_dir.mkdir(parents=True, exist_ok=True)
     loggers = build_loggers(cfg, resume)
+    if not loggers:  # logger=none: Lightning refuses an LR monitor without a logger, and it would have nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     state["trainer"] = trainer
     if trainer.is_global_zero:  # a run resumed in place keeps the config it started with

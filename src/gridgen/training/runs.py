@@ -297,8 +297,9 @@ class RunFolderGuard:
 
     MAX_SAVED_BYTES = 16 * 2**20  # larger files (checkpoints of big LoRAs) are written only after a trained step
 
-    def __init__(self, folder: Path, own: tuple[Path, ...] = ()) -> None:
+    def __init__(self, folder: Path, own: tuple[Path, ...] = (), root: Path | None = None) -> None:
         self.folder, self.own = folder, own  # own: files/folders this command's Hydra already wrote
+        self.root = root  # empty folders between it and the run folder (outputs/runs/<date>) go with a new run
         self.existed = folder.is_dir()
         files = [p for p in folder.rglob("*") if p.is_file() and not self._is_own(p)] if self.existed else []
         # a folder with nothing but Hydra's files (of this command, or a folder Hydra made just now) is new
@@ -315,6 +316,10 @@ class RunFolderGuard:
             return
         if self.new:
             shutil.rmtree(self.folder, ignore_errors=True)
+            for parent in self.folder.parents:
+                if self.root is None or parent == self.root or self.root not in parent.parents or any(parent.iterdir()):
+                    break
+                parent.rmdir()
             return
         for path in sorted(self.folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             if path.is_file() and path not in self.stats:
