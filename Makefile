@@ -85,8 +85,12 @@ generate: $(VENV)/.installed ## omni inference: make generate task=i2v prompt=".
 	$(PY) -m gridgen.generate $(foreach k,$(GENERATE_KEYS),$(if $(filter command line,$(origin $(k))),$(call generate_arg,$(k)))) \
 		$(filter-out $(addsuffix =%,$(GENERATE_KEYS)),$(foreach w,$(OVERRIDES),$(if $(findstring =,$(w)),$(w)))) $(ARGS)
 
+# eval.real= / eval.fake= are paths (a brace pattern of shards too): quoted for Hydra as the text keys above
+EVAL_PATH_KEYS := eval.real eval.fake
+eval_arg = $(call shell_quote,$(1)=$(call hydra_quote,$($(1))))
 eval: $(VENV)/.installed ## FVD/IS/CLIP/PSNR/SSIM/time vs the paper: make eval task=i2v eval.real=<set> eval.fake=<set> [eval.out=<dir>]
-	$(PY) -m gridgen.evaluate $(OVERRIDES) $(ARGS)
+	$(PY) -m gridgen.evaluate $(foreach k,$(EVAL_PATH_KEYS),$(if $(filter command line,$(origin $(k))),$(call eval_arg,$(k)))) \
+		$(filter-out $(addsuffix =%,$(EVAL_PATH_KEYS)),$(OVERRIDES)) $(ARGS)
 
 report: $(VENV)/.installed ## loss curves, alpha schedule, samples, sweep summary as PNG/Markdown: make report run=<folder>
 	$(PY) -m gridgen.report $(OVERRIDES) $(ARGS)
