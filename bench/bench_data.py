@@ -117,6 +117,12 @@ def handover_floor(shape: tuple[int, ...], batches: int) -> dict[str, float]:
     return out
 
 
+def worker_pid(loader: Any) -> int:
+    """The process id of the one worker of a started train loader (``SkipFirst`` wrapping a ``WebLoader``)."""
+    webloader = getattr(loader, "loader", loader)  # SkipFirst (resume position) holds the WebLoader
+    return webloader.pipeline[0]._iterator._workers[0].pid
+
+
 def time_epoch(loader: Any, worker_pid: int) -> dict[str, float]:
     """samples/s of one loader epoch (its first batch waits for the shuffle buffer: not timed), CPU ms/sample."""
     count, start = 0, None
@@ -148,7 +154,7 @@ def bench_streaming(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         loader = dm.train_dataloader()
         for _ in loader:  # warm-up epoch: starts the (persistent) worker
             pass
-        loaders[name] = (dm, loader, loader.pipeline[0]._iterator._workers[0].pid)
+        loaders[name] = (dm, loader, worker_pid(loader))
     rows = []
     for _ in range(args.repeats):
         cpu0, wall0 = time.process_time(), time.perf_counter()
