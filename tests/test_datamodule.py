@@ -256,6 +256,35 @@ def test_skipped_samples_reach_the_lightning_logger(root, tmp_path):
     assert values[-1] <= dm.num_skipped and dm.num_skipped % 2 == 0  # both broken ones, every pass
 
 
+def test_skips_are_one_console_line_per_logging_interval(root, tmp_path, caplog):
+    """2 broken samples met again and again by the resampled stream: one line per log_every_n_steps with the counts
+    per reason, not one per skip; the lines add up to every skip."""
+    import logging
+    import re
+
+    good = [{k: v for k, v in s.items() if k in ("__key__", "png", "json", "txt")}
+            for s in wds.WebDataset(str(root / "video" / "train-000000.tar"), shardshuffle=False)]
+    broken = [dict(good[0], __key__="broken-png", png=b"\x89PNG no"), dict(good[1], __key__="no-layout", json=b"{}")]
+    with wds.TarWriter(str(tmp_path / "train-000000.tar"), mtime=0) as sink:
+        for sample in good[:2] + broken + good[2:]:
+            sink.write(sample)
+    dm = GridDataModule(tmp_path, batch_size=2, samples_per_epoch=12, shuffle_buffer=1)
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, log_every_n_steps=4,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.WARNING, logger="gridgen.data"):
+        trainer.fit(_TinyModule(), datamodule=dm)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("gridgen.data")]
+    assert dm.num_skipped >= 6 and 2 <= len(lines) <= 12 // 4 + 1  # steps 0, 4, 8 and the end of training
+    counted = {"undecodable_member": 0, "bad_layout": 0}
+    for line in lines:
+        assert re.fullmatch(r"data \((up to step \d+|end of training)\): skipped \d+ broken samples: .*; \d+ in all",
+                            line), line
+        for reason, n in re.findall(r"(\w+)=(\d+)", line):
+            counted[reason] += int(n)
+    assert counted["undecodable_member"] == counted["bad_layout"] == dm.num_skipped // 2  # every pass meets both
+    assert "(e.g. sample 'broken-png': member 'png' cannot be decoded" in lines[0]  # the first line of a reason
+
+
 # ---- epoch length from manifests --------------------------------------------------------------------------
 
 

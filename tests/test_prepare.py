@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from gridgen.config import CONF_DIR
@@ -451,3 +453,80 @@ def test_files_a_source_ignores_are_counted(tmp_path):
                                     "data.sampling.stride=1", "prepare.progress=false"))
     assert entry["counts"]["samples"] == 1
     assert entry["ignored_files"] == {"count": 1, "by_extension": {".part": 1}, "examples": ["b.mkv.part"]}
+
+
+# ---- runs that make nothing, reruns with other settings, one warning per run ------------------------
+
+
+def write_uncaptioned_clips(folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        write_video(folder / f"clip{i}.mp4", moving_shape_clip(np.random.default_rng(i), 16, 32, 32)[0])
+    return folder
+
+
+def test_a_prepare_that_makes_no_grid_exits_2_with_the_fix_and_leaves_nothing(tmp_path):
+    raw = write_uncaptioned_clips(tmp_path / "raw")  # data=video has no default caption: every clip is skipped
+    args = [sys.executable, "-m", "gridgen.prepare", "data=video", f"prepare.src={raw}", f"prepare.out={tmp_path}/out",
+            "data.cell_height=32", "data.cell_width=32", "data.sampling.fps=null", "data.sampling.stride=1",
+            "prepare.progress=false"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"gridgen.prepare: error: no grid came out of 3 inputs of '{raw}' (skipped: missing_caption=3); most are "
+        'missing_caption (e.g. clip0): set data.source.default_caption="<caption>" (used for inputs without one)')
+    assert not (tmp_path / "out").exists()  # the failed run left no folder, manifest or lock behind
+    # the key the message names is the fix, and nothing from the failed run stands in its way
+    entry = prepare(compose_prepare(*(a for a in args[3:] if a.startswith(("data", "prepare"))),
+                                    "data.source.default_caption='a shape moves'"))
+    assert entry["counts"]["samples"] == 3 and entry["counts"]["skipped"] == {}
+
+
+def test_no_sample_messages_name_the_commonest_reason_and_its_key():
+    from gridgen.data.prepare import SKIP_FIXES, no_samples_message
+
+    counts = {"skipped": {"too_short": 1, "size_mismatch": 2}, "examples": {"size_mismatch": ["obj1: 002.png ..."]}}
+    assert no_samples_message(counts, 3, "/raw") == (
+        "no grid came out of 3 inputs of '/raw' (skipped: size_mismatch=2, too_short=1); most are size_mismatch "
+        "(e.g. obj1: 002.png ...): set prepare.resize_mismatched=true to fit such frames to the cell anyway")
+    # every key a fix names is a key of the prepare configs that raise the reason
+    cfg = compose_prepare("data=objaverse", "prepare.src=x", "prepare.out=y")
+    video = compose_prepare("data=webvid", "prepare.src=x", "prepare.out=y")
+    for fix in SKIP_FIXES.values():
+        for key in re.findall(r"\b((?:data|prepare)\.[a-z_.]+[a-z_])=", fix):
+            assert any(OmegaConf.select(c, key, default="<none>") != "<none>" for c in (cfg, video)), key
+
+
+def test_a_rerun_is_refused_only_where_shards_of_other_settings_exist(tmp_path, monkeypatch):
+    csv_path = write_webvid(tmp_path / "raw", n_good=3)
+    out = tmp_path / "out"
+    load = VideoSource.load
+
+    def interrupted(self, item, *args, **kwargs):
+        raise KeyboardInterrupt  # stopped before its first shard: a manifest record without shards
+
+    monkeypatch.setattr(VideoSource, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(video_cfg(csv_path, out, "data.shards.quality=50"))
+    monkeypatch.setattr(VideoSource, "load", load)
+    record = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    assert record["shards"] == [] and not record["complete"]
+    entry = prepare(video_cfg(csv_path, out))  # other settings, but no shard of theirs here: goes ahead
+    assert entry["counts"]["samples"] == 3
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds 2 train shards made with another config \(train-000000.tar"):
+        prepare(video_cfg(csv_path, out, "data.shards.quality=50"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # refused: untouched
+    for shard in out.glob("train-*.tar"):  # shards deleted by hand: nothing left to protect
+        shard.unlink()
+    assert prepare(video_cfg(csv_path, out, "data.shards.quality=50"))["counts"]["samples"] == 3
+
+
+def test_skipped_inputs_are_one_warning_per_run(tmp_path, caplog):
+    csv_path = write_webvid(tmp_path / "raw", n_good=2)  # 5 bad rows: 5 different reasons, one of each
+    with caplog.at_level(logging.DEBUG, logger="gridgen"):
+        prepare(video_cfg(csv_path, tmp_path / "out", "prepare.workers=2"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"skipped 5 of 7 inputs: duplicate_id=1, missing_caption=1, missing_file=1, too_short=1, unreadable=1 "
+        f"(examples under splits.train.counts.examples in {tmp_path / 'out' / 'manifest.json'})"]

@@ -30,8 +30,7 @@ def main(cfg: DictConfig) -> None:
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(counts["skipped"].items())) or "none"
     count = len(entry["shards"])
     print("\n".join([  # the entry point's answer to the user
-        f"shards         {out}/{cfg.prepare.split}-{{000000..{count - 1:06d}}}.tar ({count} shards)" if count else
-        f"shards         none in {out} (no input gave a grid)",
+        f"shards         {out}/{cfg.prepare.split}-{{000000..{count - 1:06d}}}.tar ({count} shards)",
         f"manifest       {out / 'manifest.json'}",
         f"samples        {counts['samples']} grids from {counts['inputs_done']} inputs",
         f"skipped        {skipped}",

@@ -33,6 +33,7 @@ import webdataset as wds
 
 from gridgen.data.cache_format import CacheMismatchError, verify_cache_folders
 from gridgen.data.decoding import (
+    SKIP_REASONS,
     SafeDecoder,
     SkipCounter,
     ToSample,
@@ -40,6 +41,7 @@ from gridgen.data.decoding import (
     collate_grid_samples,
     layout_from_meta,
     pixels_to_float,
+    skip_summary,
     unit_range,
 )
 from gridgen.data.mixing import SeededRandomMix, SkipFirst, Source, parse_sources, resume_position
@@ -145,6 +147,7 @@ class GridDataModule(L.LightningDataModule):
         self.val_urls: list[str] | None = None
         self.batches_per_epoch: int | None = None
         self._skips_logged_at = -1
+        self._skips_reported = [0.0] * len(SKIP_REASONS + ("ignored",))
 
     @property
     def sources(self) -> list[Source]:
@@ -278,22 +281,43 @@ class GridDataModule(L.LightningDataModule):
         return loader if self._on_device_float() else loader.map(pixels_to_float)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 pixels -> float [-1, 1] on the device; ``data/skipped`` to the loggers every ``log_every_n_steps``."""
+        """uint8 pixels -> float [-1, 1] on the device; every ``log_every_n_steps``, the skips since the last time
+        as one console line per interval (counts per reason, summed over ranks) and ``data/skipped`` to the
+        loggers."""
         batch = pixels_to_float(batch) if isinstance(batch, dict) else batch
         trainer = self.trainer
-        if trainer is None or not trainer.training or not trainer.loggers:
+        if trainer is None or not trainer.training:
             return batch
         step = trainer.global_step
         if step % max(1, trainer.log_every_n_steps) or step == self._skips_logged_at:
             return batch
         self._skips_logged_at = step
         # every rank gets here at the same step (with_epoch keeps them in lockstep), so the sum cannot hang
-        counts = torch.tensor([float(self.num_skipped), float(self.num_ignored)], device=trainer.strategy.root_device)
-        skipped, ignored = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        local = torch.tensor(self.skips.counts(), dtype=torch.float64, device=trainer.strategy.root_device)
+        total = trainer.strategy.reduce(local, reduce_op="sum").tolist()
         if trainer.is_global_zero:
+            self.log_skips(total, where=f"up to step {step}")
             for logger in trainer.loggers:
-                logger.log_metrics({"data/skipped": skipped, "data/ignored_members": ignored}, step=step)
+                logger.log_metrics({"data/skipped": sum(total[:-1]), "data/ignored_members": total[-1]}, step=step)
         return batch
+
+    def log_skips(self, total: Sequence[float] | None = None, where: str = "") -> None:
+        """Log, as one warning line, the samples skipped (per reason) and members dropped since the last call.
+
+        ``total``: the counts to report (:meth:`SkipCounter.counts`, e.g. summed over ranks); default this
+        process's and its workers'. A Trainer calls this every ``log_every_n_steps``; a loader used on its own can
+        call it whenever it wants a report."""
+        total = list(self.skips.counts() if total is None else total)
+        new = [now - before for now, before in zip(total, self._skips_reported, strict=True)]
+        if any(new):
+            self._skips_reported = total
+            log.warning("data%s: %s", f" ({where})" if where else "", skip_summary(new, total, self.skips.example))
+
+    def teardown(self, stage: str) -> None:
+        """The skips after the last periodic line, on one process (several ranks would need a collective here,
+        where a failed rank may never arrive; their last periodic line stands)."""
+        if self.trainer is not None and stage == "fit" and self.trainer.world_size == 1:
+            self.log_skips(where="end of training")
 
     def train_dataloader(self) -> SkipFirst:
         """Endless resampled (mixed) stream cut into epochs of a fixed number of batches per process."""

@@ -1,8 +1,7 @@
 """Shard members -> training samples -> batches of one layout, without running anything a shard carries.
 
 Decoding is safe by construction (:class:`SafeDecoder`): gridgen reads only the member formats it writes, with
-readers that cannot run code, and drops every other member unread (counted in :attr:`SkipCounter.ignored` and
-logged once per member name):
+readers that cannot run code, and drops every other member unread (counted in :attr:`SkipCounter.ignored`):
 
     png / jpg / jpeg      PIL -> uint8 ``(3, H, W)`` (webdataset's ``torchrgb8`` image handler)
     json                  ``json.loads``
@@ -25,7 +24,8 @@ import io
 import json
 import logging
 import multiprocessing
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,46 +62,81 @@ MEMBER_READERS: dict[str, Callable[[bytes], Any]] = {
 }
 
 
-class SkipCounter:
-    """A webdataset exception handler: skip the broken sample or shard, count it, log it, go on.
+class BrokenSample(ValueError):
+    """A sample the loader skips, with ``reason``, the name it is counted under (one of :data:`SKIP_REASONS`)."""
 
-    Like ``wds.warn_and_continue`` but with a count shared across DataLoader workers, ``logging`` instead of
-    ``warnings``, no 0.5 s sleep per error, and a guard: if ``max_consecutive`` errors happen in a row in one
-    process without a single good sample (every shard broken, wrong image key, ...) it raises instead of
-    spinning forever on an endless resampled stream.
+    def __init__(self, reason: str, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.reason, self.key = reason, key  # key: the sample's, where the message does not name it
+
+
+# why a sample or shard was skipped: a fixed list, so that counts can live in shared memory (DataLoader workers)
+# and be summed over DDP ranks as one tensor
+SKIP_REASONS = ("unreadable_shard", "undecodable_member", "no_image", "no_caption", "bad_layout", "other")
+_EXAMPLE_BYTES = 240  # first message kept per reason
+
+
+def skip_reason(exn: BaseException) -> str:
+    """The :data:`SKIP_REASONS` name of an exception a pipeline stage raised."""
+    reason = getattr(exn, "reason", None)
+    if reason in SKIP_REASONS:
+        return reason
+    if isinstance(exn, OSError | EOFError | tarfile.TarError):  # webdataset's tar reading
+        return "unreadable_shard"
+    return "other"
+
+
+class SkipCounter:
+    """A webdataset exception handler: skip the broken sample or shard, count it by reason, go on.
+
+    Like ``wds.warn_and_continue`` but with counts per reason shared across DataLoader workers, no 0.5 s sleep per
+    error, no log line per sample (whoever owns the counter logs one summary per interval: :meth:`summary`), and
+    a guard: if ``max_consecutive`` errors happen in a row in one process without a single good sample (every
+    shard broken, wrong image key, ...) it raises instead of spinning forever on an endless resampled stream.
 
     It also counts the shard members that :class:`SafeDecoder` drops unread (:attr:`ignored`).
     """
 
-    def __init__(self, max_consecutive: int = 1000, log_first: int = 10, log_every: int = 100) -> None:
-        # shared-memory integers: workers get them by inheritance when the DataLoader starts them
-        self._total = multiprocessing.Value("q", 0)
-        self._ignored = multiprocessing.Value("q", 0)
-        self._ignored_names: set[str] = set()  # per process: log each member name once
+    def __init__(self, max_consecutive: int = 1000) -> None:
+        # shared memory: workers get it by inheritance when the DataLoader starts them
+        self._counts = multiprocessing.Array("q", len(SKIP_REASONS) + 1)  # per reason, then ignored members
+        self._examples = multiprocessing.Array("c", _EXAMPLE_BYTES * (len(SKIP_REASONS) + 1))
         self.max_consecutive = max_consecutive
-        self.log_first = log_first
-        self.log_every = log_every
         self._consecutive = 0  # per process
 
     @property
     def count(self) -> int:
         """Samples (or shards) skipped so far, in this process and all its DataLoader workers."""
-        return int(self._total.value)
+        return sum(self._counts[: len(SKIP_REASONS)])
 
     @property
     def ignored(self) -> int:
         """Shard members dropped unread (unknown or unused formats), in this process and all its workers."""
-        return int(self._ignored.value)
+        return int(self._counts[len(SKIP_REASONS)])
+
+    def counts(self) -> list[int]:
+        """Skips per reason (in :data:`SKIP_REASONS` order), then the ignored members."""
+        with self._counts.get_lock():
+            return list(self._counts)
+
+    def example(self, slot: int) -> str:
+        """The first message counted in ``slot`` (an index of :meth:`counts`), or ``""``."""
+        with self._counts.get_lock():
+            raw = self._examples[slot * _EXAMPLE_BYTES:(slot + 1) * _EXAMPLE_BYTES]
+        return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+    def _add(self, slot: int, message: str) -> None:
+        with self._counts.get_lock():
+            self._counts[slot] += 1
+            if self._counts[slot] == 1:
+                data = message.encode("utf-8")[: _EXAMPLE_BYTES - 1]
+                self._examples[slot * _EXAMPLE_BYTES:slot * _EXAMPLE_BYTES + len(data)] = data
 
     def ignore(self, member: str, known: bool = False) -> None:
-        """Count a member that was not decoded; log each member name once per process."""
-        with self._ignored.get_lock():
-            self._ignored.value += 1
-        if member not in self._ignored_names:
-            self._ignored_names.add(member)
-            why = "not used by this run" if known else (
-                f"not a format gridgen reads ({', '.join(MEMBER_READERS)}); never unpickled or executed")
-            log.warning("ignoring shard member %r: %s", member, why)
+        """Count a member that was not decoded (the first one is kept as the example)."""
+        why = "not used by this run" if known else (
+            f"not a format gridgen reads ({', '.join(MEMBER_READERS)}); never unpickled or executed")
+        self._add(len(SKIP_REASONS), f"{member!r}: {why}")
 
     def ok(self) -> None:
         """Record a good sample (resets the consecutive-error guard)."""
@@ -110,21 +145,38 @@ class SkipCounter:
     def __call__(self, exn: BaseException) -> bool:
         if isinstance(exn, CacheMismatchError):
             raise exn  # a stale cache is the run's configuration, not a broken sample: stop
-        with self._total.get_lock():
-            self._total.value += 1
-            total = self._total.value
-        self._consecutive += 1
-        message = repr(exn)
+        message = str(exn) or repr(exn)
+        if getattr(exn, "key", None) is not None:
+            message = f"sample {exn.key!r}: {message}"
         if len(message) > 500:
             message = message[:500] + "..."
+        self._add(SKIP_REASONS.index(skip_reason(exn)), message)
+        self._consecutive += 1
         if self._consecutive >= self.max_consecutive:
             raise RuntimeError(
                 f"{self._consecutive} samples in a row could not be loaded; the data is unusable "
                 f"(check the shards, data.image_key and data.caption_key). Last error: {message}"
             ) from exn
-        if total <= self.log_first or total % self.log_every == 0:
-            log.warning("skipped a broken sample (%d skipped so far): %s", total, message)
         return True  # continue with the next sample
+
+
+def skip_summary(new: Sequence[float], total: Sequence[float], examples: Callable[[int], str] | None = None) -> str:
+    """One line for the skips of an interval: ``new`` and ``total`` are :meth:`SkipCounter.counts` vectors (the
+    counts since the last line, and in all); ``examples(slot)`` gives the first message of a reason that is new."""
+    parts, ignored = [], len(SKIP_REASONS)
+    for slot, reason in enumerate(SKIP_REASONS):
+        if new[slot]:
+            example = examples(slot) if examples and new[slot] == total[slot] else ""
+            parts.append(f"{reason}={int(new[slot])}" + (f" (e.g. {example})" if example else ""))
+    line = ""
+    if parts:
+        line = (f"skipped {int(sum(new[:ignored]))} broken samples: {', '.join(parts)}; "
+                f"{int(sum(total[:ignored]))} in all")
+    if new[ignored]:
+        example = examples(ignored) if examples and new[ignored] == total[ignored] else ""
+        line += ("; " if line else "") + (f"dropped {int(new[ignored])} shard members unread"
+                                          + (f" (e.g. {example})" if example else ""))
+    return line
 
 
 def layout_from_meta(meta: dict[str, Any], height: int | None = None, width: int | None = None) -> GridLayout:
@@ -237,22 +289,30 @@ class ToSample:
         self.float_pixels = float_pixels
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        key = sample.get("__key__")
         meta = sample.get("json")
         if not isinstance(meta, dict):
-            raise ValueError(f"sample {sample.get('__key__')!r} has no json layout metadata")
+            raise BrokenSample("bad_layout", f"sample {key!r} has no json layout metadata")
         if self.caption_key not in sample:
-            raise KeyError(f"sample {sample.get('__key__')!r} has no caption {self.caption_key!r}")
+            raise BrokenSample("no_caption", f"sample {key!r} has no caption {self.caption_key!r}")
         image_keys = self.image_key.split(";")
         # with cached latents a sample may carry no image at all; without them the image is the input
-        image = wds.filters.getfirst(sample, image_keys, missing_is_error=not self.cached)
+        image = wds.filters.getfirst(sample, image_keys, missing_is_error=False)
+        if image is None and not self.cached:
+            raise BrokenSample("no_image", f"sample {key!r} has none of the image members {image_keys} "
+                               f"(members: {sorted(k for k in sample if not k.startswith('__'))})")
         out: dict[str, Any] = {"__key__": sample["__key__"], "caption": str(sample[self.caption_key]).strip()}
+        try:
+            if image is not None:
+                _, height, width = image.shape
+                out["layout"] = layout_from_meta(meta, height, width)
+            else:
+                out["layout"] = layout_from_meta(meta)
+        except ValueError as exn:
+            raise BrokenSample("bad_layout", str(exn), key) from exn
         if image is not None:
-            _, height, width = image.shape
-            out["layout"] = layout_from_meta(meta, height, width)
             # uint8 [0, 255] -> float [-1, 1] here, or after the hand-over (pixels_to_float): 4x fewer bytes to move
             out["pixel_values"] = unit_range(image) if self.float_pixels else image
-        else:
-            out["layout"] = layout_from_meta(meta)
         if self.keep_meta:
             out["meta"] = meta
         if self.cached:
@@ -301,5 +361,6 @@ class SafeDecoder:
             try:
                 out[name] = reader(value)
             except Exception as exn:  # any reader error: the sample is broken
-                raise ValueError(f"sample {sample.get('__key__')!r}: member {name!r} cannot be decoded: {exn}") from exn
+                raise BrokenSample("undecodable_member", f"sample {sample.get('__key__')!r}: member {name!r} cannot "
+                                   f"be decoded: {exn}") from exn
         return out

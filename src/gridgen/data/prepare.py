@@ -36,6 +36,41 @@ log = logging.getLogger(__name__)
 
 
 
+class NoSamplesError(ValueError):
+    """A prepare run that produced no grid (every input skipped, or no input): a user error, exit code 2."""
+
+
+# the setting that fixes each skip reason, named in the error of a run that produced nothing
+SKIP_FIXES = {
+    "missing_caption": 'set data.source.default_caption="<caption>" (used for inputs without one)',
+    "too_short": "take consecutive frames (data.sampling.stride=1 data.sampling.fps=null) or a data.layout with "
+                 "fewer cells",
+    "missing_file": "set data.source.video_root=<the folder the table's paths start from> or "
+                    "data.source.path_templates=[...] to where the files are",
+    "size_mismatch": "set prepare.resize_mismatched=true to fit such frames to the cell anyway",
+    "view_count": "set data.source.num_views=<views per object> and a data.layout with as many cells",
+    "duplicate_id": "set data.source.id_column=<a column with one id per row>",
+    "unreadable": "no setting reads them: re-download or re-encode those files",
+}
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """``{"too_short": 1, "missing_caption": 3}`` -> ``missing_caption=3, too_short=1`` (most common first)."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def no_samples_message(counts: dict[str, Any], inputs: int, src: str) -> str:
+    """One line for a run that produced no grid: the skip reasons with counts and the fix of the commonest."""
+    skipped = counts["skipped"]
+    if not skipped:
+        return f"prepare.src '{src}' lists no input ({inputs} inputs); point it at the raw data"
+    reason = min(skipped, key=lambda k: (-skipped[k], k))
+    example = (counts["examples"].get(reason) or [""])[0]
+    fix = SKIP_FIXES.get(reason, "see the examples")
+    return (f"no grid came out of {inputs} inputs of '{src}' (skipped: {format_counts(skipped)}); most are "
+            f"{reason}{f' (e.g. {example})' if example else ''}: {fix}")
+
+
 def build_layout(data: dict[str, Any]) -> GridLayout:
     """``data.layout`` ("4x6") with ``data.cell_height`` x ``data.cell_width`` px cells, or a one-line error."""
     spec, height, width = data.get("layout"), data.get("cell_height"), data.get("cell_width") or data.get("cell_height")
@@ -202,7 +237,8 @@ def prepare(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if writer.complete:
         log.info("%s: %s shards are complete (%d samples); nothing to do", out, split, writer.counts["samples"])
         return writer.entry
-    writer.add_skips("duplicate_id", getattr(source, "duplicates", 0))
+    duplicates = int(getattr(source, "duplicates", 0))
+    writer.add_skips("duplicate_id", duplicates)
     ignored = source.ignored.to_dict()
     if ignored["count"]:
         log.warning("%d files under %s are not inputs of data.source.kind=%s and were ignored (%s); see "
@@ -235,6 +271,9 @@ def prepare(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         bar.close()
+    if writer.counts["samples"] == 0:  # a run that made nothing failed: the folder goes back to how it was
+        writer.discard()
+        raise NoSamplesError(no_samples_message(writer.counts, len(items) + duplicates, str(opts["src"])))
     elapsed = time.perf_counter() - began
     processed = writer.counts["inputs_done"] - done_before
     entry = writer.close({
@@ -243,7 +282,8 @@ def prepare(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         "clips_per_sec": round(processed / elapsed, 3) if elapsed > 0 else None,
         "frames_per_sec": round((writer.counts["frames"] - frames_before) / elapsed, 3) if elapsed > 0 else None,
     })
-    counts = entry["counts"]
-    if counts["samples"] == 0:
-        log.warning("no grid came out of %d inputs (skipped: %s)", len(items), counts["skipped"])
+    skipped = entry["counts"]["skipped"]
+    if skipped:  # one line for the run, not one per input (the examples are in the manifest)
+        log.warning("skipped %d of %d inputs: %s (examples under splits.%s.counts.examples in %s)",
+                    sum(skipped.values()), len(items) + duplicates, format_counts(skipped), split, out / "manifest.json")
     return entry

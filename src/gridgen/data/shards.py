@@ -78,6 +78,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _with_totals(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's per-split summaries (``counts``, ``shards``) recomputed from its ``splits``."""
+    splits = manifest.setdefault("splits", {})
+    manifest["counts"] = {name: s["counts"]["samples"] for name, s in splits.items()}
+    manifest["shards"] = {name: [x["name"] for x in s["shards"]] for name, s in splits.items()}
+    return manifest
+
+
 class ResumableShardWriter:
     """Writes one split of a dataset into ``out``; see the module docstring for the guarantees.
 
@@ -96,18 +104,28 @@ class ResumableShardWriter:
         self.split = split
         self.maxcount, self.maxsize = maxcount, float(maxsize)
         self.tmp = self.out / f".tmp-{split}"
+        # what this run found, so that a run that makes nothing can put the folder back as it was (discard)
+        self._made_out = not self.out.exists()
+        self._had_lock = (self.out / ".manifest.lock").exists()
         self.out.mkdir(parents=True, exist_ok=True)
         with _locked(self.out):
             manifest = read_manifest(self.out)
+            self._had_manifest = manifest is not None
             entry = (manifest or {}).get("splits", {}).get(split)
+            self._entry_before = copy.deepcopy(entry)
             if entry and overwrite:
                 entry = None
             elif entry and (entry["config_hash"], entry["inputs_hash"]) != (config_hash, inputs_hash):
                 what = "config" if entry["config_hash"] != config_hash else "list of inputs"
-                raise ValueError(
-                    f"'{self.out}' already holds {split} shards made with another {what}; resume needs the same "
-                    "settings and inputs: choose another prepare.out, or prepare.overwrite=true to replace them"
-                )
+                present = [s["name"] for s in entry["shards"] if (self.out / s["name"]).is_file()]
+                if present:
+                    raise ValueError(
+                        f"'{self.out}' already holds {len(present)} {split} shards made with another {what} "
+                        f"({present[0]} ...); resume needs the same settings and inputs: choose another prepare.out, "
+                        "or prepare.overwrite=true to replace them")
+                log.info("%s: the earlier %s run with another %s left no shard; starting afresh", self.out, split,
+                         what)
+                entry = None
             if manifest is None:
                 strays = sorted(self.out.glob(f"{split}-*.tar"))
                 if strays and not overwrite:
@@ -141,11 +159,8 @@ class ResumableShardWriter:
         """Merge this split into ``manifest.json`` (caller holds the lock)."""
         manifest = manifest if manifest is not None else (read_manifest(self.out) or {})
         manifest.update({"format": FORMAT, **self._header})
-        splits = manifest.setdefault("splits", {})
-        splits[self.split] = self.entry
-        manifest["counts"] = {name: s["counts"]["samples"] for name, s in splits.items()}
-        manifest["shards"] = {name: [x["name"] for x in s["shards"]] for name, s in splits.items()}
-        write_json_atomic(self.out / MANIFEST, manifest)
+        manifest.setdefault("splits", {})[self.split] = self.entry
+        write_json_atomic(self.out / MANIFEST, _with_totals(manifest))
 
     def _finished(self, tmp_name: str) -> None:
         """ShardWriter's ``post`` hook: a shard was closed; publish it and record the cursor after it."""
@@ -209,6 +224,30 @@ class ResumableShardWriter:
         with _locked(self.out):
             self._save()
         return self.entry
+
+    def discard(self) -> None:
+        """Undo a run that wrote no shard (it produced no sample): this split's record goes back to what it was
+        before the run, and a manifest, lock file or folder that the run created is removed, so the failed
+        command leaves the folder as it found it."""
+        self.abort()
+        if self.entry["shards"]:
+            raise RuntimeError("discard() is for runs that wrote no shard")
+        with _locked(self.out):
+            manifest = read_manifest(self.out) or {}
+            splits = manifest.setdefault("splits", {})
+            if self._entry_before is None:
+                splits.pop(self.split, None)
+            else:
+                splits[self.split] = self._entry_before
+            if splits or self._had_manifest:
+                write_json_atomic(self.out / MANIFEST, _with_totals(manifest))
+            else:
+                (self.out / MANIFEST).unlink(missing_ok=True)
+        if not self._had_lock:
+            (self.out / ".manifest.lock").unlink(missing_ok=True)
+        if self._made_out:
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile, keep it
+                self.out.rmdir()
 
     def abort(self) -> None:
         """Drop the shard being written (no partial shard is ever published); finished ones stay."""
