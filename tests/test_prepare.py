@@ -530,3 +530,95 @@ def test_skipped_inputs_are_one_warning_per_run(tmp_path, caplog):
     assert warnings == [
         f"skipped 5 of 7 inputs: duplicate_id=1, missing_caption=1, missing_file=1, too_short=1, unreadable=1 "
         f"(examples under splits.train.counts.examples in {tmp_path / 'out' / 'manifest.json'})"]
+
+
+# ---- partitioned runs (prepare.parts=N prepare.part=i, then one manifest) --------------------------
+
+
+def sample_set(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a folder's train shards: key -> {member: bytes}, whatever shard it sits in."""
+    samples = {}
+    for s in read_samples(folder, decode=None):
+        assert s["__key__"] not in samples, f"{s['__key__']} twice"
+        samples[s["__key__"]] = {k: v for k, v in s.items() if not k.startswith("__")}
+    return samples
+
+
+def test_parts_make_the_same_samples_as_one_run_and_name_a_failed_part(tmp_path, monkeypatch):
+    from gridgen.data.prepare import merge
+    from gridgen.data.shardlists import resolve_shards
+    from gridgen.data.shards import PartsIncompleteError, part_of
+
+    csv_path = write_webvid(tmp_path / "raw", n_good=6)  # 6 good clips, 5 bad rows (one of each reason)
+    one = prepare(video_cfg(csv_path, tmp_path / "one"))
+    out = tmp_path / "parts"
+
+    def part(i: int, *extra: str):
+        return prepare(video_cfg(csv_path, out, "prepare.parts=3", f"prepare.part={i}", *extra),
+                       rerun="python -m gridgen.prepare -m ... prepare.part={parts}")
+
+    ids = [f"{1000 + i}" for i in range(6)] + ["2000", "2001", "2002", "2003"]
+    assert sorted({part_of(i, 3) for i in ids}) == [0, 1, 2]  # every part has inputs here
+    load = VideoSource.load
+    victim = next(i for i in ids[:6] if part_of(i, 3) == 1)
+
+    def crashing(self, item, *args, **kwargs):
+        if item.id == victim:
+            raise RuntimeError("node lost")
+        return load(self, item, *args, **kwargs)
+
+    assert "part" in part(2)  # parts in any order; a part alone writes no manifest
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(VideoSource, "load", crashing)
+    with pytest.raises(RuntimeError, match="node lost"):
+        part(1)
+    monkeypatch.setattr(VideoSource, "load", load)
+    with pytest.raises(PartsIncompleteError) as error:
+        merge(video_cfg(csv_path, out, "prepare.parts=3", "prepare.merge=true"),
+              rerun="python -m gridgen.prepare -m ... prepare.part={parts}")
+    assert str(error.value) == (
+        f"'{out}': 2 of 3 train parts are not done: part 0 never started; part 1 failed (RuntimeError: node lost); "
+        "rerun only those: python -m gridgen.prepare -m ... prepare.part=0,1")
+    assert not (out / "manifest.json").exists()
+
+    part(0)
+    merged = part(1)  # the rerun of the failed part finishes the set; the last part writes the manifest
+    assert merged["parts"]["count"] == 3 and merged["complete"]
+    assert sample_set(out) == sample_set(tmp_path / "one")  # keys and bytes
+    for key in ("inputs_done", "samples", "frames", "skipped"):
+        assert merged["counts"][key] == one["counts"][key], key
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 6}
+    assert resolve_shards(out) == [str(out / name) for name in manifest["shards"]["train"]]  # what training reads
+    assert merge(video_cfg(csv_path, out, "prepare.merge=true")) == merged  # an explicit merge agrees
+
+
+def test_parts_are_checked_before_anything_runs(tmp_path):
+    csv_path = write_webvid(tmp_path / "raw", n_good=2)
+    with pytest.raises(ValueError, match=r"prepare.parts=3 needs the part this process writes: prepare.part=<0..2>"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=3"))
+    with pytest.raises(ValueError, match=r"prepare.part must be one of 0..2 \(prepare.parts=3\), got 3"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=3", "prepare.part=3"))
+    with pytest.raises(ValueError, match=r"prepare.parts must be a positive integer, got 0"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=0", "prepare.part=0"))
+    assert not (tmp_path / "o").exists()
+    prepare(video_cfg(csv_path, tmp_path / "o"))  # a whole run here: a part would mix its shards with these
+    with pytest.raises(ValueError, match=r"already holds train shards of another run \(train-000000.tar"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=2", "prepare.part=0"))
+
+
+@pytest.mark.slow
+def test_parts_as_submitit_jobs_from_the_command_line(tmp_path):
+    """`-m prepare.part=range(0,3)` through Hydra's submitit launcher (local executor: the SLURM array's engine)."""
+    csv_path = write_webvid(tmp_path / "raw", n_good=6)
+    common = ["data=webvid", f"prepare.src={csv_path}", "data.cell_height=32", "data.cell_width=32",
+              "data.shards.maxcount=2", "prepare.progress=false"]
+    subprocess.run([sys.executable, "-m", "gridgen.prepare", *common, f"prepare.out={tmp_path}/one"], check=True,
+                   cwd=tmp_path, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "gridgen.prepare", "-m", "hydra/launcher=submitit_local", *common,
+                           f"prepare.out={tmp_path}/parts", "prepare.parts=3", "prepare.part=range(0,3)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sample_set(tmp_path / "parts") == sample_set(tmp_path / "one")
+    assert len(list((tmp_path / "parts" / ".logs" / "train" / ".submitit").glob("*/*_log.out"))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "parts", "raw"]  # nothing in the working folder
