@@ -38,6 +38,7 @@ from gridgen.data.decoding import (
     SkipCounter,
     ToSample,
     batched_by_layout,
+    check_image_decoder,
     collate_grid_samples,
     layout_from_meta,
     pixels_to_float,
@@ -98,6 +99,10 @@ class GridDataModule(L.LightningDataModule):
         cache_model: with ``cached``, the model the cache must have been built for (``name``, ``pretrained``,
             ``revision``, ``variant``, ``max_sequence_length``); ``None``: no check.
         allow_pipe: allow ``pipe:`` shard specs (they run a shell command); off by default.
+        image_decoder: ``pil`` (default) or ``simplejpeg`` (libjpeg-turbo, JPEG members only, decodes straight into
+            the batch; ``pip install simplejpeg``): same pixels, faster (bench/RESULTS.md, data).
+        pin_memory: page-locked batches for asynchronous copies to a CUDA device; ``"auto"``: when the Trainer runs
+            on CUDA (``True`` without CUDA is refused: it would do nothing).
         sample_data_root: folder under which :meth:`prepare_data` builds the embedded sample data
             (:func:`~gridgen.data.sample.ensure_sample_shards`) when the configured shards do not exist yet;
             ``None``: never build anything.
@@ -120,6 +125,8 @@ class GridDataModule(L.LightningDataModule):
         cache_model: Mapping[str, Any] | None = None,
         allow_pipe: bool = False,
         sample_data_root: str | None = None,
+        pin_memory: bool | str = "auto",
+        image_decoder: str = "pil",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -139,6 +146,11 @@ class GridDataModule(L.LightningDataModule):
         self.cache_model = dict(cache_model) if cached and cache_model is not None else None
         self.allow_pipe = bool(allow_pipe)
         self.sample_data_root = sample_data_root
+        if pin_memory not in (True, False, "auto"):
+            raise ValueError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
+        self.pin_memory = pin_memory
+        check_image_decoder(image_decoder)
+        self.image_decoder = image_decoder
         self.skips = SkipCounter()
         self._source_config = (train_shards, sources, weights)
         self._sources: list[Source] | None = None
@@ -273,6 +285,13 @@ class GridDataModule(L.LightningDataModule):
         raise ShardError(f"shard '{path}': none of its first {len(errors)} samples can be trained on; sample "
                          f"{sample_key!r}: {_one_line(exn)}; {fix}, or remove it from data.{key}") from exn
 
+    def _pinned(self) -> bool:
+        on_cuda = isinstance(self.trainer, L.Trainer) and self.trainer.strategy.root_device.type == "cuda"
+        if self.pin_memory is True and not on_cuda:
+            raise ValueError("data.pin_memory=true pins batches for copies to a CUDA device, and this run has none; "
+                             "use data.pin_memory=auto")
+        return bool(self.pin_memory) and on_cuda
+
     def _on_device_float(self) -> bool:
         """Under a Trainer, uint8 pixels travel to the device and become float there (``on_after_batch_transfer``)."""
         return isinstance(self.trainer, L.Trainer)
@@ -340,6 +359,7 @@ class GridDataModule(L.LightningDataModule):
             # persistent workers keep their ResampledShards epoch counter: a fresh copy per epoch would
             # replay the same shards every epoch
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._pinned(),
         )
         log.info(
             "train: %s; %d samples/epoch -> %d batches of %d per process (world size %d)",
@@ -375,6 +395,7 @@ class GridDataModule(L.LightningDataModule):
             # workers beyond the shard count would sit idle
             num_workers=min(self.num_workers, len(self.val_urls)),
             persistent_workers=min(self.num_workers, len(self.val_urls)) > 0,
+            pin_memory=self._pinned(),
         ))
 
     # ---- pipelines --------------------------------------------------------------------------------
@@ -384,12 +405,15 @@ class GridDataModule(L.LightningDataModule):
 
     def _decode_and_batch(self, partial: bool, float_pixels: bool = True) -> list[Any]:
         """The stages shared by training and validation: decode safely, build samples, batch by layout."""
+        # uint8 batches leave the workers channels-last as decoded; the device permutes them (pixels_to_float)
+        channels_last = not float_pixels
         to_sample = ToSample(self.image_key, self.caption_key, self.cached, self.skips, self.cache_model,
-                             float_pixels=float_pixels)
+                             float_pixels=float_pixels, channels_last=channels_last)
         return [
-            wds.map(SafeDecoder(self._kept_members(), self.skips), handler=self.skips),
+            wds.map(SafeDecoder(self._kept_members(), self.skips, channels_last=channels_last,
+                                image_decoder=self.image_decoder), handler=self.skips),
             wds.map(to_sample, handler=self.skips),
-            batched_by_layout(self.batch_size, partial=partial),
+            batched_by_layout(self.batch_size, partial=partial, handler=self.skips),
         ]
 
     def _source_stream(self, index: int, urls: list[str]) -> wds.DataPipeline:

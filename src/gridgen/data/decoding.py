@@ -20,15 +20,19 @@ are grouped by layout in a small buffer and a batch is emitted when one layout h
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+import math
 import multiprocessing
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 import webdataset as wds
 
@@ -46,6 +50,66 @@ log = logging.getLogger(__name__)
 _BATCH_KEYS = ("__key__", "pixel_values", "caption", "layout")
 IMAGE_FORMATS = ("png", "jpg", "jpeg")
 _read_image = wds.autodecode.imagehandler("torchrgb8")  # PIL only; returns None for other extensions
+
+
+def read_rgb_channels_last(data: bytes) -> np.ndarray:
+    """A PNG/JPEG member -> ``(H, W, 3)`` uint8 as PIL decodes it (read-only, no transpose copy)."""
+    with io.BytesIO(data) as stream:
+        image = PIL.Image.open(stream)
+        image.load()
+        if image.mode != "RGB":  # convert("RGB") of an RGB image would copy it
+            image = image.convert("RGB")
+    return np.asarray(image)
+
+
+IMAGE_DECODERS = ("pil", "simplejpeg")
+
+
+def check_image_decoder(name: str) -> None:
+    """``data.image_decoder`` names a decoder this machine has, or a one-line error."""
+    if name not in IMAGE_DECODERS:
+        raise ValueError(f"data.image_decoder must be one of {IMAGE_DECODERS}, got {name!r}")
+    if name == "simplejpeg":
+        try:
+            import simplejpeg  # noqa: F401
+        except ImportError as exn:
+            raise ValueError("data.image_decoder=simplejpeg needs the simplejpeg package: `pip install simplejpeg` "
+                             "(or data.image_decoder=pil)") from exn
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image member whose header is read (its size) and whose pixels are decoded later, straight into its slot
+    of a batch (:func:`batched_by_layout`): the batch is written once, by the decoder."""
+
+    data: bytes
+    ext: str
+    height: int
+    width: int
+    decoder: str = "pil"
+
+    @classmethod
+    def parse(cls, data: bytes, ext: str, decoder: str = "pil") -> EncodedImage:
+        with io.BytesIO(data) as stream:
+            width, height = PIL.Image.open(stream).size  # the header only
+        return cls(bytes(data), ext, height, width, decoder)
+
+    def decode_into(self, out: torch.Tensor) -> None:
+        """Decode into ``out``, ``(H, W, 3)`` uint8 (a slot of a batch)."""
+        target = out.numpy()
+        if self.decoder == "simplejpeg" and self.ext in ("jpg", "jpeg"):
+            import simplejpeg  # libjpeg-turbo straight into the slot: no intermediate image
+
+            decoded = simplejpeg.decode_jpeg(self.data, colorspace="RGB", buffer=target)
+            if decoded.shape != target.shape:
+                raise ValueError(f"decoded {decoded.shape} into a {target.shape} slot")
+        else:
+            target[...] = read_rgb_channels_last(self.data)  # PIL has no into-buffer decode: one copy
+
+    def to_array(self) -> np.ndarray:
+        out = torch.empty((self.height, self.width, 3), dtype=torch.uint8)
+        self.decode_into(out)
+        return out.numpy()
 
 
 def _read_npy(data: bytes) -> np.ndarray:
@@ -214,15 +278,37 @@ def unit_range(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def pixels_to_float(batch: dict[str, Any]) -> dict[str, Any]:
-    """A batch's uint8 ``pixel_values`` -> float32 ``[-1, 1]`` (in place in the batch dict; floats pass)."""
+    """A batch's uint8 ``pixel_values`` -> float32 ``[-1, 1]`` ``(B, 3, H, W)`` (in place in the batch dict; floats
+    pass). The loaders' uint8 batches are channels-last ``(B, H, W, 3)``, as decoded: the permute happens here, on
+    the device, in the same pass as the conversion."""
     pixels = batch.get("pixel_values")
     if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
-        batch["pixel_values"] = unit_range(pixels)
+        if pixels.ndim == 4 and pixels.shape[-1] == 3:
+            pixels = pixels.permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W), a view
+        batch["pixel_values"] = unit_range(pixels).contiguous()
     return batch
 
 
-def collate_grid_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples of one layout -> batch ``{pixel_values (B,3,H,W), caption [str], layout {..}, __key__ [str], extras}``."""
+def handover_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch; inside a DataLoader worker in shared memory, as torch's
+    ``default_collate`` allocates there, so the worker's queue hands the main process a handle instead of
+    copying the batch into shared memory itself (which costs as much as decoding on a busy machine)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # what default_collate does in a worker
+    return torch.empty(0, dtype=dtype).set_(storage).view(tuple(shape))
+
+
+def stack_pixels(images: list[Any]) -> torch.Tensor:
+    """Images of one size -> one batch tensor, into shared memory in a DataLoader worker (``default_collate``)."""
+    return torch.utils.data.default_collate(images)
+
+
+def collate_grid_samples(samples: list[dict[str, Any]], pixels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Samples of one layout -> batch ``{pixel_values (B,3,H,W), caption [str], layout {..}, __key__ [str], extras}``.
+
+    ``pixels``: the batch's images already decoded into one tensor (:func:`batched_by_layout`), used as they are."""
     layout = samples[0]["layout"]
     if any(s["layout"] != layout for s in samples):
         raise ValueError(f"a batch mixes layouts: {sorted({s['layout'].name for s in samples})}")
@@ -231,8 +317,10 @@ def collate_grid_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "caption": [s["caption"] for s in samples],
         "layout": layout.to_dict(),
     }
-    if all("pixel_values" in s for s in samples):
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+    if pixels is not None:
+        batch["pixel_values"] = pixels
+    elif all("pixel_values" in s for s in samples):
+        batch["pixel_values"] = stack_pixels([s["pixel_values"] for s in samples])
     extras = [k for k in samples[0] if k not in _BATCH_KEYS]
     for key in extras:
         batch[key] = _stack_or_list([s.get(key) for s in samples])
@@ -243,24 +331,43 @@ def _batched_by_layout(
     data: Iterator[dict[str, Any]],
     batch_size: int,
     partial: bool = True,
-    collate: Callable[[list[dict[str, Any]]], Any] = collate_grid_samples,
+    collate: Callable[..., Any] = collate_grid_samples,
+    handler: Callable[[BaseException], bool] | None = None,
 ) -> Iterator[Any]:
     """Group samples by ``sample["layout"]`` and emit a batch whenever one layout has ``batch_size`` samples.
 
     Each bucket holds fewer than ``batch_size`` samples, so the buffer stays small (layouts x batch_size).
     At the end of a finite stream the partial buckets are emitted in first-seen order if ``partial``.
+    A sample whose ``pixel_values`` is an :class:`EncodedImage` is decoded as it arrives, straight into the next
+    slot of its layout's ``(batch_size, H, W, 3)`` uint8 batch (in shared memory in a DataLoader worker); one that
+    fails to decode goes to ``handler`` (skip and count) and its slot is used by the next sample.
     """
     buckets: dict[GridLayout, list[dict[str, Any]]] = {}
+    buffers: dict[GridLayout, torch.Tensor] = {}
     for sample in data:
         layout = sample["layout"]
         bucket = buckets.setdefault(layout, [])
+        image = sample.get("pixel_values")
+        if isinstance(image, EncodedImage):
+            if layout not in buffers:
+                buffers[layout] = handover_empty((batch_size, image.height, image.width, 3), torch.uint8)
+            try:
+                image.decode_into(buffers[layout][len(bucket)])
+            except Exception as exn:
+                if handler is None:
+                    raise
+                handler(BrokenSample("undecodable_member", f"member {image.ext!r} cannot be decoded: {exn}",
+                                     sample["__key__"]))
+                continue
+            sample = {**sample, "pixel_values": None}  # in the buffer
         bucket.append(sample)
         if len(bucket) >= batch_size:
             del buckets[layout]
-            yield collate(bucket)
+            yield collate(bucket, pixels=buffers.pop(layout, None))
     if partial:
-        for bucket in buckets.values():
-            yield collate(bucket)
+        for layout, bucket in buckets.items():
+            buffer = buffers.pop(layout, None)
+            yield collate(bucket, pixels=None if buffer is None else buffer[: len(bucket)])
 
 
 batched_by_layout = wds.pipelinefilter(_batched_by_layout)
@@ -279,7 +386,7 @@ class ToSample:
 
     def __init__(self, image_key: str, caption_key: str, cached: bool, skips: SkipCounter,
                  cache_model: Mapping[str, Any] | None = None, keep_meta: bool = False,
-                 float_pixels: bool = True) -> None:
+                 float_pixels: bool = True, channels_last: bool = False) -> None:
         self.image_key = image_key
         self.caption_key = caption_key
         self.cached = cached
@@ -287,6 +394,7 @@ class ToSample:
         self.cache_model = dict(cache_model) if cache_model is not None else None
         self.keep_meta = keep_meta
         self.float_pixels = float_pixels
+        self.channels_last = channels_last  # images come as EncodedImage (SafeDecoder(channels_last=True))
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         key = sample.get("__key__")
@@ -304,13 +412,15 @@ class ToSample:
         out: dict[str, Any] = {"__key__": sample["__key__"], "caption": str(sample[self.caption_key]).strip()}
         try:
             if image is not None:
-                _, height, width = image.shape
+                height, width = (image.height, image.width) if self.channels_last else image.shape[1:]
                 out["layout"] = layout_from_meta(meta, height, width)
             else:
                 out["layout"] = layout_from_meta(meta)
         except ValueError as exn:
             raise BrokenSample("bad_layout", str(exn), key) from exn
         if image is not None:
+            if self.channels_last and self.float_pixels:
+                image = torch.from_numpy(image.to_array().transpose(2, 0, 1).copy())  # (H, W, 3) -> (3, H, W)
             # uint8 [0, 255] -> float [-1, 1] here, or after the hand-over (pixels_to_float): 4x fewer bytes to move
             out["pixel_values"] = unit_range(image) if self.float_pixels else image
         if self.keep_meta:
@@ -343,9 +453,16 @@ class SafeDecoder:
     class, not a closure, so the pipeline pickles into spawned DataLoader workers.
     """
 
-    def __init__(self, keep: Iterable[str] | None, skips: SkipCounter) -> None:
+    def __init__(self, keep: Iterable[str] | None, skips: SkipCounter, channels_last: bool = False,
+                 image_decoder: str = "pil") -> None:
         self.keep = None if keep is None else frozenset(k.lower() for k in keep)
         self.skips = skips
+        # channels_last: images stay encoded (EncodedImage: header read, size known) and are decoded by
+        # batched_by_layout straight into their batch, (B, H, W, 3) uint8, with ``image_decoder``
+        self.readers = dict(MEMBER_READERS)
+        if channels_last:
+            self.readers.update({ext: functools.partial(EncodedImage.parse, ext=ext, decoder=image_decoder)
+                                 for ext in IMAGE_FORMATS})
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -354,7 +471,7 @@ class SafeDecoder:
                 out[name] = value
                 continue
             lowered = name.lower()
-            reader = MEMBER_READERS.get(lowered.rsplit(".", 1)[-1])
+            reader = self.readers.get(lowered.rsplit(".", 1)[-1])
             if reader is None or (self.keep is not None and lowered not in self.keep):
                 self.skips.ignore(name, known=reader is not None)
                 continue
