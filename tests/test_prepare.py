@@ -389,7 +389,7 @@ def test_bench_prepare_quick_smoke():
     out = proc.stdout
     assert out.startswith("## Prepare throughput (`bench/bench_prepare.py`)"), out[:300]  # the RESULTS.md section
     ratios = [float(v) for v in re.findall(r"\*\*ratio [^=*]+= ([\d.]+)\*\*", out)]
-    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), out
+    assert len(ratios) == 3 and all(math.isfinite(r) and r > 0 for r in ratios), out
 
 
 # ---- doubtful input: views of another size, files a source ignores ----------------------------------
