@@ -384,6 +384,7 @@ def render(args: argparse.Namespace, stream: dict[str, Any], steps: dict[str, An
         *h.environment_lines("cpu", ("webdataset", "Pillow", "simplejpeg"), args.load_before),
         f"- wall time {wall:.0f} s; what and how: see the docstring of `bench/bench_data.py` (on a VM shared with "
         "other jobs absolute numbers move, the interleaved ratios less so)",
+        *(f"- {note}" for note in [h.shared_machine_note(args.load_before)] if note),
         "",
         "### 1. Shard streaming vs decoding the same JPEGs with PIL, in as many processes",
         "",

@@ -186,6 +186,7 @@ def main() -> None:
         "## Prepare throughput (`bench/bench_prepare.py`)",
         "",
         *h.environment_lines("cpu", ("av",), load_before),
+        *(f"- {note}" for note in [h.shared_machine_note(load_before)] if note),
         f"- 1 process each · {args.videos} H.264 clips of {WIDTH}x{HEIGHT} px at {FPS} fps, {args.frames} frames "
         f"each · {args.repeats} repeats, interleaved",
         "",

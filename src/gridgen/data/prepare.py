@@ -33,7 +33,6 @@ from gridgen.data.shards import (
     config_hash,
     merge_parts,
     part_of,
-    part_states,
 )
 from gridgen.data.sources import FrameSampling, MultiViewSource, RawItem, SkipInput, build_source, safe_key
 from gridgen.data.tiling import IMAGE_FORMATS, encode_image, tile_frames
@@ -231,8 +230,6 @@ def merge(cfg: DictConfig | dict[str, Any], rerun: str = "") -> dict[str, Any]:
     parts = opts.get("parts", 1)
     out, split = Path(str(opts["out"])).expanduser(), str(opts.get("split", "train"))
     entry = merge_parts(out, split, parts=parts if parts > 1 else None, rerun=rerun)
-    if entry is None:  # only without prepare.parts: merge_parts names the parts when it knows how many to expect
-        entry = merge_parts(out, split, parts=len(part_states(out, split)), rerun=rerun)
     return _checked_merge(entry, out)
 
 
@@ -364,7 +361,7 @@ def prepare(cfg: DictConfig | dict[str, Any], rerun: str = "") -> dict[str, Any]
 
 def _merge_if_last(writer: PartShardWriter, out: Path, split: str) -> dict[str, Any]:
     """After a part: if every part is complete now, write the manifest (the last part to finish does)."""
-    merged = merge_parts(out, split)
+    merged = merge_parts(out, split, wait=True)
     if merged is None:
         log.info("%s done (%d grids); the manifest is written when every part has finished (by the last one, or "
                  "prepare.merge=true)", writer.what, writer.counts["samples"])

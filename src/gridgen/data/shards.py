@@ -367,13 +367,14 @@ class PartShardWriter(ResumableShardWriter):
         return super().close(extra)
 
 
-def merge_parts(out: str | Path, split: str, parts: int | None = None, rerun: str = "") -> dict[str, Any] | None:
+def merge_parts(out: str | Path, split: str, parts: int | None = None, rerun: str = "",
+                wait: bool = False) -> dict[str, Any] | None:
     """Check that every part of ``split`` in ``out`` is complete and write the split's manifest entry from them.
 
-    Returns the merged entry, or ``None`` if some part has not finished yet and ``parts`` is ``None`` (the
-    automatic merge a part attempts when it finishes). With ``parts`` given (``prepare.merge=true``), a part that
-    is missing, failed or unfinished is a :class:`PartsIncompleteError` naming each of them and ``rerun`` (the
-    command that reruns them, with ``{parts}`` for their indices).
+    Returns the merged entry. A part that is missing, failed or unfinished is a :class:`PartsIncompleteError`
+    naming each of them and ``rerun`` (the command that reruns them, with ``{parts}`` for their indices), or, with
+    ``wait`` (the merge a part attempts when it finishes), ``None``. ``parts``: the number of parts expected
+    (``prepare.parts``); by default the one the parts' records give.
     """
     out = Path(out).expanduser()
     states = part_states(out, split)
@@ -404,7 +405,7 @@ def merge_parts(out: str | Path, split: str, parts: int | None = None, rerun: st
     if stray:
         problems.append(f"part {stray[0]} is not a part of {total}")
     if problems:
-        if parts is None:
+        if wait:
             return None
         hint = rerun.format(parts=",".join(map(str, todo))) if rerun and todo else ""
         raise PartsIncompleteError(f"'{out}': {len(problems)} of {total} {split} parts are not done: "
