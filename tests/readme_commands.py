@@ -78,6 +78,11 @@ TABLE: list[Entry] = [
     Entry("make sweep ranks=16,64,256", "run", "outputs/sweeps/<time>/lora.rank=16|64|256 + summary"),
     Entry("make prepare data=grid_demo_multiview prepare.src=../shared/data/grid_demo_multiview "
           "prepare.out=outputs/shards/grid_demo", "run", "outputs/shards/grid_demo/manifest.json + shards"),
+    Entry("python -m gridgen.prepare -m data=grid_demo_multiview prepare.src=../shared/data/grid_demo_multiview "
+          "prepare.out=outputs/shards/grid_demo_parts prepare.parts=2 'prepare.part=range(0,2)'", "run",
+          "2 parts, then the manifest: the same samples as the one-process demo prepare",
+          needs=("make prepare data=grid_demo_multiview prepare.src=../shared/data/grid_demo_multiview "
+                 "prepare.out=outputs/shards/grid_demo",)),
     Entry(GENERATE_T2V, "run", "manifest.json, grid.png, frames.mp4"),
     Entry(GENERATE_4X8, "run", "a 4x8 grid"),
     Entry("make eval task=t2v eval.real=<real videos> eval.fake=<generated videos> [eval.out=<folder>]", "run",
@@ -111,6 +116,18 @@ TABLE: list[Entry] = [
     Entry("data=shards data.train_shards=[/data/a,/data/b] data.weights=[3,1]", "compose", "needs shards in /data",
           prefix="make train"),
     Entry("make cache data=webvid model=flux_dev", "compose", NO_FLUX_DEV + " and WebVid shards"),
+    Entry("python -m gridgen.prepare -m hydra/launcher=slurm hydra.launcher.partition=cpu data=webvid "
+          "prepare.src=/data/webvid/results_10M_train.csv prepare.out=/data/shards/webvid-4x4 prepare.workers=15 "
+          "prepare.parts=64 'prepare.part=range(0,64)'", "compose", "needs SLURM and the WebVid download"),
+    Entry("python -m gridgen.prepare data=webvid prepare.src=/data/webvid/results_10M_train.csv "
+          "prepare.out=/data/shards/webvid-4x4 prepare.parts=64 prepare.merge=true", "compose",
+          "needs the 64 parts of the line above"),
+    Entry("python -m gridgen.cache -m hydra/launcher=slurm hydra.launcher.nodes=4 hydra.launcher.partition=gpu "
+          "data=webvid model=flux_dev model.pretrained=/models/FLUX.1-dev", "compose",
+          NO_FLUX_DEV + ", SLURM and WebVid shards"),
+    Entry("torchrun --nproc-per-node 8 -m gridgen.cache data=webvid model=flux_dev "
+          "model.pretrained=/models/FLUX.1-dev", "skip", "needs 8 GPUs, FLUX.1-dev and WebVid shards (tests/test_cache.py "
+          "runs 2 CPU processes under torchrun)"),
     Entry("make train data=webvid model=flux_dev data.cached=true "
           "data.train_shards=outputs/cache/webvid-video-flux_dev", "compose", NO_FLUX_DEV + " and a WebVid cache"),
     Entry('python -m gridgen.generate model=flux_dev model.pretrained=/models/FLUX.1-dev task=i2v prompt="..." '

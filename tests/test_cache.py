@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,58 @@ def test_make_cache_command_line_and_its_training_advice(raw, tmp_path):
                          f"data.val_shards={tmp_path / 'cache'}"]
     metrics = train(make_cfg(tmp_path / "run", *overrides, "trainer.max_steps=1"))
     assert metrics["train/loss"] > 0
+
+
+# ---- several processes ----------------------------------------------------------------------------------
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_ranks_share_the_shards_and_make_the_same_cache(raw, pipe, tmp_path):
+    """2 ranks, each with its own shard list and no waiting on the other (here one after the other, the second
+    first): the same shards and cache.json as one process; the manifest is written by the rank that ends last."""
+    shards = {"train": resolve_shards(raw / "video", "train"), "val": resolve_shards(raw / "video", "val")}
+    single = cache_shards(pipe, shards, tmp_path / "one", TINY, batch_size=4)
+    dist = tmp_path / "two"
+    partial = cache_shards(pipe, shards, dist, TINY, batch_size=4, rank=1, world_size=2)
+    assert partial["status"] == "incomplete" and partial["missing"] == ["train-000000.tar", "val-000000.tar"]
+    assert sorted(_folder_bytes(dist)) == ["train-000001.tar"]  # rank 1's shard only
+    with pytest.raises(CacheMismatchError, match="is incomplete"):  # training refuses it meanwhile
+        verify_cache_folders([str(dist / "train-000001.tar")], TINY)
+    merged = cache_shards(pipe, shards, dist, TINY, batch_size=4, rank=0, world_size=2)
+    assert merged == single and merged["status"] == "complete"
+    assert _folder_bytes(dist) == _folder_bytes(tmp_path / "one")
+    assert json.loads((dist / CACHE_MANIFEST).read_text()) == json.loads((tmp_path / "one" / CACHE_MANIFEST).read_text())
+    # resumable per shard: a rank run again finds its shards written and the cache complete
+    before = {p.name: p.stat().st_mtime_ns for p in dist.glob("*.tar")}
+    assert cache_shards(pipe, shards, dist, TINY, batch_size=4, rank=1, world_size=2)["status"] == "complete"
+    assert {p.name: p.stat().st_mtime_ns for p in dist.glob("*.tar")} == before
+    with pytest.raises(ValueError, match=r"cache.rank must be one of 0..1 \(cache.world_size=2\), got 2"):
+        cache_shards(pipe, shards, dist, TINY, rank=2, world_size=2)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_equal_one(raw, tmp_path):
+    """`torchrun --nproc-per-node 2 -m gridgen.cache ...` (RANK/WORLD_SIZE from torchrun, CPU) == one process."""
+    import subprocess
+    import sys
+
+    args = ["data=sample", f"data.train_shards={raw}", "cache.batch_size=4", f"paths.root_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # one thread each: same float sums
+    subprocess.run([sys.executable, "-m", "gridgen.cache", *args, f"cache.out={tmp_path / 'one'}"], check=True,
+                   capture_output=True, cwd=tmp_path, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "gridgen.cache", *args, f"cache.out={tmp_path / 'two'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "(rank 0 of 2)" in output and "(rank 1 of 2)" in output  # two ranks, each loading its encoders
+    assert f"cache          {tmp_path / 'two'} (12 train, 4 val samples, 0 skipped)" in proc.stdout  # the last one
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _folder_bytes(two) == _folder_bytes(one) and len(_folder_bytes(one)) == 5  # 3 train + 2 val shards
+    manifests = [json.loads((f / CACHE_MANIFEST).read_text()) for f in (one, two)]
+    for m in manifests:
+        m.pop("command")  # the command line differs (cache.out)
+    assert manifests[0] == manifests[1] and manifests[0]["status"] == "complete"

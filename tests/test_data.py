@@ -313,11 +313,16 @@ def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path, caplog):
     _write(tmp_path / "train-000000.tar", good[:2] + [truncated] + good[2:] + [no_layout])
 
     dm = GridDataModule(tmp_path, val_shards=tmp_path, batch_size=2)
-    with caplog.at_level(logging.WARNING, logger="gridgen.data.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="gridgen.data"):
         batches = _epoch(dm.val_dataloader())
+        assert not caplog.records  # no line per broken sample
+        dm.log_skips()
     assert sorted(sum(_keys(batches), [])) == sorted(s["__key__"] for s in good)
     assert dm.num_skipped == 2
-    assert "skipped a broken sample" in caplog.text
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("data: skipped 2 broken samples: undecodable_member=1 (e.g. sample 'truncated-png': member "
+                           "'png' cannot be decoded"), line
+    assert "bad_layout=1 (e.g. sample 'no-layout': sample json has no 'rows'/'cols'" in line and line.endswith("2 in all")
 
     # training goes on too (the resampled stream meets the broken samples again and again)
     train = _epoch(dm.train_dataloader())

@@ -256,6 +256,35 @@ def test_skipped_samples_reach_the_lightning_logger(root, tmp_path):
     assert values[-1] <= dm.num_skipped and dm.num_skipped % 2 == 0  # both broken ones, every pass
 
 
+def test_skips_are_one_console_line_per_logging_interval(root, tmp_path, caplog):
+    """2 broken samples met again and again by the resampled stream: one line per log_every_n_steps with the counts
+    per reason, not one per skip; the lines add up to every skip."""
+    import logging
+    import re
+
+    good = [{k: v for k, v in s.items() if k in ("__key__", "png", "json", "txt")}
+            for s in wds.WebDataset(str(root / "video" / "train-000000.tar"), shardshuffle=False)]
+    broken = [dict(good[0], __key__="broken-png", png=b"\x89PNG no"), dict(good[1], __key__="no-layout", json=b"{}")]
+    with wds.TarWriter(str(tmp_path / "train-000000.tar"), mtime=0) as sink:
+        for sample in good[:2] + broken + good[2:]:
+            sink.write(sample)
+    dm = GridDataModule(tmp_path, batch_size=2, samples_per_epoch=12, shuffle_buffer=1)
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, log_every_n_steps=4,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.WARNING, logger="gridgen.data"):
+        trainer.fit(_TinyModule(), datamodule=dm)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("gridgen.data")]
+    assert dm.num_skipped >= 6 and 2 <= len(lines) <= 12 // 4 + 1  # steps 0, 4, 8 and the end of training
+    counted = {"undecodable_member": 0, "bad_layout": 0}
+    for line in lines:
+        assert re.fullmatch(r"data \((up to step \d+|end of training)\): skipped \d+ broken samples: .*; \d+ in all",
+                            line), line
+        for reason, n in re.findall(r"(\w+)=(\d+)", line):
+            counted[reason] += int(n)
+    assert counted["undecodable_member"] == counted["bad_layout"] == dm.num_skipped // 2  # every pass meets both
+    assert "(e.g. sample 'broken-png': member 'png' cannot be decoded" in lines[0]  # the first line of a reason
+
+
 # ---- epoch length from manifests --------------------------------------------------------------------------
 
 
@@ -338,3 +367,48 @@ def test_data_configs_stream_where_the_cards_prepare(tmp_path, monkeypatch):
                                                             "tiktok": prepare_out("tiktok")}
     monkeypatch.setenv("GRIDGEN_DATA", "/mnt/shards")
     assert make_cfg(tmp_path, "data=tiktok").data.train_shards == "/mnt/shards/tiktok-4x4"
+
+
+@pytest.mark.parametrize("decoder", ["pil", "simplejpeg"])
+def test_workers_decode_jpegs_into_shared_batches_with_the_same_pixels(root, tmp_path, decoder):
+    """1 worker, attached to a Trainer: channels-last uint8 batches decoded straight into shared memory (PIL, or
+    simplejpeg into the batch itself), a corrupt JPEG body skipped, pixels equal to the float pipeline's."""
+    import io
+
+    from PIL import Image
+
+    from gridgen.data.datamodule import pixels_to_float
+
+    pytest.importorskip(decoder if decoder != "pil" else "PIL")
+    samples = []
+    for s in wds.WebDataset(str(root / "video" / "val-000000.tar"), shardshuffle=False):
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(s["png"])).save(buffer, format="JPEG", quality=90)
+        samples.append({"__key__": s["__key__"], "jpg": buffer.getvalue(), "json": s["json"], "txt": s["txt"]})
+    broken = dict(samples[0], __key__="broken-jpg", jpg=samples[0]["jpg"][:600])  # header intact, body cut
+    with wds.TarWriter(str(tmp_path / "val-000000.tar"), mtime=0) as sink:
+        for sample in [samples[0], broken, *samples[1:]]:
+            sink.write(sample)
+    reference = {k: p for b in GridDataModule(tmp_path, val_shards=tmp_path, batch_size=2).val_dataset()
+                 for k, p in zip(b["__key__"], b["pixel_values"], strict=True)}
+    dm = GridDataModule(tmp_path, val_shards=tmp_path, batch_size=2, num_workers=1, image_decoder=decoder)
+    dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    batches = list(dm.val_dataloader())
+    keys = [k for b in batches for k in b["__key__"]]
+    assert keys == [s["__key__"] for s in samples] and dm.num_skipped == 1  # the broken one, nothing else
+    for batch in batches:
+        pixels = batch["pixel_values"]
+        assert pixels.dtype == torch.uint8 and pixels.shape[-1] == 3  # (B, H, W, 3) as decoded
+        converted = pixels_to_float(dict(batch))["pixel_values"]  # (B, 3, H, W) float, as on the device
+        for key, image in zip(batch["__key__"], converted, strict=True):
+            # the same libjpeg-turbo decode either way; 1/127.5 allows an IDCT rounding difference between builds
+            assert (image - reference[key]).abs().max() <= 1 / 127.5 + 1e-6, key
+
+
+def test_pin_memory_that_cannot_act_is_refused(root):
+    dm = GridDataModule(root / "video", batch_size=2, samples_per_epoch=4, pin_memory=True)
+    dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="data.pin_memory=true pins batches for copies to a CUDA device"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="data.image_decoder must be one of"):
+        GridDataModule(root / "video", image_decoder="turbo")

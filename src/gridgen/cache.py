@@ -7,6 +7,7 @@ Encodes every source of a data config once with the model's VAE and text encoder
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,33 @@ def cache_plan(data: DictConfig, out: Path, splits: list[str]) -> list[tuple[str
     return plan
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def rank_and_world(opts: DictConfig) -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` of this process among those sharing the cache's shards.
+
+    ``cache.rank`` + ``cache.world_size`` when set (a SLURM array through Hydra's submitit launcher:
+    ``-m cache.rank='range(0,8)' cache.world_size=8``); else torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+    else srun's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (one task per GPU); else one process.
+    """
+    rank, world = opts.get("rank"), opts.get("world_size")
+    if (rank is None) != (world is None):
+        raise ValueError(f"set cache.rank and cache.world_size together (got cache.rank={rank}, "
+                         f"cache.world_size={world}), e.g. -m cache.rank='range(0,8)' cache.world_size=8")
+    if rank is not None:
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"cache.world_size must be a positive integer, got {world!r}")
+        return int(rank), world, 0
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
 
 
 def cache(cfg: DictConfig) -> dict[str, Any]:
@@ -78,16 +102,22 @@ def cache(cfg: DictConfig) -> dict[str, Any]:
     out = Path(str(cfg.cache.out)).expanduser()
     plan = cache_plan(cfg.data, out, list(cfg.cache.splits))  # fails before loading the model if shards are missing
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    device = _device(str(cfg.cache.device))
-    log.info("loading the VAE and text encoders of %s on %s", model["pretrained"], device)
+    rank, world, local_rank = rank_and_world(cfg.cache)
+    if not 0 <= rank < world:
+        raise ValueError(f"cache.rank must be one of 0..{world - 1} (cache.world_size={world}), got {rank}")
+    device = _device(str(cfg.cache.device), local_rank)
+    log.info("loading the VAE and text encoders of %s on %s%s", model["pretrained"], device,
+             f" (rank {rank} of {world})" if world > 1 else "")
     pipe = load_encoders(model, device)
-    manifests = {}
+    manifests, first_task = {}, 0
     for name, folder, shards in plan:
         manifests[name] = cache_shards(
             pipe, shards, folder, model, batch_size=int(cfg.cache.batch_size),
             image_key=cfg.data.get("image_key", "png;jpg;jpeg"), caption_key=cfg.data.get("caption_key", "txt"),
             overwrite=bool(cfg.cache.overwrite), data_name=data_name, command=command,
+            rank=rank, world_size=world, first_task=first_task,
         )
+        first_task += sum(len(urls) for urls in shards.values())  # shards are dealt to ranks across folders
     # the training overrides that use this cache
     if not cfg.data.get("sources") and cfg.data.get("weights") is None:
         (_, folder, shards), = plan
@@ -100,7 +130,11 @@ def cache(cfg: DictConfig) -> dict[str, Any]:
     for name, folder, _ in plan:
         manifest = manifests[name]
         counts = ", ".join(f"{n} {split}" for split, n in manifest["counts"].items())
-        lines.append(f"cache          {folder} ({counts} samples, {manifest['skipped']} skipped)")
+        if manifest["status"] == "complete":
+            lines.append(f"cache          {folder} ({counts} samples, {manifest['skipped']} skipped)")
+        else:
+            lines.append(f"cache          {folder}: rank {rank} of {world} done; {len(manifest['missing'])} shards "
+                         "of other ranks to go (the rank that finishes last writes cache.json)")
     lines.append(f"train with     make train data={data_name} model={cfg.model.name} data.cached=true " + " ".join(use))
     print("\n".join(lines), flush=True)  # the entry point's answer to the user
     return manifests

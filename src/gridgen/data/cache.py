@@ -115,9 +115,7 @@ def encode_for_cache(pipe: FluxPipeline, samples: list[dict[str, Any]], max_sequ
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f".{CACHE_MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, folder / CACHE_MANIFEST)
+    _write_json(folder / CACHE_MANIFEST, manifest)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
@@ -129,6 +127,27 @@ def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+RECORDS = ".cache-shards"  # <shard name>.json: one record per finished shard, written by the rank that made it
+
+
+def _record_path(out: Path, name: str) -> Path:
+    return out / RECORDS / f"{name}.json"
+
+
+def _read_record(out: Path, name: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(_record_path(out, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def shard_names(shards: Mapping[str, list[str]]) -> list[tuple[str, str, str]]:
+    """``[(split, cache shard name, source url)]`` in a fixed order: the cache's shards map one to one to these."""
+    return [(split, f"{split}-{index:06d}.tar", url) for split, urls in shards.items()
+            for index, url in enumerate(urls)]
 
 
 def cache_shards(
@@ -143,16 +162,28 @@ def cache_shards(
     overwrite: bool = False,
     data_name: str = "<name>",
     command: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    first_task: int = 0,
 ) -> dict[str, Any]:
     """Encode ``shards`` (``{split: [url, ...]}``) into ``out/{split}-{i:06d}.tar`` plus ``out/cache.json``.
 
-    Resumable: shards already written (atomically, via a temp file) are kept when the fingerprint matches, so an
-    interrupted run continues where it stopped. Broken source samples are skipped and counted per shard. A
-    folder holding a cache for another model is refused unless ``overwrite``. Returns the manifest.
+    Resumable: a shard is written atomically (via a temp file) with a record of what it was made from
+    (``.cache-shards/<name>.json``); a shard with its record for the same source and model is kept, so an
+    interrupted run continues where it stopped. Broken source samples are skipped and counted per shard. A folder
+    holding a cache for another model is refused unless ``overwrite``.
+
+    Several processes (``world_size``, one ``rank`` each: GPUs of a node, nodes, SLURM array tasks) share the work
+    without talking to each other: shard ``j`` of the folder (counting from ``first_task`` across folders) is made
+    by rank ``j % world_size``, each rank writes only its shards and their records, and whichever rank finds every
+    shard recorded when it finishes writes the complete ``cache.json``. Returns the manifest (``status``
+    ``incomplete`` while other ranks' shards are missing).
     """
     import safetensors.torch
     import webdataset as wds
 
+    if not 0 <= rank < world_size:
+        raise ValueError(f"cache.rank must be one of 0..{world_size - 1} (cache.world_size={world_size}), got {rank}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = cache_fingerprint(model)
@@ -169,11 +200,17 @@ def cache_shards(
             raise CacheMismatchError(f"{problem or f'cache.out {out} holds another cache'} "
                                      "(or set cache.out=<another folder>, or cache.overwrite=true to replace it)")
         old = None
-    if old is None or overwrite:
+    tasks = shard_names(shards)
+    mine = [task for j, task in enumerate(tasks) if (first_task + j) % world_size == rank]
+    if overwrite or old is None:
+        # shards not ours to keep: another model's (overwrite), or names this plan does not have; every rank
+        # clears only its own shards, and rank 0 the names no rank writes, so no rank deletes another's work
+        expected = {name for _, name, _ in tasks}
         for stale in out.glob("*.tar"):
-            stale.unlink()
-        old = None
-    manifest: dict[str, Any] = {
+            if (overwrite and stale.name in {name for _, name, _ in mine}) or (rank == 0 and stale.name not in expected):
+                stale.unlink()
+                _record_path(out, stale.name).unlink(missing_ok=True)
+    header: dict[str, Any] = {
         "format": CACHE_FORMAT, "status": "incomplete", "fingerprint": fingerprint,
         "model": model.get("name"), "data": data_name, "dtype": str(model.get("dtype", "float32")),
         "command": command or REBUILD.format(data=data_name, model=model.get("name")),
@@ -183,54 +220,80 @@ def cache_shards(
             "pooled_prompt_embeds": "(D,) CLIP pooled embedding",
             "text_mask": "(L,) uint8 T5 attention mask"},
             "json": "source json + cell size + gridgen_cache {fingerprint, hash}", "txt": "caption"},
-        "layouts": dict((old or {}).get("layouts", {})),
-        "shards": dict((old or {}).get("shards", {})),
     }
-    _write_manifest(out, manifest)
+    # incomplete from the start, so that training on an unfinished cache says what to do; the rank that finishes
+    # last writes the complete one (finish_cache)
+    _write_manifest(out, {**header, "layouts": (old or {}).get("layouts", {}), "shards": (old or {}).get("shards", {})})
     info = {**fingerprint, "name": model.get("name"), "data": data_name}
     max_len = fingerprint["max_sequence_length"]
-    for split, urls in shards.items():
-        for index, url in enumerate(urls):
-            name = f"{split}-{index:06d}.tar"
-            target = out / name
-            done = manifest["shards"].get(name)
-            if target.is_file() and done and done.get("source") == url:
-                log.info("cache: %s already written (%d samples), skipped", name, done["samples"])
-                continue
-            skips = SkipCounter()
-            started, written = time.perf_counter(), 0
-            samples = wds.DataPipeline(
-                wds.SimpleShardList([url]),
-                wds.tarfile_to_samples(handler=skips),
-                wds.map(SafeDecoder([*image_key.split(";"), "json", caption_key], skips), handler=skips),
-                wds.map(ToSample(image_key, caption_key, cached=False, skips=skips, keep_meta=True), handler=skips),
-            )
-            tmp = out / f".{name}.tmp"
-            with wds.TarWriter(str(tmp), mtime=0) as sink:
-                for chunk in _chunks(samples, batch_size):
-                    for sample, tensors in zip(chunk, encode_for_cache(pipe, chunk, max_len), strict=True):
-                        layout: GridLayout = sample["layout"]
-                        meta = {**sample["meta"], "cell_height": layout.cell_height, "cell_width": layout.cell_width,
-                                "gridgen_cache": {**info, "hash": layout_hash(fingerprint, layout)}}
-                        manifest["layouts"][f"{layout.name}@{layout.height}x{layout.width}"] = layout_hash(
-                            fingerprint, layout)
-                        sink.write({"__key__": sample["__key__"],  # paired by key, never by position
-                                    CACHE_MEMBER: safetensors.torch.save(tensors),
-                                    "json": json.dumps(meta, sort_keys=True).encode(),
-                                    "txt": sample["caption"].encode()})
-                        written += 1
-            os.replace(tmp, target)
-            seconds = time.perf_counter() - started
-            manifest["shards"][name] = {"source": url, "split": split, "samples": written, "skipped": skips.count}
-            _write_manifest(out, manifest)
-            log.info("cache: %s <- %s: %d samples, %d skipped, %.1f samples/s", name, url, written, skips.count,
-                     written / max(seconds, 1e-9))
-    expected = {f"{split}-{i:06d}.tar" for split, urls in shards.items() for i in range(len(urls))}
-    manifest["shards"] = {k: v for k, v in manifest["shards"].items() if k in expected}
-    manifest["counts"] = {split: sum(v["samples"] for v in manifest["shards"].values() if v["split"] == split)
+    for split, name, url in mine:
+        target = out / name
+        done = _read_record(out, name) or (old or {}).get("shards", {}).get(name)  # older caches: their manifest
+        if target.is_file() and done and done.get("source") == url and done.get("fingerprint", fingerprint) == fingerprint:
+            log.info("cache: %s already written (%d samples), skipped", name, done["samples"])
+            continue
+        skips = SkipCounter()
+        started, written, layouts = time.perf_counter(), 0, {}
+        samples = wds.DataPipeline(
+            wds.SimpleShardList([url]),
+            wds.tarfile_to_samples(handler=skips),
+            wds.map(SafeDecoder([*image_key.split(";"), "json", caption_key], skips), handler=skips),
+            wds.map(ToSample(image_key, caption_key, cached=False, skips=skips, keep_meta=True), handler=skips),
+        )
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        with wds.TarWriter(str(tmp), mtime=0) as sink:
+            for chunk in _chunks(samples, batch_size):
+                for sample, tensors in zip(chunk, encode_for_cache(pipe, chunk, max_len), strict=True):
+                    layout: GridLayout = sample["layout"]
+                    meta = {**sample["meta"], "cell_height": layout.cell_height, "cell_width": layout.cell_width,
+                            "gridgen_cache": {**info, "hash": layout_hash(fingerprint, layout)}}
+                    layouts[f"{layout.name}@{layout.height}x{layout.width}"] = layout_hash(fingerprint, layout)
+                    sink.write({"__key__": sample["__key__"],  # paired by key, never by position
+                                CACHE_MEMBER: safetensors.torch.save(tensors),
+                                "json": json.dumps(meta, sort_keys=True).encode(),
+                                "txt": sample["caption"].encode()})
+                    written += 1
+        os.replace(tmp, target)
+        record = {"source": url, "split": split, "samples": written, "skipped": skips.count, "layouts": layouts,
+                  "fingerprint": fingerprint}
+        _record_path(out, name).parent.mkdir(exist_ok=True)
+        _write_json(_record_path(out, name), record)
+        seconds = time.perf_counter() - started
+        log.info("cache: %s <- %s: %d samples, %d skipped, %.1f samples/s", name, url, written, skips.count,
+                 written / max(seconds, 1e-9))
+    return finish_cache(out, shards, header, old)
+
+
+def finish_cache(out: Path, shards: Mapping[str, list[str]], header: dict[str, Any],
+                 old: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of ``out`` from the records of its shards: ``complete`` (and written) once every shard of
+    ``shards`` is there with its record for the same source and model, else ``incomplete`` (not written: the
+    rank that finishes last writes it)."""
+    entries, layouts, missing = {}, {}, []
+    for split, name, url in shard_names(shards):
+        record = _read_record(out, name) or (old or {}).get("shards", {}).get(name)
+        if not (out / name).is_file() or not record or record.get("source") != url or \
+                record.get("fingerprint", header["fingerprint"]) != header["fingerprint"]:
+            missing.append(name)
+            continue
+        entries[name] = {"source": url, "split": split, "samples": record["samples"], "skipped": record["skipped"]}
+        layouts.update(record.get("layouts", {}))
+    layouts.update({k: v for k, v in (old or {}).get("layouts", {}).items() if k not in layouts})
+    manifest = {**header, "layouts": dict(sorted(layouts.items())), "shards": entries}
+    manifest["counts"] = {split: sum(v["samples"] for v in entries.values() if v["split"] == split)
                           for split in shards}
-    manifest["skipped"] = sum(v["skipped"] for v in manifest["shards"].values())
+    manifest["skipped"] = sum(v["skipped"] for v in entries.values())
+    if missing:
+        manifest["missing"] = missing
+        log.info("cache: %s has %d of %d shards; cache.json is written by the rank that finishes last", out,
+                 len(entries), len(entries) + len(missing))
+        return manifest
     manifest["status"] = "complete"
     _write_manifest(out, manifest)
     return manifest
 
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -33,13 +33,16 @@ import webdataset as wds
 
 from gridgen.data.cache_format import CacheMismatchError, verify_cache_folders
 from gridgen.data.decoding import (
+    SKIP_REASONS,
     SafeDecoder,
     SkipCounter,
     ToSample,
     batched_by_layout,
+    check_image_decoder,
     collate_grid_samples,
     layout_from_meta,
     pixels_to_float,
+    skip_summary,
     unit_range,
 )
 from gridgen.data.mixing import SeededRandomMix, SkipFirst, Source, parse_sources, resume_position
@@ -96,6 +99,10 @@ class GridDataModule(L.LightningDataModule):
         cache_model: with ``cached``, the model the cache must have been built for (``name``, ``pretrained``,
             ``revision``, ``variant``, ``max_sequence_length``); ``None``: no check.
         allow_pipe: allow ``pipe:`` shard specs (they run a shell command); off by default.
+        image_decoder: ``pil`` (default) or ``simplejpeg`` (libjpeg-turbo, JPEG members only, decodes straight into
+            the batch; ``pip install simplejpeg``): same pixels, faster (bench/RESULTS.md, data).
+        pin_memory: page-locked batches for asynchronous copies to a CUDA device; ``"auto"``: when the Trainer runs
+            on CUDA (``True`` without CUDA is refused: it would do nothing).
         sample_data_root: folder under which :meth:`prepare_data` builds the embedded sample data
             (:func:`~gridgen.data.sample.ensure_sample_shards`) when the configured shards do not exist yet;
             ``None``: never build anything.
@@ -118,6 +125,8 @@ class GridDataModule(L.LightningDataModule):
         cache_model: Mapping[str, Any] | None = None,
         allow_pipe: bool = False,
         sample_data_root: str | None = None,
+        pin_memory: bool | str = "auto",
+        image_decoder: str = "pil",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -137,6 +146,11 @@ class GridDataModule(L.LightningDataModule):
         self.cache_model = dict(cache_model) if cached and cache_model is not None else None
         self.allow_pipe = bool(allow_pipe)
         self.sample_data_root = sample_data_root
+        if pin_memory not in (True, False, "auto"):
+            raise ValueError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
+        self.pin_memory = pin_memory
+        check_image_decoder(image_decoder)
+        self.image_decoder = image_decoder
         self.skips = SkipCounter()
         self._source_config = (train_shards, sources, weights)
         self._sources: list[Source] | None = None
@@ -145,6 +159,7 @@ class GridDataModule(L.LightningDataModule):
         self.val_urls: list[str] | None = None
         self.batches_per_epoch: int | None = None
         self._skips_logged_at = -1
+        self._skips_reported = [0.0] * len(SKIP_REASONS + ("ignored",))
 
     @property
     def sources(self) -> list[Source]:
@@ -270,6 +285,13 @@ class GridDataModule(L.LightningDataModule):
         raise ShardError(f"shard '{path}': none of its first {len(errors)} samples can be trained on; sample "
                          f"{sample_key!r}: {_one_line(exn)}; {fix}, or remove it from data.{key}") from exn
 
+    def _pinned(self) -> bool:
+        on_cuda = isinstance(self.trainer, L.Trainer) and self.trainer.strategy.root_device.type == "cuda"
+        if self.pin_memory is True and not on_cuda:
+            raise ValueError("data.pin_memory=true pins batches for copies to a CUDA device, and this run has none; "
+                             "use data.pin_memory=auto")
+        return bool(self.pin_memory) and on_cuda
+
     def _on_device_float(self) -> bool:
         """Under a Trainer, uint8 pixels travel to the device and become float there (``on_after_batch_transfer``)."""
         return isinstance(self.trainer, L.Trainer)
@@ -278,22 +300,43 @@ class GridDataModule(L.LightningDataModule):
         return loader if self._on_device_float() else loader.map(pixels_to_float)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 pixels -> float [-1, 1] on the device; ``data/skipped`` to the loggers every ``log_every_n_steps``."""
+        """uint8 pixels -> float [-1, 1] on the device; every ``log_every_n_steps``, the skips since the last time
+        as one console line per interval (counts per reason, summed over ranks) and ``data/skipped`` to the
+        loggers."""
         batch = pixels_to_float(batch) if isinstance(batch, dict) else batch
         trainer = self.trainer
-        if trainer is None or not trainer.training or not trainer.loggers:
+        if trainer is None or not trainer.training:
             return batch
         step = trainer.global_step
         if step % max(1, trainer.log_every_n_steps) or step == self._skips_logged_at:
             return batch
         self._skips_logged_at = step
         # every rank gets here at the same step (with_epoch keeps them in lockstep), so the sum cannot hang
-        counts = torch.tensor([float(self.num_skipped), float(self.num_ignored)], device=trainer.strategy.root_device)
-        skipped, ignored = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        local = torch.tensor(self.skips.counts(), dtype=torch.float64, device=trainer.strategy.root_device)
+        total = trainer.strategy.reduce(local, reduce_op="sum").tolist()
         if trainer.is_global_zero:
+            self.log_skips(total, where=f"up to step {step}")
             for logger in trainer.loggers:
-                logger.log_metrics({"data/skipped": skipped, "data/ignored_members": ignored}, step=step)
+                logger.log_metrics({"data/skipped": sum(total[:-1]), "data/ignored_members": total[-1]}, step=step)
         return batch
+
+    def log_skips(self, total: Sequence[float] | None = None, where: str = "") -> None:
+        """Log, as one warning line, the samples skipped (per reason) and members dropped since the last call.
+
+        ``total``: the counts to report (:meth:`SkipCounter.counts`, e.g. summed over ranks); default this
+        process's and its workers'. A Trainer calls this every ``log_every_n_steps``; a loader used on its own can
+        call it whenever it wants a report."""
+        total = list(self.skips.counts() if total is None else total)
+        new = [now - before for now, before in zip(total, self._skips_reported, strict=True)]
+        if any(new):
+            self._skips_reported = total
+            log.warning("data%s: %s", f" ({where})" if where else "", skip_summary(new, total, self.skips.example))
+
+    def teardown(self, stage: str) -> None:
+        """The skips after the last periodic line, on one process (several ranks would need a collective here,
+        where a failed rank may never arrive; their last periodic line stands)."""
+        if self.trainer is not None and stage == "fit" and self.trainer.world_size == 1:
+            self.log_skips(where="end of training")
 
     def train_dataloader(self) -> SkipFirst:
         """Endless resampled (mixed) stream cut into epochs of a fixed number of batches per process."""
@@ -316,6 +359,7 @@ class GridDataModule(L.LightningDataModule):
             # persistent workers keep their ResampledShards epoch counter: a fresh copy per epoch would
             # replay the same shards every epoch
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._pinned(),
         )
         log.info(
             "train: %s; %d samples/epoch -> %d batches of %d per process (world size %d)",
@@ -351,6 +395,7 @@ class GridDataModule(L.LightningDataModule):
             # workers beyond the shard count would sit idle
             num_workers=min(self.num_workers, len(self.val_urls)),
             persistent_workers=min(self.num_workers, len(self.val_urls)) > 0,
+            pin_memory=self._pinned(),
         ))
 
     # ---- pipelines --------------------------------------------------------------------------------
@@ -360,12 +405,15 @@ class GridDataModule(L.LightningDataModule):
 
     def _decode_and_batch(self, partial: bool, float_pixels: bool = True) -> list[Any]:
         """The stages shared by training and validation: decode safely, build samples, batch by layout."""
+        # uint8 batches leave the workers channels-last as decoded; the device permutes them (pixels_to_float)
+        channels_last = not float_pixels
         to_sample = ToSample(self.image_key, self.caption_key, self.cached, self.skips, self.cache_model,
-                             float_pixels=float_pixels)
+                             float_pixels=float_pixels, channels_last=channels_last)
         return [
-            wds.map(SafeDecoder(self._kept_members(), self.skips), handler=self.skips),
+            wds.map(SafeDecoder(self._kept_members(), self.skips, channels_last=channels_last,
+                                image_decoder=self.image_decoder), handler=self.skips),
             wds.map(to_sample, handler=self.skips),
-            batched_by_layout(self.batch_size, partial=partial),
+            batched_by_layout(self.batch_size, partial=partial, handler=self.skips),
         ]
 
     def _source_stream(self, index: int, urls: list[str]) -> wds.DataPipeline:
