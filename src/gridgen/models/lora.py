@@ -324,21 +324,9 @@ def find_lora(path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"lora '{path}' is not a LoRA file, a .ckpt or a training run folder (looked for {LORA_FILE}, "
+        f"LoRA '{path}' is not a LoRA file, a .ckpt or a training run folder (looked for {LORA_FILE}, "
         f"lora/{LORA_FILE}, checkpoints/last.ckpt); point it at a run folder under outputs/runs/"
     )
-
-
-def _lora_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"LoRA file '{path}' does not exist; point to a pytorch_lora_weights.safetensors written by "
-            "gridgen (runs write it under <run>/lora/)"
-        )
-    return path
 
 
 def _unreadable(path: Path, err: Exception) -> LoraFileError:
@@ -349,7 +337,7 @@ def _unreadable(path: Path, err: Exception) -> LoraFileError:
 
 def read_lora_header(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata of a LoRA file (or its folder), without reading the tensors."""
-    path = _lora_path(path)
+    path = find_lora(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -442,7 +430,7 @@ def _lora_from_checkpoint(path: Path) -> LoraWeights:
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A gridgen/diffusers LoRA file (or a folder holding one) -> (peft state dict, header metadata)."""
-    lora = load_lora(_lora_path(path))
+    lora = load_lora(path)
     return lora.state, lora.metadata
 
 
@@ -493,7 +481,7 @@ def load_lora_weights_into(transformer: torch.nn.Module, path: str | Path) -> di
     Rank, targets, keys and shapes must match the adapter that ``lora.*`` built; each mismatch is one line that
     names both sides and the setting to change. Returns the file's metadata.
     """
-    lora = load_lora(_lora_path(path))
+    lora = load_lora(path)
     check_lora_fits(lora.state, lora_state_dict(transformer), f"init LoRA '{path}'", _model_name(transformer),
                     settings=True)
     set_peft_model_state_dict(transformer, lora.state)
