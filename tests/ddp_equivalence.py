@@ -21,8 +21,8 @@ from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.data.datamodule import GridDataModule, collate_grid_samples
 from gridgen.data.sample import ensure_sample_shards
 from gridgen.layout import GridLayout
-from gridgen.models.lora import save_lora
-from gridgen.training.callbacks import AlphaSchedule, full_lora_state_dict
+from gridgen.models.lora import lora_state_dict, save_lora
+from gridgen.training.callbacks import AlphaSchedule
 from gridgen.training.module import GridModule
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     assert trainer.world_size == devices
     torch.manual_seed(0)
     trainer.fit(module, train_dataloaders=loader)
-    state = full_lora_state_dict(module.transformer)  # every rank: gathers FSDP2 shards
+    state = lora_state_dict(module.transformer)  # every rank: gathers FSDP2 shards
     if trainer.is_global_zero:
         save_lora(out, module.transformer, state_dict=state)
 

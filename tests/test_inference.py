@@ -23,7 +23,6 @@ from gridgen.generate import generate
 from gridgen.inference import (
     GridSampler,
     TaskSpec,
-    apply_lora,
     cameras_document,
     export_sample,
     flux_schedule,
@@ -41,7 +40,7 @@ from gridgen.inference.export import grid_frames
 from gridgen.inference.sampler import noised
 from gridgen.layout import GridLayout
 from gridgen.models.loading import load_flux_pipeline
-from gridgen.models.lora import LoraFileError, attach_lora, build_lora_config, save_lora
+from gridgen.models.lora import LoraFileError, apply_lora, attach_lora, build_lora_config, save_lora
 from gridgen.models.tiny import TINY_FLUX_CONFIG, ensure_tiny_flux
 
 MAX_SEQ = 32  # conf/model/flux_tiny.yaml

@@ -16,10 +16,13 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 from hydra import compose, initialize_config_dir
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from gridgen.config import CONF_DIR
 from gridgen.generate import generate
+from gridgen.models.builder import FrozenLora, TrainableLora, build_flux
 from gridgen.models.lora import (
     KOHYA_LORA_FILE,
     LORA_FILE,
@@ -28,6 +31,7 @@ from gridgen.models.lora import (
     attach_lora,
     build_lora_config,
     kohya_state_dict,
+    load_lora,
     load_lora_weights_into,
     lora_state_dict,
     read_lora_header,
@@ -194,6 +198,49 @@ def test_crash_while_writing_keeps_the_previous_export(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="disk full"):
             save_lora(tmp_path, tiny_lora(seed=2), formats=[fmt])
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no partial or temporary file
+
+
+# ---- one reader, one save, one builder ---------------------------------------------------------------------------
+def test_save_lora_any_name_and_load_lora_reads_file_and_checkpoint_alike(tmp_path):
+    source = tiny_lora(rank=4, seed=3)
+    written = save_lora(tmp_path, source, {"gridgen_stage": "coarse"}, name="custom_name.safetensors")
+    assert written == tmp_path / "custom_name.safetensors" and [p.name for p in tmp_path.iterdir()] == [written.name]
+    expected = lora_state_dict(source)
+    from_file = load_lora(written)
+    assert (from_file.config.r, from_file.config.lora_alpha, from_file.metadata["gridgen_stage"]) == (4, 4, "coarse")
+    assert from_file.state.keys() == expected.keys() and all(torch.equal(from_file.state[k], expected[k]) for k in expected)
+    # a checkpoint as GridModule writes it: LoRA parameters under "transformer.", hyper-parameters as plain containers
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"transformer.{n}": p.detach() for n, p in source.named_parameters() if ".lora_" in n},
+                "hyper_parameters": {"lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "init": "gaussian",
+                                              "target_modules": ["attn.to_q", "attn.to_k"]}, "model": {"name": "tiny"}},
+                "global_step": 7}, ckpt)
+    from_ckpt = load_lora(tmp_path / "run")  # a run folder without a lora/ export -> its last checkpoint
+    assert from_ckpt.path == ckpt and from_ckpt.config.r == 4
+    assert from_ckpt.metadata == {"gridgen_model": "tiny", "gridgen_step": "7"}
+    assert from_ckpt.state.keys() == expected.keys() and all(torch.equal(from_ckpt.state[k], expected[k]) for k in expected)
+
+
+def test_build_flux_applies_a_saved_lora_as_generation_and_starts_training_from_it(tmp_path):
+    source = tiny_lora(seed=4)
+    save_lora(tmp_path, source)
+    cfg = {"pretrained": "embedded:tiny"}
+    pipe, built = build_flux(cfg, lora=FrozenLora(tmp_path, 0.5), load_encoders=False)
+    assert pipe.vae is None and built.lora["scale"] == 0.5 and built.lora["rank"] == 4 and built.num_trainable == 0
+    by_hand = tiny_pipe().transformer
+    by_hand.add_adapter(build_lora_config(4, 4, 0.0, "gaussian", ["attn.to_q", "attn.to_k"]))
+    set_peft_model_state_dict(by_hand, lora_state_dict(source))
+    for module in by_hand.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", 0.5)
+    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(by_hand.eval()), rtol=0, atol=0)
+
+    config = build_lora_config(4, 4, 0.0, "gaussian", ["attn.to_q", "attn.to_k"])
+    pipe, built = build_flux(cfg, lora=TrainableLora(config, seed=0, init=tmp_path), load_encoders=False)
+    trained, saved = lora_state_dict(pipe.transformer), lora_state_dict(source)
+    assert built.num_trainable == sum(v.numel() for v in saved.values()) and pipe.transformer.training
+    assert trained.keys() == saved.keys() and all(torch.equal(trained[k], saved[k]) for k in saved)
 
 
 # ---- corrupt or foreign files -------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ from gridgen.inference.export import (
 from gridgen.inference.sampler import (
     GridSampler,
     TextConditioning,
-    apply_lora,
-    check_lora_source,
     flux_schedule,
     initial_noise,
     sample_grid,
@@ -36,8 +34,6 @@ __all__ = [
     "SampleRequest",
     "TaskSpec",
     "TextConditioning",
-    "apply_lora",
-    "check_lora_source",
     "cameras_document",
     "export_sample",
     "flux_schedule",

@@ -21,7 +21,7 @@ import gridgen
 from gridgen.config import task_table, tasks_with
 from gridgen.inference.budget import ALLOW_KEY, measure_grid_cost, oversize, refusal
 from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
-from gridgen.inference.sampler import MASK_MODES, GridSampler, apply_lora, check_lora_source, check_strength
+from gridgen.inference.sampler import MASK_MODES, GridSampler, check_strength
 from gridgen.inference.tasks import (
     SampleRequest,
     TaskSpec,
@@ -31,9 +31,9 @@ from gridgen.inference.tasks import (
     reference_frames,
     resolve_layout,
 )
-from gridgen.models.attention import apply_attention_backend
-from gridgen.models.loading import load_flux_pipeline, parse_dtype, resolve_pretrained
-from gridgen.models.quantization import check_compile
+from gridgen.models.builder import FrozenLora, build_flux
+from gridgen.models.loading import parse_dtype
+from gridgen.models.lora import check_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
         raise ValueError(f"lora= takes the LoRA file or run folder itself, got {_plain(cfg.lora)!r}; its scale is "
                          "lora_scale=")
     if cfg.lora:
-        check_lora_source(cfg.lora)  # a missing, corrupt or foreign file fails here, before weights load
+        check_lora_file(cfg.lora)  # a missing, corrupt or foreign file fails here, before weights load
     return spec, T
 
 
@@ -107,19 +107,12 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
     device, dtype = resolve_device(gen.device), parse_dtype(gen.dtype)
     load_started = time.perf_counter()
-    if cfg.model.get("compile"):
-        check_compile(cfg.model.get("quantization"))
-    pipe = load_flux_pipeline(resolve_pretrained(cfg.model.pretrained), dtype=dtype, device=device,
-                              revision=cfg.model.get("revision"), variant=cfg.model.get("variant"),
-                              quantization=cfg.model.get("quantization"),
-                              quantize_text_encoder=bool(cfg.model.get("quantize_text_encoder", False)))
+    pipe, built = build_flux(cfg.model, lora=FrozenLora(cfg.lora, float(cfg.lora_scale)) if cfg.lora else None,
+                             device=device, dtype=dtype, attention_device=device.type)
     pipe.set_progress_bar_config(disable=True)
-    lora = apply_lora(pipe.transformer, cfg.lora, float(cfg.lora_scale)) if cfg.lora else None
+    lora, attention = built.lora, built.attention
     if lora and (mismatch := lora_task_mismatch(lora.get("gridgen_task"), spec)):
         log.warning(mismatch)
-    attention = apply_attention_backend(cfg.model.get("attention_backend"), device.type, pipe.transformer)
-    if cfg.model.get("compile"):  # regional compilation of the repeated blocks, LoRA inside (as in training)
-        pipe.transformer.compile_repeated_blocks(**dict(cfg.model.get("compile_options") or {}))
     sampler = GridSampler(pipe, int(gen.max_sequence_length))
     if reasons := oversize(layout, gen.large):
         if not gen.allow_large:  # refused before anything is written, with what it would cost

@@ -16,13 +16,10 @@ T < 1 keeps FLUX's schedule shape: ``steps`` points equally spaced in unshifted 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -195,8 +192,8 @@ def sample_grid(
 class GridSampler:
     """A loaded FLUX pipeline's parts with grid-level encode / sample / decode.
 
-    ``pipe`` is a diffusers ``FluxPipeline`` (``gridgen.models.load_flux_pipeline``); its transformer may carry
-    a LoRA (:func:`apply_lora`).
+    ``pipe`` is a diffusers ``FluxPipeline`` (``gridgen.models.builder.build_flux``); its transformer may carry
+    a LoRA.
     """
 
     def __init__(self, pipe: FluxPipeline, max_sequence_length: int = 512) -> None:
@@ -233,137 +230,3 @@ class GridSampler:
             keep = keep.to(device=self.device)
         return sample_grid(self.pipe.transformer, self.pipe.scheduler, layout, text, noise, init=init, keep=keep,
                            **kwargs)
-
-
-# ---- LoRA at inference -------------------------------------------------------------------------------
-def resolve_lora_source(path: str | Path) -> Path:
-    """A LoRA file, a ``.ckpt``, a training run folder (``lora/`` export, else ``checkpoints/last.ckpt``) -> a file."""
-    from gridgen.models.lora import LORA_FILE
-
-    source = Path(str(path)).expanduser()
-    candidates = [source] if source.is_file() else [
-        source / LORA_FILE, source / "lora" / LORA_FILE, source / "checkpoints" / "last.ckpt"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"lora '{path}' is not a LoRA file, a .ckpt or a training run folder (looked for {LORA_FILE}, "
-        f"lora/{LORA_FILE}, checkpoints/last.ckpt); point lora= at a run folder under outputs/runs/"
-    )
-
-
-def check_lora_source(path: str | Path) -> Path:
-    """:func:`resolve_lora_source`, then a cheap look at the file (safetensors header or checkpoint zip), so that a
-    corrupt or foreign LoRA stops with one line before any model loads."""
-    from gridgen.models.lora import check_lora_file
-
-    source = resolve_lora_source(path)
-    if source.suffix == ".ckpt":
-        _check_checkpoint_zip(source)
-    else:
-        check_lora_file(source)
-    return source
-
-
-def _check_checkpoint_zip(path: Path) -> None:
-    from gridgen.models.lora import LoraFileError
-
-    # torch.save writes zip archives; anything else would go to the legacy pickle reader, which we never use
-    if not zipfile.is_zipfile(path):
-        raise LoraFileError(f"checkpoint '{path}' is not a PyTorch zip checkpoint; expected a gridgen training "
-                            "checkpoint such as <run>/checkpoints/last.ckpt, or a LoRA .safetensors file")
-
-
-def _lora_from_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, str]]:
-    from gridgen.models.lora import LoraFileError, build_lora_config
-
-    _check_checkpoint_zip(path)
-    expected = "expected a gridgen training checkpoint such as <run>/checkpoints/last.ckpt"
-    try:  # tensors and plain containers only: a checkpoint from elsewhere is never unpickled
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign archives; all mean "not ours"
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LoraFileError(f"checkpoint '{path}' cannot be read as tensors only ({type(err).__name__}: {reason}); "
-                            f"{expected}") from err
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    lora = hparams.get("lora") if isinstance(hparams, dict) else None
-    keys = ("rank", "alpha", "dropout", "init", "target_modules")
-    if not isinstance(lora, dict) or not all(k in lora for k in keys) or not isinstance(ckpt.get("state_dict"), dict):
-        raise LoraFileError(f"checkpoint '{path}' was not written by gridgen training (no LoRA hyper-parameters); "
-                            f"{expected}")
-    config = build_lora_config(**{k: lora[k] for k in keys})
-    # "transformer.<module>.lora_A.default.weight" -> peft's "<module>.lora_A.weight"
-    state = {k.removeprefix("transformer.").replace(".default.", "."): v for k, v in ckpt["state_dict"].items()
-             if ".lora_" in k}
-    info = {"gridgen_model": str(hparams.get("model", {}).get("name", "")), "gridgen_step": str(ckpt.get("global_step"))}
-    return state, config, info
-
-
-def _lora_from_file(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, str]]:
-    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-    from peft import LoraConfig
-
-    from gridgen.models.lora import LoraFileError, read_lora_file
-
-    state, header = read_lora_file(path)  # unreadable, kohya-format and non-LoRA files fail here
-    if not all(".lora_A." in k or ".lora_B." in k for k in state):
-        other = next(k for k in state if ".lora_A." not in k and ".lora_B." not in k)
-        raise LoraFileError(f"LoRA file '{path}' holds other tensors than LoRA weights (e.g. '{other}')")
-    if LORA_ADAPTER_METADATA_KEY in header:  # diffusers' adapter config: rank, alpha, targets
-        prefix = "transformer."
-        meta = json.loads(header[LORA_ADAPTER_METADATA_KEY])
-        config = LoraConfig(**{k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)})
-    else:  # a plain LoRA file: rank from the shapes, scale 1, exactly the modules it holds
-        ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
-        if len(ranks) != 1:
-            raise LoraFileError(f"LoRA file '{path}' has no adapter metadata and mixed ranks {sorted(ranks)}")
-        rank = ranks.pop()
-        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules)
-    return state, config, {k: v for k, v in header.items() if k.startswith("gridgen_")}
-
-
-def apply_lora(transformer: torch.nn.Module, path: str | Path, scale: float = 1.0) -> dict[str, Any]:
-    """Attach the LoRA in ``path`` (file, run folder or checkpoint) to ``transformer`` at ``scale``.
-
-    The adapter is rebuilt from the file's own config (rank, alpha, targets) and every key and shape is checked
-    against the model first: a LoRA trained for another model fails with one line naming the first mismatch.
-    Returns what the manifest records.
-    """
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import set_peft_model_state_dict
-
-    from gridgen.models.lora import LoraFileError, lora_state_dict
-
-    source = resolve_lora_source(path)
-    if "default" in (getattr(transformer, "peft_config", None) or {}):
-        raise ValueError("this transformer already carries a LoRA adapter; load a fresh pipeline to apply another")
-    state, config, info = (_lora_from_checkpoint if source.suffix == ".ckpt" else _lora_from_file)(source)
-    transformer.requires_grad_(False)
-    try:
-        transformer.add_adapter(config)
-    except ValueError as e:  # peft: target modules not found in the model
-        raise LoraFileError(f"LoRA '{source}' does not fit this model: {str(e).splitlines()[0]}") from e
-    expected = lora_state_dict(transformer)
-    for key in sorted(set(expected) | set(state)):
-        if key not in state or key not in expected:
-            side = "the model has no" if key not in expected else "the file lacks"
-            transformer.delete_adapters("default")
-            raise LoraFileError(
-                f"LoRA '{source}' was trained for another model: {side} '{key}' "
-                f"({len(set(state) - set(expected))} unexpected, {len(set(expected) - set(state))} missing keys); "
-                f"use a LoRA trained on model.pretrained={getattr(transformer.config, '_name_or_path', '') or 'this model'}"
-            )
-        if state[key].shape != expected[key].shape:
-            transformer.delete_adapters("default")
-            raise LoraFileError(
-                f"LoRA '{source}' was trained for another model: '{key}' has shape {tuple(state[key].shape)}, "
-                f"this model's is {tuple(expected[key].shape)}"
-            )
-    set_peft_model_state_dict(transformer, {k: v.to(expected[k].dtype) for k, v in state.items()})
-    for module in transformer.modules():
-        if isinstance(module, LoraLayer):
-            module.set_scale("default", float(scale))  # scaling = scale * alpha / rank
-    transformer.eval()
-    return {"path": str(source), "scale": float(scale), "rank": int(config.r), "alpha": float(config.lora_alpha),
-            **info}

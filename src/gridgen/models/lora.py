@@ -13,8 +13,11 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -75,16 +78,28 @@ def attach_lora(transformer: torch.nn.Module, config: LoraConfig) -> int:
     return sum(p.numel() for p in transformer.parameters() if p.requires_grad)
 
 
+def keep_lora_fp32(transformer: torch.nn.Module) -> None:
+    """Adapters train in fp32 while the frozen base may be bf16 (model.dtype=bfloat16, as diffusers' FLUX LoRA
+    scripts do): AdamW on bf16 weights loses small updates. peft casts a layer's input to its adapter's dtype."""
+    for param in transformer.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft-format LoRA weights of the transformer (``...to_q.lora_A.weight``), detached and contiguous."""
-    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    """peft-format LoRA weights of the transformer (``...to_q.lora_A.weight``), whole, detached, contiguous, on the
+    CPU. Sharded (FSDP2 DTensor) tensors are gathered from every rank, so under FSDP2 every rank must call this."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(transformer).items()}
 
 
 def save_lora(directory: str | Path, transformer: torch.nn.Module, metadata: dict[str, str] | None = None,
-              formats: Sequence[str] = ("diffusers",), state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+              formats: Sequence[str] = ("diffusers",), state_dict: dict[str, torch.Tensor] | None = None,
+              name: str = LORA_FILE) -> Path:
     """Write the transformer's LoRA to ``directory`` in each of ``formats``; returns the first file written.
 
-    ``diffusers`` (default): ``pytorch_lora_weights.safetensors``, keys ``transformer.<module>.lora_A.weight``; the
+    ``diffusers`` (default): ``name`` (``pytorch_lora_weights.safetensors`` unless given, e.g. the EMA export's
+    ``pytorch_lora_weights_ema.safetensors``), keys ``transformer.<module>.lora_A.weight``; the
     safetensors header carries diffusers' ``lora_adapter_metadata`` (rank, alpha, targets, so diffusers rebuilds
     the exact adapter) plus gridgen's own ``metadata`` entries.
     ``kohya``: ``pytorch_lora_weights_kohya.safetensors`` in the ``lora_unet_*`` naming that ComfyUI and kohya's
@@ -119,13 +134,14 @@ def save_lora(directory: str | Path, transformer: torch.nn.Module, metadata: dic
                 **gridgen_header,
             }
             FluxPipeline.save_lora_weights(
-                directory, transformer_lora_layers=peft_state,
+                directory, transformer_lora_layers=peft_state, weight_name=name,
                 save_function=lambda weights, filename, header=header: _save_atomically(weights, filename, header),
             )
+            paths.append(directory / name)
         else:  # kohya: no diffusers adapter metadata, which would make diffusers scale by alpha / rank twice
             directory.mkdir(parents=True, exist_ok=True)
             _save_atomically(kohya, directory / KOHYA_LORA_FILE, {"format": "pt", **gridgen_header})
-        paths.append(directory / EXPORT_FORMATS[fmt])
+            paths.append(directory / KOHYA_LORA_FILE)
     return paths[0]
 
 
@@ -283,16 +299,34 @@ def kohya_inputs(transformer: torch.nn.Module) -> tuple[dict[str, float], dict[s
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
-def _lora_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"LoRA file '{path}' does not exist; point to a pytorch_lora_weights.safetensors written by "
-            "gridgen (runs write it under <run>/lora/)"
-        )
-    return path
+@dataclass
+class LoraWeights:
+    """A LoRA read from a file: peft-format tensors (``<module>.lora_A.weight``), its adapter config and metadata.
+
+    ``config`` is the file's own adapter (rank, alpha, targets): diffusers' adapter metadata, a checkpoint's
+    ``lora`` hyper-parameters, or for a plain file rank and modules read from the shapes (None if those are mixed).
+    ``metadata``: the safetensors header, or ``gridgen_model``/``gridgen_step`` of a checkpoint.
+    """
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    config: LoraConfig | None
+    metadata: dict[str, str]
+
+
+def find_lora(path: str | Path) -> Path:
+    """A LoRA file, a ``.ckpt``, a folder holding the LoRA file or a training run folder (``lora/`` export, else
+    ``checkpoints/last.ckpt``) -> the file to read."""
+    source = Path(str(path)).expanduser()
+    candidates = [source] if source.is_file() else [
+        source / LORA_FILE, source / "lora" / LORA_FILE, source / "checkpoints" / "last.ckpt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"LoRA '{path}' is not a LoRA file, a .ckpt or a training run folder (looked for {LORA_FILE}, "
+        f"lora/{LORA_FILE}, checkpoints/last.ckpt); point it at a run folder under outputs/runs/"
+    )
 
 
 def _unreadable(path: Path, err: Exception) -> LoraFileError:
@@ -303,7 +337,7 @@ def _unreadable(path: Path, err: Exception) -> LoraFileError:
 
 def read_lora_header(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata of a LoRA file (or its folder), without reading the tensors."""
-    path = _lora_path(path)
+    path = find_lora(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -311,15 +345,19 @@ def read_lora_header(path: str | Path) -> dict[str, str]:
         raise _unreadable(path, err) from err
 
 
-def check_lora_file(path: str | Path) -> dict[str, str]:
-    """Header metadata of a LoRA file after checking, from the header alone, that it is a diffusers-format LoRA."""
-    path = _lora_path(path)
+def check_lora_file(path: str | Path) -> Path:
+    """:func:`find_lora`, then a cheap look at the file (safetensors header and keys, or checkpoint zip), so that
+    a missing, corrupt or foreign LoRA stops with one line before any model loads; returns the file."""
+    source = find_lora(path)
+    if source.suffix == ".ckpt":
+        _check_checkpoint_zip(source)
+        return source
     try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            _check_lora_keys(list(f.keys()), path)
-            return f.metadata() or {}
+        with safetensors.safe_open(str(source), framework="pt") as f:
+            _check_lora_keys(list(f.keys()), source)
     except safetensors.SafetensorError as err:
-        raise _unreadable(path, err) from err
+        raise _unreadable(source, err) from err
+    return source
 
 
 def _check_lora_keys(keys: list[str], path: Path) -> None:
@@ -330,20 +368,73 @@ def _check_lora_keys(keys: list[str], path: Path) -> None:
         example = keys[0] if keys else "nothing"
         raise LoraFileError(f"LoRA file '{path}' holds no LoRA weights (first key '{example}', expected "
                             "'transformer.<module>.lora_A.weight'); is it a model file rather than a LoRA?")
+    other = next((k for k in keys if ".lora_A." not in k and ".lora_B." not in k), None)
+    if other is not None:
+        raise LoraFileError(f"LoRA file '{path}' holds other tensors than LoRA weights (e.g. '{other}')")
 
 
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A gridgen/diffusers LoRA file (or a folder holding one) -> (peft state dict, header metadata)."""
-    path = _lora_path(path)
-    header = check_lora_file(path)
+def _check_checkpoint_zip(path: Path) -> None:
+    # torch.save writes zip archives; anything else would go to the legacy pickle reader, which we never use
+    if not zipfile.is_zipfile(path):
+        raise LoraFileError(f"checkpoint '{path}' is not a PyTorch zip checkpoint; expected a gridgen training "
+                            "checkpoint such as <run>/checkpoints/last.ckpt, or a LoRA .safetensors file")
+
+
+def load_lora(path: str | Path) -> LoraWeights:
+    """Read a LoRA from a diffusers-format file, a gridgen training checkpoint or a folder holding either
+    (:func:`find_lora`). Checkpoints are read as tensors and plain containers only, never unpickled."""
+    source = check_lora_file(path)
+    return _lora_from_checkpoint(source) if source.suffix == ".ckpt" else _lora_from_file(source)
+
+
+def _lora_from_file(path: Path) -> LoraWeights:
+    header = read_lora_header(path)
     try:
         state = safetensors.torch.load_file(str(path))
     except safetensors.SafetensorError as err:
         raise _unreadable(path, err) from err
     prefix = f"{FluxPipeline.transformer_name}."
-    return {k.removeprefix(prefix): v for k, v in state.items()}, header
+    state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if LORA_ADAPTER_METADATA_KEY in header:  # diffusers' adapter config: rank, alpha, targets
+        meta = json.loads(header[LORA_ADAPTER_METADATA_KEY])
+        config = LoraConfig(**{k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)})
+    else:  # a plain LoRA file: rank from the shapes, scale 1, exactly the modules it holds
+        ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+        rank = ranks.pop() if len(ranks) == 1 else None
+        config = None if rank is None else LoraConfig(r=rank, lora_alpha=rank, target_modules=modules)
+    return LoraWeights(path, state, config, header)
 
 
+def _lora_from_checkpoint(path: Path) -> LoraWeights:
+    expected = "expected a gridgen training checkpoint such as <run>/checkpoints/last.ckpt"
+    try:  # tensors and plain containers only: a checkpoint from elsewhere is never unpickled
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign archives; all mean "not ours"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LoraFileError(f"checkpoint '{path}' cannot be read as tensors only ({type(err).__name__}: {reason}); "
+                            f"{expected}") from err
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    lora = hparams.get("lora") if isinstance(hparams, dict) else None
+    keys = ("rank", "alpha", "dropout", "init", "target_modules")
+    if not isinstance(lora, dict) or not all(k in lora for k in keys) or not isinstance(ckpt.get("state_dict"), dict):
+        raise LoraFileError(f"checkpoint '{path}' was not written by gridgen training (no LoRA hyper-parameters); "
+                            f"{expected}")
+    config = build_lora_config(**{k: lora[k] for k in keys})
+    # "transformer.<module>.lora_A.default.weight" -> peft's "<module>.lora_A.weight"
+    state = {k.removeprefix("transformer.").replace(".default.", "."): v for k, v in ckpt["state_dict"].items()
+             if ".lora_" in k}
+    info = {"gridgen_model": str(hparams.get("model", {}).get("name", "")), "gridgen_step": str(ckpt.get("global_step"))}
+    return LoraWeights(path, state, config, info)
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A gridgen/diffusers LoRA file (or a folder holding one) -> (peft state dict, header metadata)."""
+    lora = load_lora(path)
+    return lora.state, lora.metadata
+
+
+# ---- loading into a transformer ---------------------------------------------------------------------------
 def _targets(keys: Iterable[str]) -> list[str]:
     """``transformer_blocks.3.attn.to_q.lora_A.weight`` -> ``attn.to_q``: the target names, as in lora.target_modules."""
     modules = (k.rsplit(".lora_", 1)[0] for k in keys)
@@ -354,36 +445,82 @@ def _ranks(state: dict[str, torch.Tensor]) -> str:
     return "/".join(str(r) for r in sorted({v.shape[0] for k, v in state.items() if ".lora_A." in k}))
 
 
+def check_lora_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], label: str,
+                    model: str = "this model", settings: bool = False) -> None:
+    """Raise :class:`LoraFileError` unless ``state`` has exactly ``expected``'s keys and shapes.
+
+    ``label`` names the LoRA in the message (``init LoRA '<path>'``); ``settings``: the adapter was built from
+    ``lora.*`` (training), so a different rank or target list is named first, with the setting to change.
+    """
+    if settings:
+        file_rank, model_rank = _ranks(state), _ranks(expected)
+        if file_rank != model_rank:
+            raise LoraFileError(f"{label} has rank {file_rank}, lora.rank={model_rank}: set "
+                                f"lora.rank={file_rank} or pick a LoRA of rank {model_rank}")
+        file_targets, model_targets = _targets(state), _targets(expected)
+        if file_targets != model_targets:
+            raise LoraFileError(f"{label} adapts [{','.join(file_targets)}], lora.target_modules adapts "
+                                f"[{','.join(model_targets)}]: set lora.target_modules=[{','.join(file_targets)}] or "
+                                "pick a LoRA trained with these targets")
+    for key in sorted(set(expected) | set(state)):
+        if key not in state or key not in expected:
+            side = "the model has no" if key not in expected else "the file lacks"
+            raise LoraFileError(
+                f"{label} was trained for another model: {side} '{key}' ({len(set(state) - set(expected))} "
+                f"unexpected, {len(set(expected) - set(state))} missing keys); use a LoRA trained on "
+                f"model.pretrained={model}"
+            )
+        if state[key].shape != expected[key].shape:
+            raise LoraFileError(f"{label} was trained for another model: '{key}' has shape {tuple(state[key].shape)}, "
+                                f"this model's is {tuple(expected[key].shape)}")
+
+
 def load_lora_weights_into(transformer: torch.nn.Module, path: str | Path) -> dict[str, str]:
     """Load a saved LoRA into the transformer's existing (trainable) adapter (``stage.init_lora``).
 
     Rank, targets, keys and shapes must match the adapter that ``lora.*`` built; each mismatch is one line that
-    names both sides and the setting to change.
+    names both sides and the setting to change. Returns the file's metadata.
     """
-    state, header = read_lora_file(path)
+    lora = load_lora(path)
+    check_lora_fits(lora.state, lora_state_dict(transformer), f"init LoRA '{path}'", _model_name(transformer),
+                    settings=True)
+    set_peft_model_state_dict(transformer, lora.state)
+    return lora.metadata
+
+
+def apply_lora(transformer: torch.nn.Module, path: str | Path, scale: float = 1.0) -> dict[str, Any]:
+    """Attach the LoRA in ``path`` (file, run folder or checkpoint) to a frozen ``transformer`` at ``scale``.
+
+    The adapter is rebuilt from the file's own config (rank, alpha, targets) and every key and shape is checked
+    against the model first: a LoRA trained for another model fails with one line naming the first mismatch.
+    Returns what the generation manifest records.
+    """
+    if "default" in (getattr(transformer, "peft_config", None) or {}):
+        raise ValueError("this transformer already carries a LoRA adapter; load a fresh pipeline to apply another")
+    lora = load_lora(path)
+    if lora.config is None:
+        ranks = sorted({v.shape[0] for k, v in lora.state.items() if ".lora_A." in k})
+        raise LoraFileError(f"LoRA file '{lora.path}' has no adapter metadata and mixed ranks {ranks}")
+    transformer.requires_grad_(False)
+    try:
+        transformer.add_adapter(lora.config)
+    except ValueError as e:  # peft: target modules not found in the model
+        raise LoraFileError(f"LoRA '{lora.path}' does not fit this model: {str(e).splitlines()[0]}") from e
     expected = lora_state_dict(transformer)
-    file_rank, model_rank = _ranks(state), _ranks(expected)
-    if file_rank != model_rank:
-        raise LoraFileError(f"init LoRA '{path}' has rank {file_rank}, lora.rank={model_rank}: set "
-                            f"lora.rank={file_rank} or pick a LoRA of rank {model_rank}")
-    file_targets, model_targets = _targets(state), _targets(expected)
-    if file_targets != model_targets:
-        raise LoraFileError(f"init LoRA '{path}' adapts [{','.join(file_targets)}], lora.target_modules adapts "
-                            f"[{','.join(model_targets)}]: set lora.target_modules=[{','.join(file_targets)}] or "
-                            "pick a LoRA trained with these targets")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise LoraFileError(
-            f"init LoRA '{path}' does not fit this model: {len(missing)} missing and {len(unexpected)} "
-            f"unexpected keys (e.g. '{example}'); was it trained on another model.pretrained?"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise LoraFileError(
-                f"init LoRA '{path}': '{key}' has shape {tuple(value.shape)}, the model expects "
-                f"{tuple(expected[key].shape)}; was it trained on another model.pretrained?"
-            )
-    set_peft_model_state_dict(transformer, state)
-    return header
+    try:
+        check_lora_fits(lora.state, expected, f"LoRA '{lora.path}'", _model_name(transformer))
+    except LoraFileError:
+        transformer.delete_adapters("default")
+        raise
+    set_peft_model_state_dict(transformer, {k: v.to(expected[k].dtype) for k, v in lora.state.items()})
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", float(scale))  # scaling = scale * alpha / rank
+    transformer.eval()
+    info = {k: v for k, v in lora.metadata.items() if k.startswith("gridgen_")}
+    return {"path": str(lora.path), "scale": float(scale), "rank": int(lora.config.r),
+            "alpha": float(lora.config.lora_alpha), **info}
+
+
+def _model_name(transformer: torch.nn.Module) -> str:
+    return getattr(getattr(transformer, "config", None), "_name_or_path", "") or "this model"

@@ -25,10 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from gridgen.layout import GridLayout
 from gridgen.losses import add_noise, base_loss, sample_timesteps, temporal_flow_loss
 from gridgen.models.attention import apply_attention_backend
+from gridgen.models.builder import TrainableLora, build_flux, prepare_transformer
 from gridgen.models.flux import encode_images, encode_prompts
-from gridgen.models.loading import load_flux_pipeline, resolve_pretrained
-from gridgen.models.lora import attach_lora, build_lora_config, load_lora_weights_into
-from gridgen.models.quantization import check_compile, check_scheme, is_quantized, quantize_transformer
+from gridgen.models.lora import build_lora_config, keep_lora_fp32
 from gridgen.training.flops import training_flops_per_batch
 from gridgen.training.optim import build_optimizer, build_scheduler
 
@@ -43,14 +42,6 @@ class NonFiniteError(ValueError):
 
 def _plain(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def keep_lora_fp32(transformer: torch.nn.Module) -> None:
-    """Adapters train in fp32 while the frozen base may be bf16 (model.dtype=bfloat16, as diffusers' FLUX LoRA
-    scripts do): AdamW on bf16 weights loses small updates. peft casts a layer's input to its adapter's dtype."""
-    for param in transformer.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
 
 
 class GridModule(L.LightningModule):
@@ -107,27 +98,17 @@ class GridModule(L.LightningModule):
         """Load FLUX through ``from_pretrained`` and attach LoRA (idempotent; Lightning calls it under FSDP)."""
         if self.transformer is not None:
             return
-        cfg = self.model_cfg
-        pipe = load_flux_pipeline(
-            resolve_pretrained(cfg["pretrained"]),
-            dtype=cfg.get("dtype", "float32"),
-            device="cpu",
-            load_vae=not cfg.get("cached", False),
-            load_text_encoders=not cfg.get("cached", False),
-            revision=cfg.get("revision"),
-            variant=cfg.get("variant"),
-            quantization=cfg.get("quantization"),
-            quantize_text_encoder=bool(cfg.get("quantize_text_encoder", False)),
-        )
-        for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            if part is not None:
-                part.requires_grad_(False).eval()
-        self.adopt_transformer(pipe.transformer)
+        pipe, built = build_flux(self.model_cfg, lora=self._trainable_lora(), device="cpu",
+                                 load_encoders=not self.model_cfg.get("cached", False))
+        self.transformer, self.num_trainable = pipe.transformer, built.num_trainable
         self._shard_if_fsdp2()
         # The frozen encoders stay outside the module's parameters (not in checkpoints, not wrapped by
         # DDP/FSDP); they follow the module's device in on_fit_start.
         self.pipe = pipe
         self.pipe.transformer = None
+
+    def _trainable_lora(self) -> TrainableLora:
+        return TrainableLora(self._lora_config, seed=self.seed, init=self.init_lora)
 
     def attached_trainer(self) -> L.Trainer | None:
         """The Trainer running this module, None outside ``fit`` (a notebook, a benchmark loop)."""
@@ -146,32 +127,9 @@ class GridModule(L.LightningModule):
             shard_flux_transformer(self.transformer, strategy.device_mesh["data_parallel"], strategy)
 
     def adopt_transformer(self, transformer: torch.nn.Module) -> None:
-        """Freeze a FLUX transformer, attach the LoRA and make it this module's (also for benchmarks/notebooks
-        that build the transformer themselves).
-
-        ``model.quantization``: a transformer that is not quantized yet is quantized here, before LoRA.
-        ``model.compile``: the repeated FLUX blocks are compiled last, with the adapters inside (diffusers'
-        regional compilation: one graph per block class, reused by every block of that class).
-        """
-        scheme = self.model_cfg.get("quantization")
-        if self.model_cfg.get("compile", False):
-            check_compile(scheme)  # before any work: one line instead of a compile error at the first step
-        if scheme is not None and not is_quantized(transformer):
-            quantize_transformer(transformer, check_scheme(scheme))
-        transformer.train()  # from_pretrained returns eval(); LoRA dropout needs train()
-        # LoRA's random init comes from the seed alone, not from whatever drew random numbers before (the
-        # launcher, samplers): every process and every launch mode starts from the same adapter.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.num_trainable = attach_lora(transformer, self._lora_config)
-        keep_lora_fp32(transformer)
-        if self.model_cfg.get("gradient_checkpointing", False):
-            transformer.enable_gradient_checkpointing()
-        if self.init_lora:
-            header = load_lora_weights_into(transformer, self.init_lora)
-            log.info("initialised LoRA from %s (stage %s)", self.init_lora, header.get("gridgen_stage", "?"))
-        if self.model_cfg.get("compile", False):  # model.compile_options: torch.compile kwargs (mode, backend, ...)
-            transformer.compile_repeated_blocks(**dict(self.model_cfg.get("compile_options") or {}))
+        """Quantize, attach the LoRA and compile a FLUX transformer built elsewhere (benchmarks, notebooks) as
+        :func:`~gridgen.models.builder.build_flux` does, and make it this module's."""
+        self.num_trainable = prepare_transformer(transformer, self.model_cfg, self._trainable_lora()).num_trainable
         self.transformer = transformer
 
     def on_fit_start(self) -> None:

@@ -13,8 +13,6 @@ callback's ``state_dict``: tensors and numbers only), so an exact resume continu
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import lightning as L
 import torch
 
 import gridgen
-from gridgen.models.lora import save_lora
+from gridgen.models.lora import lora_state_dict, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +121,13 @@ class LoraEMA(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.ema is None or self.dirpath is None:
             return
-        from gridgen.training.callbacks.export import LoraExport, full_lora_state_dict
+        from gridgen.training.callbacks.export import LoraExport
 
         self.path = self.dirpath / EMA_FILE
         self.swap_in()
         try:  # peft's key mapping of the EMA weights; a collective under FSDP2: every rank calls it
             # cloned: on the CPU the returned tensors are the parameters themselves, which swap_out restores
-            state = {k: v.clone() for k, v in full_lora_state_dict(pl_module.transformer).items()}
+            state = {k: v.clone() for k, v in lora_state_dict(pl_module.transformer).items()}
         finally:
             self.swap_out()
         if not trainer.is_global_zero:
@@ -138,10 +136,7 @@ class LoraEMA(L.Callback):
         raw_meta = next((c.metadata for c in trainer.callbacks if isinstance(c, LoraExport)), {})
         meta = {"gridgen_version": gridgen.__version__, "gridgen_step": trainer.global_step, **raw_meta,
                 "gridgen_ema_decay": self.decay}
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        # save_lora names its file pytorch_lora_weights.safetensors: write it aside, then move it into place
-        with tempfile.TemporaryDirectory(dir=self.dirpath, prefix=".ema-") as tmp:
-            os.replace(save_lora(tmp, pl_module.transformer, meta, state_dict=state), self.path)
+        save_lora(self.dirpath, pl_module.transformer, meta, state_dict=state, name=EMA_FILE)
         log.info("exported EMA LoRA (decay %g) to %s", self.decay, self.path)
 
 

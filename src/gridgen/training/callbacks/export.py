@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from peft.utils import get_peft_model_state_dict
 
 import gridgen
 from gridgen.models.lora import (
@@ -47,15 +45,9 @@ class LoraExport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path = self.dirpath / "pytorch_lora_weights.safetensors"
-        state = full_lora_state_dict(pl_module.transformer)  # a collective under FSDP2: every rank calls it
+        state = lora_state_dict(pl_module.transformer)  # a collective under FSDP2: every rank calls it
         if trainer.is_global_zero:
             meta = {"gridgen_version": gridgen.__version__, "gridgen_step": trainer.global_step, **self.metadata}
             self.path = save_lora(self.dirpath, pl_module.transformer, meta, formats=self.formats, state_dict=state)
             log.info("exported LoRA to %s", self.path)
 
-
-def full_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA's peft-format tensors, whole: sharded (FSDP2 DTensor) ones are gathered from every rank, so
-    every rank must call this together."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-            for k, v in get_peft_model_state_dict(transformer).items()}
