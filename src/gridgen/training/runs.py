@@ -169,24 +169,26 @@ def check_resume(cfg: DictConfig, resume: ResumePoint) -> None:
     if resume.step >= max_steps:
         raise ValueError(f"ckpt_path '{resume.path}' is at step {resume.step} and trainer.max_steps={max_steps}: "
                          f"nothing to train; set trainer.max_steps above {resume.step} to continue it")
-    saved = resume.hparams
-    now = {"lora.rank": int(cfg.lora.rank), "lora.alpha": float(cfg.lora.alpha),
-           "lora.target_modules": sorted(cfg.lora.target_modules), "model.name": cfg.model.name,
-           "model.pretrained": str(cfg.model.pretrained), "task.name": cfg.task.name,
-           "task.sample_layout": str(cfg.task.get("sample_layout"))}
-    then = {"lora.rank": saved.get("lora", {}).get("rank"), "lora.alpha": saved.get("lora", {}).get("alpha"),
-            "lora.target_modules": saved.get("lora", {}).get("target_modules"),
-            "model.name": saved.get("model", {}).get("name"), "model.pretrained": saved.get("model", {}).get("pretrained"),
-            "task.name": saved.get("run", {}).get("task"), "task.sample_layout": saved.get("run", {}).get("layout")}
-    then["lora.alpha"] = None if then["lora.alpha"] is None else float(then["lora.alpha"])
-    then["lora.target_modules"] = None if then["lora.target_modules"] is None else sorted(then["lora.target_modules"])
-    then["model.pretrained"] = None if then["model.pretrained"] is None else str(then["model.pretrained"])
+    def saved(section: str, key: str, kind: Any = str) -> Any:
+        value = (resume.hparams.get(section) or {}).get(key)
+        return None if value is None else kind(value)
+
+    # setting: (now, in the checkpoint); None in the checkpoint: not recorded there (an older checkpoint)
+    pairs = {
+        "lora.rank": (int(cfg.lora.rank), saved("lora", "rank", int)),
+        "lora.alpha": (float(cfg.lora.alpha), saved("lora", "alpha", float)),
+        "lora.target_modules": (sorted(cfg.lora.target_modules), saved("lora", "target_modules", sorted)),
+        "model.name": (str(cfg.model.name), saved("model", "name")),
+        "model.pretrained": (str(cfg.model.pretrained), saved("model", "pretrained")),
+        "task.name": (str(cfg.task.name), saved("run", "task")),
+        "task.sample_layout": (str(cfg.task.get("sample_layout")), saved("run", "layout")),
+    }
     # the LoRA tensors themselves: lora_A is (rank, in), lora_B is (out, rank)
     ranks = {shape[0] if ".lora_A" in key else shape[-1] for key, shape in resume.lora_shapes.items()}
-    if len(ranks) == 1 and then["lora.rank"] is None:
-        then["lora.rank"] = ranks.pop()
-    elif ranks and ranks != {now["lora.rank"]}:
-        then["lora.rank"] = sorted(ranks)[0]
+    if ranks and ranks != {pairs["lora.rank"][0]}:
+        pairs["lora.rank"] = (pairs["lora.rank"][0], sorted(ranks)[0])
+    now = {k: v[0] for k, v in pairs.items()}
+    then = {k: v[1] for k, v in pairs.items()}
     differ = [k for k in now if then[k] is not None and then[k] != now[k]]
     if differ:
         pairs = ", ".join(f"{k}={then[k]} in the checkpoint, {now[k]} now" for k in differ)
