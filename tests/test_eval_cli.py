@@ -40,6 +40,12 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
                           text=True, timeout=timeout)
 
 
+def test_a_failed_evaluation_leaves_no_folder(tmp_path):
+    proc = run_cli("task=t2v", "eval.real=/no/such/set", "eval.fake=/no/such/other", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "/no/such/set" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists(), sorted(tmp_path.rglob("*"))
+
+
 def clip_video(seed: int, t: int = 10, size: int = 32) -> torch.Tensor:
     """A smooth moving gradient with some noise: frames that differ but look alike."""
     gen = torch.Generator().manual_seed(seed)

@@ -580,6 +580,14 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=180)
 
 
+def test_a_failed_generate_leaves_no_folder(tmp_path):
+    """A mistake (a LoRA that does not exist) is one line, exit 2, and no outputs/generate/<date>/<time>_... folder
+    of Hydra's files is left behind."""
+    proc = run_cli("prompt=x", "lora=/no/such/lora", cwd=tmp_path)
+    assert proc.returncode == 2 and "/no/such/lora" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists(), sorted(tmp_path.rglob("*"))
+
+
 def test_cli_i2v_with_lora_and_literal_prompt(tmp_path, refs, lora_run):
     prompt = "a dog's tail, wagging [fast]"  # quoted for Hydra as the README shows: prompt="'a dog\\'s tail, ...'"
     proc = run_cli("task=i2v", "prompt='a dog\\'s tail, wagging [fast]'", f"ref={refs}/img/ref_0.png", f"lora={lora_run}",

@@ -14,13 +14,14 @@ from omegaconf import DictConfig
 
 from gridgen.config import CONF_DIR, exit_on_user_error, refuse_renamed_keys, register_resolvers
 from gridgen.inference.pipeline import generate  # noqa: F401 (the library call; tests and notebooks import it here)
+from gridgen.run_folder import removed_on_failure
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
-    with exit_on_user_error("generate"):
+    with exit_on_user_error("generate"), removed_on_failure(Path(cfg.paths.root_dir)):
         manifest = generate(cfg)
     out = Path(manifest["out"])
     timing = manifest["timing"]

@@ -20,17 +20,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gridgen.config import CONF_DIR, check_added_keys, exit_on_user_error, register_resolvers
 from gridgen.models.attention import resolve_attention_backend
 from gridgen.models.loading import EMBEDDED_TINY_NAMES, check_model_source
+from gridgen.run_folder import RunFolderGuard, hydra_files_of_this_command
 from gridgen.training.callbacks import LoraExport, config_hash
 from gridgen.training.callbacks.ema import LoraEMA
 from gridgen.training.module import GridModule
 from gridgen.training.runs import (
-    RunFolderGuard,
     build_loggers,
     check_resume,
     check_run_settings,
     failure_text,
     finish_wandb,
-    hydra_files_of_this_command,
     read_checkpoint,
     record_parent,
     resolve_init_lora,
