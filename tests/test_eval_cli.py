@@ -15,7 +15,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from gridgen.config import CONF_DIR, register_resolvers
+from gridgen.config import CONF_DIR, PAPER_TARGETS, register_resolvers
 from gridgen.data.sample import ensure_sample_shards
 from gridgen.eval.io import write_video_file
 from gridgen.eval.pipeline import evaluate
@@ -73,7 +73,7 @@ def generate_like(folder: Path, videos: list[torch.Tensor], seconds: list[float]
 
 # ---- configs ---------------------------------------------------------------------------------------------
 def test_every_task_composes_and_has_paper_numbers(tmp_path):
-    targets = yaml.safe_load((ROOT / "experiments" / "paper_targets.yaml").read_text())
+    targets = yaml.safe_load(PAPER_TARGETS.read_text())
     for task in TASKS:
         cfg = make_cfg(tmp_path, f"task={task}")
         assert cfg.task.name == task and cfg.eval.frames >= 10

@@ -13,7 +13,7 @@ from diffusers import FluxPipeline
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from gridgen.config import CONF_DIR
+from gridgen.config import CONF_DIR, PAPER_TARGETS
 from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import FLUX_BLOCKS, read_lora_file
 from gridgen.models.tiny import ensure_tiny_flux
@@ -292,7 +292,7 @@ def test_every_paper_preset_runs_with_debug_override(tmp_path):
     """Each preset composes for FLUX.1-dev and runs on the embedded default with debug=tiny (coarse before fine)."""
     import yaml
 
-    targets = yaml.safe_load((ROOT / "experiments" / "paper_targets.yaml").read_text())
+    targets = yaml.safe_load(PAPER_TARGETS.read_text())
     for name in PRESETS:
         full = make_cfg(tmp_path, f"experiment={name}")
         assert full.model.name == "flux_dev" and full.trainer.max_steps >= 1000

@@ -8,14 +8,17 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-# conf/ sits at the repository root (src/gridgen/config.py -> ../../conf); GRIDGEN_CONF overrides it.
-CONF_DIR = Path(os.environ.get("GRIDGEN_CONF", Path(__file__).resolve().parents[2] / "conf"))
+# The configs are package data (gridgen/conf, in the wheel as in a checkout); GRIDGEN_CONF points elsewhere.
+CONF_DIR = Path(os.environ.get("GRIDGEN_CONF") or str(resources.files("gridgen") / "conf"))
+# The paper's numbers (tables 1-3) that presets and task rows name; beside the configs.
+PAPER_TARGETS = CONF_DIR / "paper_targets.yaml"
 
 # Errors caused by what the user asked for: entry points print them as one line and exit non-zero.
 # gridgen's own (ModelNotFoundError, LoraFileError, ...) subclass these, so this module imports no model code

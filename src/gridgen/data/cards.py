@@ -1,4 +1,4 @@
-"""Data cards: one Markdown file per dataset in ``data_cards/`` whose YAML front matter is the dataset's truth.
+"""Data cards: one Markdown file per dataset in ``gridgen/data_cards/`` whose YAML front matter is the dataset's truth.
 
 A card states where a dataset comes from, its licence, its raw layout, how gridgen turns it into grids
 (layout, cell size, frame sampling, captions, shard sizes), what to expect and the exact prepare command.
@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# data_cards/ sits at the repository root (src/gridgen/data/cards.py -> ../../../data_cards)
-CARDS_DIR = Path(os.environ.get("GRIDGEN_DATA_CARDS", Path(__file__).resolve().parents[3] / "data_cards"))
+# The cards are package data (gridgen/data_cards, in the wheel as in a checkout); GRIDGEN_DATA_CARDS points elsewhere.
+CARDS_DIR = Path(os.environ.get("GRIDGEN_DATA_CARDS") or str(resources.files("gridgen") / "data_cards"))
 
 REQUIRED_KEYS = (
     "name", "title", "kind", "source", "licence", "obtain", "raw", "preprocessing", "captioning",

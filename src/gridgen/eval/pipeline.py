@@ -23,7 +23,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from gridgen.config import CONF_DIR, tasks_with
+from gridgen.config import PAPER_TARGETS, tasks_with
 from gridgen.eval.clip import (
     ClipEmbedder,
     ClipModelNotFoundError,
@@ -366,7 +366,7 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
 
     if rank != 0:
         return EvalResult(ev.metrics)
-    targets = Path(ec.targets) if ec.targets else CONF_DIR.parent / "experiments" / "paper_targets.yaml"
+    targets = Path(ec.targets) if ec.targets else PAPER_TARGETS
     paper = paper_targets(targets, ev)
     paths = write_results(ev, out, paper)
     if ec.get("wandb") and ec.wandb.get("enabled"):

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-# our metric key -> the key of experiments/paper_targets.yaml
+# our metric key -> the key of conf/paper_targets.yaml
 PAPER_KEYS = {"fvd": "fvd", "is": "is", "clip_img": "clip_img", "clip_f": "clip_f", "clip_o": "clip_o", "psnr": "psnr",
               "ssim": "ssim", "time_per_sequence_s": "inference_time_s"}
 
