@@ -265,7 +265,7 @@ def make_batches(tmp: Path) -> dict[str, Path]:
     """One batch per grid size, saved with both conditionings: images + captions, and the cached tensors."""
     from gridgen.data.cache import encode_for_cache, load_encoders
     from gridgen.data.datamodule import GridDataModule, collate_grid_samples
-    from gridgen.data.sample import write_sample_shards
+    from gridgen.embedded import write_sample_shards
     from gridgen.layout import GridLayout
 
     pipe = load_encoders({"pretrained": "embedded:tiny", "max_sequence_length": 32})

@@ -38,10 +38,10 @@ import harness as h  # first: sets the offline environment before diffusers is i
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+from gridgen.embedded import TINY_FLUX_CONFIG, ensure_tiny_flux
 from gridgen.inference import GridSampler, TextConditioning, initial_noise, resolve_layout, sample_grid
 from gridgen.layout import GridLayout
 from gridgen.models.loading import load_flux_pipeline
-from gridgen.models.tiny import TINY_FLUX_CONFIG, ensure_tiny_flux
 
 TARGET = 1.05
 CAPTION = "a red circle moves from left to right on a black background"

@@ -66,11 +66,11 @@ from omegaconf import OmegaConf
 
 import gridgen.training.module as module_lib
 from gridgen.config import CONF_DIR, register_resolvers
+from gridgen.embedded import TINY_FLUX_CONFIG
 from gridgen.layout import GridLayout
 from gridgen.losses import base_loss, temporal_flow_loss
 from gridgen.models.lora import LORA_FILE, save_lora
 from gridgen.models.quantization import SCHEMES
-from gridgen.models.tiny import TINY_FLUX_CONFIG
 from gridgen.training.flops import peak_flops, training_flops_per_batch
 from gridgen.training.module import GridModule
 

@@ -17,6 +17,6 @@ os.environ.setdefault("GRIDGEN_CACHE", str(ROOT / ".cache" / "tests"))
 def pytest_sessionstart(session):
     """Tests that read the embedded sample shards straight from the config (not through a DataModule's
     prepare_data, which builds them for `make train`) find them built once, whatever order the tests run in."""
-    from gridgen.data.sample import ensure_sample_shards
+    from gridgen.embedded import ensure_sample_shards
 
     ensure_sample_shards(os.environ["GRIDGEN_CACHE"])

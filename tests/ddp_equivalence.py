@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.data.datamodule import GridDataModule, collate_grid_samples
-from gridgen.data.sample import ensure_sample_shards
+from gridgen.embedded import ensure_sample_shards
 from gridgen.layout import GridLayout
 from gridgen.models.lora import lora_state_dict, save_lora
 from gridgen.training.callbacks import AlphaSchedule

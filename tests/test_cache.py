@@ -26,10 +26,9 @@ from gridgen.data.cache import (
     verify_cache_folders,
 )
 from gridgen.data.datamodule import GridDataModule, SkipCounter, ToSample, resolve_shards
-from gridgen.data.sample import write_sample_shards
+from gridgen.embedded import ensure_tiny_flux, write_sample_shards
 from gridgen.layout import GridLayout
 from gridgen.models.flux import encode_images, encode_prompts
-from gridgen.models.tiny import ensure_tiny_flux
 from gridgen.train import train
 from test_training import make_cfg, run_cli
 

@@ -71,8 +71,8 @@ def test_regional_compile_on_a_bitsandbytes_base(tmp_path, scheme):
     quantized losses, and no recompiles once warm. LLM.int8 layers move their int8 weight into their matmul
     state at their first forward, which costs one recompile at the second step; NF4 compiles once."""
     pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install -e '.[quant]')")
+    from gridgen.embedded import ensure_tiny_flux
     from gridgen.models.loading import load_flux_pipeline
-    from gridgen.models.tiny import ensure_tiny_flux
     from gridgen.training.module import GridModule
     from test_quantization import transformer_inputs
 

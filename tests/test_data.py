@@ -15,14 +15,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from gridgen.data import (
-    GridDataModule,
-    count_samples,
-    ensure_sample_shards,
-    resolve_shards,
-    write_sample_shards,
-)
-from gridgen.data import sample as sample_mod
+from gridgen.data import GridDataModule, count_samples, resolve_shards
+from gridgen.embedded import ensure_sample_shards, write_sample_shards
+from gridgen.embedded import sample_data as sample_mod
+from gridgen.embedded.world import BACKGROUND_COLORS
 from gridgen.layout import GridLayout
 
 SMALL = dict(num_video=16, num_multiview=8, num_val=3, samples_per_shard=4)
@@ -109,7 +105,7 @@ def test_untile_recovers_moving_frames(shards):
             assert all(not torch.equal(frames[k], frames[k + 1]) for k in range(layout.num_cells - 1))
             if kind == "video":
                 # the shape (pixels unlike the background) is in every frame and its centroid travels
-                background = torch.tensor(sample_mod.BACKGROUND_COLORS[s["json"]["metadata"]["background"]])
+                background = torch.tensor(BACKGROUND_COLORS[s["json"]["metadata"]["background"]])
                 mask = (frames.int() - background[None, :, None, None]).abs().sum(1) > 30
                 area = mask.sum((1, 2)).float()
                 assert (area > 0).all()

@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from gridgen.config import register_resolvers
-from gridgen.data import sample as sample_mod
 from gridgen.data.datamodule import GridDataModule
+from gridgen.embedded import sample_data as sample_mod
 from test_training import make_cfg
 
 register_resolvers()

@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from gridgen.data.datamodule import GridDataModule
-from gridgen.data.sample import write_sample_shards
+from gridgen.embedded import write_sample_shards
 from gridgen.layout import GridLayout
 
 

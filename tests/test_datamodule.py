@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 
 from gridgen.data.datamodule import GridDataModule, parse_sources
-from gridgen.data.sample import write_sample_shards
+from gridgen.embedded import write_sample_shards
 from gridgen.layout import GridLayout
 from test_training import make_cfg
 

@@ -45,7 +45,7 @@ class _KeyRecorder(L.LightningModule):
 def _write_shards(root: Path) -> None:
     import webdataset as wds
 
-    from gridgen.data.sample import write_sample_shards
+    from gridgen.embedded import write_sample_shards
 
     write_sample_shards(root / "sample", seed=0, num_video=8, num_multiview=3, num_val=1, samples_per_shard=8)
     video = list(wds.WebDataset(str(root / "sample" / "video" / "train-000000.tar"), shardshuffle=False))

@@ -6,8 +6,8 @@ import torch
 from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
 
+from gridgen.embedded import ensure_tiny_flux
 from gridgen.models.lora import read_lora_file
-from gridgen.models.tiny import ensure_tiny_flux
 from gridgen.train import train
 from gridgen.training.callbacks.ema import EMA_FILE, LoraEMA
 from gridgen.training.module import GridModule

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from gridgen.config import CONF_DIR, PAPER_TARGETS, register_resolvers
-from gridgen.data.sample import ensure_sample_shards
+from gridgen.embedded import ensure_sample_shards
 from gridgen.eval.io import write_video_file
 from gridgen.eval.pipeline import evaluate
 from gridgen.eval.report import write_sweep_summary

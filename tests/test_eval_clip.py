@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gridgen.embedded.tokenizers import caption_corpus, write_clip_tokenizer_files
 from gridgen.eval.clip import (
     ClipEmbedder,
     ClipModelNotFoundError,
@@ -15,7 +16,6 @@ from gridgen.eval.clip import (
     clip_orbit,
     clip_text_score,
 )
-from gridgen.models.tiny import _write_clip_tokenizer_files, caption_corpus
 
 
 def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
@@ -25,7 +25,7 @@ def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    _write_clip_tokenizer_files(folder, caption_corpus(), num_merges=40)  # gridgen's tiny-FLUX CLIP tokenizer
+    write_clip_tokenizer_files(folder, caption_corpus(), num_merges=40)  # gridgen's tiny-FLUX CLIP tokenizer
     vocab = json.loads((folder / "vocab.json").read_text())
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],

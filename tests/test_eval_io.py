@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from gridgen.data.sample import ensure_sample_shards
+from gridgen.embedded import ensure_sample_shards
 from gridgen.eval.io import list_videos, protocol_frames, read_video_file, write_video_file
 from gridgen.layout import GridLayout
 

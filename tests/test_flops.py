@@ -8,9 +8,9 @@ from diffusers import FluxTransformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from gridgen.embedded import TINY_FLUX_CONFIG
 from gridgen.layout import GridLayout
 from gridgen.models.lora import attach_lora, build_lora_config
-from gridgen.models.tiny import TINY_FLUX_CONFIG
 from gridgen.training.flops import generation_flops, peak_flops, training_flops_per_batch
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",

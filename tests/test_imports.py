@@ -7,10 +7,17 @@ Every module under ``src/gridgen`` is parsed with ``ast``; every ``import`` coun
 from __future__ import annotations
 
 import ast
+import copy
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENTRY_POINTS = {f"gridgen.{name}" for name in ("train", "prepare", "generate", "evaluate", "cache", "report")}
+# The embedded wing (tiny FLUX, sample data) stands on models/, data/ and the ground floor; models/ and data/ reach it
+# only inside a function of these seams (resolve_pretrained("embedded:tiny"), GridDataModule.prepare_data).
+EMBEDDED = "gridgen.embedded"
+EMBEDDED_MAY_IMPORT = ("gridgen.embedded", "gridgen.models", "gridgen.data", "gridgen.layout", "gridgen.config",
+                       "gridgen._quiet")
+EMBEDDED_SEAMS = {"gridgen.models.loading", "gridgen.data.datamodule"}
 
 
 def module_name(path: Path) -> str:
@@ -51,12 +58,25 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def import_graph() -> dict[str, set[str]]:
-    """gridgen module -> the gridgen modules it imports."""
+def without_functions(tree: ast.AST) -> ast.AST:
+    """``tree`` without the bodies of functions: what importing the module runs."""
+
+    class Strip(ast.NodeTransformer):
+        def visit_FunctionDef(self, node: ast.AST) -> None:
+            return None
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+    return Strip().visit(copy.deepcopy(tree))
+
+
+def import_graph(eager_only: bool = False) -> dict[str, set[str]]:
+    """gridgen module -> the gridgen modules it imports (``eager_only``: at import time, not inside a function)."""
     files = {module_name(p): p for p in sorted((SRC / "gridgen").rglob("*.py"))}
     graph = {}
     for module, path in files.items():
-        names = imported_names(ast.parse(path.read_text(), str(path)), module, path.name == "__init__.py")
+        tree = ast.parse(path.read_text(), str(path))
+        names = imported_names(without_functions(tree) if eager_only else tree, module, path.name == "__init__.py")
         targets = set()
         for name in names:
             if name in files:
@@ -115,6 +135,35 @@ def test_the_graph_sees_every_module():
     graph = import_graph()
     assert {"gridgen.layout", "gridgen.losses", "gridgen.data.prepare", "gridgen.eval.pipeline"} <= set(graph)
     assert "gridgen.data.prepare" in graph["gridgen.prepare"]  # the entry point calls the library
+
+
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_import_graph_eager_only_skips_function_bodies():
+    tree = ast.parse("import gridgen.a\ndef f():\n    import gridgen.b\nclass C:\n    def g(self):\n"
+                     "        import gridgen.c\n")
+    assert imported_names(without_functions(tree), "gridgen.x", False) == {"gridgen.a"}
+    assert imported_names(tree, "gridgen.x", False) == {"gridgen.a", "gridgen.b", "gridgen.c"}
+
+
+def test_the_embedded_wing_stands_on_models_and_data_only():
+    graph = import_graph()
+    assert {f"{EMBEDDED}.flux_tiny", f"{EMBEDDED}.sample_data"} <= set(graph)
+    bad = sorted(f"{module} imports {target}" for module, targets in graph.items() if in_package(module, EMBEDDED)
+                 for target in targets if not any(in_package(target, allowed) for allowed in EMBEDDED_MAY_IMPORT))
+    assert not bad, "; ".join(bad)
+
+
+def test_models_and_data_reach_the_embedded_wing_only_through_its_seams():
+    """Only resolve_pretrained and GridDataModule.prepare_data call into gridgen.embedded, inside the function."""
+    graph, eager = import_graph(), import_graph(eager_only=True)
+    lower = [m for m in graph if in_package(m, "gridgen.models") or in_package(m, "gridgen.data")]
+    users = {m for m in lower if any(in_package(t, EMBEDDED) for t in graph[m])}
+    assert users == EMBEDDED_SEAMS, f"models/data modules importing {EMBEDDED}: {sorted(users)}"
+    eager_users = sorted(m for m in lower if any(in_package(t, EMBEDDED) for t in eager[m]))
+    assert not eager_users, f"{EMBEDDED} imported at import time (not inside the seam function) by {eager_users}"
 
 
 def test_no_import_cycles():

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from gridgen.config import CONF_DIR, USER_ERRORS
+from gridgen.embedded import TINY_FLUX_CONFIG, ensure_tiny_flux
 from gridgen.generate import generate
 from gridgen.inference import (
     GridSampler,
@@ -41,7 +42,6 @@ from gridgen.inference.sampler import noised
 from gridgen.layout import GridLayout
 from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import LoraFileError, apply_lora, attach_lora, build_lora_config, save_lora
-from gridgen.models.tiny import TINY_FLUX_CONFIG, ensure_tiny_flux
 
 MAX_SEQ = 32  # conf/model/flux_tiny.yaml
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,6 +21,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from gridgen.config import CONF_DIR
+from gridgen.embedded import TINY_FLUX_CONFIG
 from gridgen.generate import generate
 from gridgen.models.builder import FrozenLora, TrainableLora, build_flux
 from gridgen.models.lora import (
@@ -37,7 +38,6 @@ from gridgen.models.lora import (
     read_lora_header,
     save_lora,
 )
-from gridgen.models.tiny import TINY_FLUX_CONFIG
 
 DIM = TINY_FLUX_CONFIG["num_attention_heads"] * TINY_FLUX_CONFIG["attention_head_dim"]  # 64
 

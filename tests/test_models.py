@@ -15,19 +15,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from gridgen.models import tiny  # noqa: E402
+from gridgen.embedded import flux_tiny  # noqa: E402
+from gridgen.embedded.flux_tiny import (  # noqa: E402
+    TINY_FLUX_CONFIG,
+    build_tiny_flux,
+    ensure_tiny_flux,
+    tiny_flux_dirname,
+)
 from gridgen.models.loading import (  # noqa: E402
     ModelNotFoundError,
     load_flux_pipeline,
     looks_local,
     parse_dtype,
     resolve_pretrained,
-)
-from gridgen.models.tiny import (  # noqa: E402
-    TINY_FLUX_CONFIG,
-    build_tiny_flux,
-    ensure_tiny_flux,
-    tiny_flux_dirname,
 )
 
 CAPTION = "A 16-frame sequence arranged in a 4x4 grid. A red circle moves right on a blue background."
@@ -241,7 +241,7 @@ def test_ensure_tiny_flux_is_cached(
     def no_rebuild(*args, **kwargs):
         raise AssertionError("ensure_tiny_flux rebuilt a cached pipeline")
 
-    monkeypatch.setattr(tiny, "build_tiny_flux", no_rebuild)
+    monkeypatch.setattr(flux_tiny, "build_tiny_flux", no_rebuild)
     start = time.perf_counter()
     assert ensure_tiny_flux(cache_dir=cache_root, seed=0) == tiny_dir
     assert time.perf_counter() - start < 1.0
@@ -257,7 +257,7 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny, "build_tiny_flux_pipeline", crash)
+    monkeypatch.setattr(flux_tiny, "build_tiny_flux_pipeline", crash)
     with pytest.raises(KeyboardInterrupt):
         build_tiny_flux(tmp_path / "tiny", seed=0)
     assert list(tmp_path.iterdir()) == []

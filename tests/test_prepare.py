@@ -29,9 +29,9 @@ from gridgen.data.cards import (
     register_card_resolver,
 )
 from gridgen.data.prepare import prepare
-from gridgen.data.sample import moving_shape_clip
 from gridgen.data.sources import FrameSampling, VideoSource, camera_circle, write_video
 from gridgen.data.tiling import composite, fit_to_cell, tile_frames
+from gridgen.embedded.world import moving_shape_clip
 from gridgen.layout import GridLayout
 
 ROOT = Path(__file__).resolve().parents[1]

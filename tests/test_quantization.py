@@ -11,10 +11,10 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
+from gridgen.embedded import ensure_tiny_flux
 from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import attach_lora, build_lora_config
 from gridgen.models.quantization import BITS, SCHEMES, QuantizationError, is_quantized, quantize_transformer
-from gridgen.models.tiny import ensure_tiny_flux
 from gridgen.training.module import GridModule
 from test_training import make_cfg
 

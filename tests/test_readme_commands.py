@@ -393,7 +393,7 @@ def test_readme_skipped_make_target_exists(workspace: Workspace, command: str):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_readme_python_block_loads_the_lora(workspace: Workspace):
-    from gridgen.models.tiny import ensure_tiny_flux
+    from gridgen.embedded import ensure_tiny_flux
 
     (block,) = [b for b in readme_blocks("python") if "load_lora_weights" in b]
     assert workspace.run(TRAIN_CMD).returncode == 0

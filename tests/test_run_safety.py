@@ -420,7 +420,7 @@ def test_export_formats_must_include_diffusers():
 def test_sdpa_backend_resets_a_diffusers_backend(sdpa_flags):
     from diffusers import FluxTransformer2DModel
 
-    from gridgen.models.tiny import TINY_FLUX_CONFIG
+    from gridgen.embedded import TINY_FLUX_CONFIG
 
     transformer = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
     apply_attention_backend("_native_math", "cpu", transformer)

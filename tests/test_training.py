@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from gridgen.config import CONF_DIR, PAPER_TARGETS
+from gridgen.embedded import ensure_tiny_flux
 from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import FLUX_BLOCKS, read_lora_file
-from gridgen.models.tiny import ensure_tiny_flux
 from gridgen.train import train
 from gridgen.training.callbacks import AlphaSchedule, alpha_at
 

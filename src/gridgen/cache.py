@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.data.cache import cache_shards, load_encoders
 from gridgen.data.datamodule import parse_sources, resolve_shards
-from gridgen.data.sample import ensure_sample_shards
+from gridgen.embedded import ensure_sample_shards
 
 log = logging.getLogger("gridgen.cache")
 register_resolvers()

@@ -155,9 +155,9 @@ def test_fsdp2_bf16_checkpoint_resume_and_export(tmp_path, report):
 def test_generation_on_cuda_equals_flux_pipeline(tmp_path, report):
     from safetensors.torch import load_file
 
+    from gridgen.embedded import ensure_tiny_flux
     from gridgen.generate import generate
     from gridgen.models.loading import load_flux_pipeline
-    from gridgen.models.tiny import ensure_tiny_flux
 
     prompts = ["a red circle moves from left to right", "a blue square falls"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")

@@ -1,15 +1,13 @@
-"""Grid data: procedural sample shards (:mod:`.sample`) and the streaming :class:`GridDataModule` (:mod:`.datamodule`,
-built from :mod:`.shardlists`, :mod:`.mixing`, :mod:`.decoding` and :mod:`.cache_format`).
+"""Grid data: raw sources -> grid shards (:mod:`.prepare`) and the streaming :class:`GridDataModule`
+(:mod:`.datamodule`, built from :mod:`.shardlists`, :mod:`.mixing`, :mod:`.decoding` and :mod:`.cache_format`).
+The procedural sample data lives in :mod:`gridgen.embedded.sample_data`.
 
-The datamodule is imported lazily: it pulls in Lightning (seconds to import), which generating sample shards
-(``make prepare``) does not need.
+The datamodule is imported lazily: it pulls in Lightning (seconds to import), which ``make prepare`` does not need.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-
-from gridgen.data.sample import default_cache_root, ensure_sample_shards, write_sample_shards
 
 if TYPE_CHECKING:
     from gridgen.data.datamodule import (
@@ -38,11 +36,8 @@ __all__ = [
     "batched_by_layout",
     "collate_grid_samples",
     "count_samples",
-    "default_cache_root",
-    "ensure_sample_shards",
     "layout_from_meta",
     "resolve_shards",
-    "write_sample_shards",
 ]
 
 

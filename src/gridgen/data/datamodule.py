@@ -104,7 +104,7 @@ class GridDataModule(L.LightningDataModule):
         pin_memory: page-locked batches for asynchronous copies to a CUDA device; ``"auto"``: when the Trainer runs
             on CUDA (``True`` without CUDA is refused: it would do nothing).
         sample_data_root: folder under which :meth:`prepare_data` builds the embedded sample data
-            (:func:`~gridgen.data.sample.ensure_sample_shards`) when the configured shards do not exist yet;
+            (:func:`~gridgen.embedded.ensure_sample_shards`) when the configured shards do not exist yet;
             ``None``: never build anything.
     """
 
@@ -188,7 +188,7 @@ class GridDataModule(L.LightningDataModule):
         """
         if self.sample_data_root is None or not self._missing_specs():
             return
-        from gridgen.data.sample import ensure_sample_shards
+        from gridgen.embedded import ensure_sample_shards  # the one seam from data/ into the embedded wing
 
         root = ensure_sample_shards(self.sample_data_root)
         missing = self._missing_specs()

@@ -48,7 +48,7 @@ def resolve_shards(spec: ShardSpec, split: str = "train", name: str | None = Non
     """Expand a shard spec into a list of shard URLs.
 
     ``spec`` is a folder (every ``{split}-*.tar`` in it, sorted; if there are none, those of its direct
-    subfolders, so the root of :func:`~gridgen.data.sample.ensure_sample_shards` works), a brace or glob pattern
+    subfolders, so the root of :func:`~gridgen.embedded.ensure_sample_shards` works), a brace or glob pattern
     (``.../train-{000000..000003}.tar``), a ``pipe:`` / URL string (passed through unchecked), or a list of any
     of these. Local shards must exist; otherwise a one-line :class:`FileNotFoundError` names the path and the fix.
     ``pipe:`` URLs need ``allow_pipe`` (``data.allow_pipe=true``). ``name`` is the config key mentioned in the

@@ -58,7 +58,7 @@ def resolve_pretrained(name_or_path: str | Path) -> str:
     """Map ``"embedded:tiny"`` / ``"tiny"`` to the cached tiny FLUX folder (built on first use); pass others through."""
     name = str(name_or_path).strip()
     if name.lower() in EMBEDDED_TINY_NAMES:
-        from gridgen.models.tiny import ensure_tiny_flux
+        from gridgen.embedded import ensure_tiny_flux  # the one seam from models/ into the embedded wing
 
         return str(ensure_tiny_flux())
     return name
