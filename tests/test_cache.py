@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
 
+import gridgen.models.builder as builder_lib
 import gridgen.training.module as module_lib
 from gridgen.cache import cache
 from gridgen.config import CONF_DIR
@@ -161,7 +162,7 @@ def test_cached_training_equals_uncached_without_encoders(raw, built, tmp_path, 
     train(make_cfg(tmp_path / "raw", f"data.train_shards={raw}", *common))
 
     loads = []
-    original = module_lib.load_flux_pipeline
+    original = builder_lib.load_flux_pipeline  # the one builder training and generation share
 
     def spy(*args, **kwargs):
         loads.append(kwargs)
@@ -170,7 +171,7 @@ def test_cached_training_equals_uncached_without_encoders(raw, built, tmp_path, 
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached run must not encode images or prompts")
 
-    monkeypatch.setattr(module_lib, "load_flux_pipeline", spy)
+    monkeypatch.setattr(builder_lib, "load_flux_pipeline", spy)
     monkeypatch.setattr(module_lib, "encode_images", forbidden)
     monkeypatch.setattr(module_lib, "encode_prompts", forbidden)
     train(make_cfg(tmp_path / "cached", "data.cached=true", f"data.train_shards={out}", *common))

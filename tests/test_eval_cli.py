@@ -139,7 +139,7 @@ def test_cli_reads_what_prepare_wrote(tmp_path):
     assert (tmp_path / "real" / "manifest.json").is_file()
     # as a user types it: `make eval ... eval.fake='<root>/video/val-{000000..000000}.tar'` (the Makefile quotes the
     # pattern for Hydra, and its shell does no brace expansion)
-    env = {k: v for k, v in env.items() if not k.startswith("MAKE")}
+    env = {k: v for k, v in env.items() if not k.startswith("MAKE") and k != "ARGS"}
     proc = subprocess.run(["make", "-C", str(ROOT), "eval", "task=interpolate", f"eval.real={tmp_path}/real",
                            f"eval.fake={root}/video/val-{{000000..000000}}.tar", f"eval.out={tmp_path}/out",
                            "eval.progress=false"], env=env, capture_output=True, text=True, timeout=300)

@@ -185,7 +185,7 @@ BY_COMMAND_4X8 = 'make generate task=t2v prompt="..." layout=4x8'
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Workspace:
     stamp = subprocess.run(["make", "-q", ".venv/.installed"], cwd=ROOT, capture_output=True,
-                           env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+                           env={k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "ARGS"})
     if stamp.returncode != 0:
         pytest.fail("the README's make commands would reinstall .venv first (pyproject.toml is newer than "
                     ".venv/.installed): run `make setup` (make test does it)")
