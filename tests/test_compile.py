@@ -65,6 +65,7 @@ def test_regional_compile_inductor_same_loss_no_recompiles(tmp_path):
     check_compiled_run(tmp_path, [], tolerance=1e-4)
 
 
+@pytest.mark.slow  # ~40 s each on 2 cores; CI keeps the plain compiled run
 @pytest.mark.parametrize("scheme", ["bnb_int8", "bnb_nf4"])
 def test_regional_compile_on_a_bitsandbytes_base(tmp_path, scheme):
     """Compiled blocks around bitsandbytes layers + LoRA (the in-memory path of adopt_transformer): the eager

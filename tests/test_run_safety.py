@@ -367,6 +367,7 @@ def test_fsdp2_two_processes_match_one_process_with_clipping(tmp_path):
         torch.testing.assert_close(fsdp[key], single[key], rtol=0, atol=1e-3 * update, msg=key)
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; CI keeps FSDP2's 2-process equivalence test
 def test_fsdp2_checkpoint_is_lora_only_and_resumes(tmp_path):
     common = ["strategy=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy.param_dtype=null",
               "lora.rank=4", "optim.lr=1e-2", "callbacks.checkpoint.every_n_train_steps=2", "logger=csv",

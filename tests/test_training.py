@@ -231,8 +231,6 @@ def test_cli_multirun_sweep_over_rank(tmp_path):
     (["lora.rnak=4"], "Could not override 'lora.rnak'"),
     (["+lora.rnak=4"], "'lora.rnak' is not a key gridgen knows, so it would be stored and ignored; did you mean lora.rank"),
     (["+trainer.bogus=1"], "'trainer.bogus' is not a key gridgen knows"),
-    (["trainer.max_steps=0"], "trainer.max_steps=0 trains nothing or never ends"),
-    (["trainer.max_steps=-1"], "trainer.max_steps=-1 trains nothing or never ends"),
     (["trainer.max_steps=4", "trainer.val_check_interval=10"], "would never validate"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
@@ -245,6 +243,13 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.train: error:")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_a_step_count_that_trains_nothing_or_never_ends_is_refused(tmp_path, steps):
+    with pytest.raises(ValueError, match=rf"trainer.max_steps={steps} trains nothing or never ends"):
+        train(make_cfg(tmp_path, f"trainer.max_steps={steps}"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_known_added_keys_are_accepted(tmp_path):
