@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gridgen.files import natural_key
 from gridgen.layout import GridLayout
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,6 @@ class VideoItem:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def natural_key(path: Path | str) -> list[Any]:
-    """``frame2`` sorts before ``frame10``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", Path(path).name)]
-
-
 def _to_rgb(image: Image.Image, background: str = "white") -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gridgen.files import write_text_atomic
 from gridgen.layout import GridLayout
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,5 @@ def export_sample(folder: Path, grid: np.ndarray, layout: GridLayout, kind: str 
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(manifest, indent=2, default=str))
 

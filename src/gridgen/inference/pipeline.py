@@ -34,17 +34,9 @@ from gridgen.inference.tasks import (
 from gridgen.models.builder import FrozenLora, build_flux
 from gridgen.models.loading import parse_dtype
 from gridgen.models.lora import check_lora_file
+from gridgen.runtime import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"generate.device={name} but no CUDA device is available; use generate.device=cpu")
-    return device
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -105,7 +97,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             frames = reference_frames(spec, layout, request.ref, float(cfg.ref_fit.min_kept))
             starts[key] = initial_frames(spec, layout, frames)
 
-    device, dtype = resolve_device(gen.device), parse_dtype(gen.dtype)
+    device, dtype = resolve_device(gen.device, "generate.device"), parse_dtype(gen.dtype)
     load_started = time.perf_counter()
     pipe, built = build_flux(cfg.model, lora=FrozenLora(cfg.lora, float(cfg.lora_scale)) if cfg.lora else None,
                              device=device, dtype=dtype, attention_device=device.type)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gridgen.files import natural_key
 from gridgen.layout import PIXELS_PER_TOKEN, GridLayout
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,6 @@ def resolve_layout(spec: str, height: int, width: int | None = None) -> GridLayo
 
 
 # ---- images --------------------------------------------------------------------------------------------
-def _natural_key(path: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
 def read_video(path: Path) -> list[Image.Image]:
     import av
 
@@ -182,7 +178,7 @@ def load_images(ref: Any) -> tuple[list[Image.Image], str]:
         return [_open_image(p) for p in paths], f"ref list of {len(paths)} images"
     path = Path(str(ref)).expanduser()
     if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
         if not files:
             raise FileNotFoundError(f"reference folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return [_open_image(p) for p in files], f"folder '{path}' ({len(files)} images)"

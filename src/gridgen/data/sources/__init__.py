@@ -17,7 +17,6 @@ from gridgen.data.sources.base import (
     RawItem,
     SkipInput,
     check_frame_sizes,
-    natural_key,
     safe_key,
 )
 from gridgen.data.sources.frames import FrameFolderSource
@@ -28,7 +27,7 @@ SOURCES = {"video": VideoSource, "frames": FrameFolderSource, "multiview": Multi
 
 __all__ = [
     "SOURCES", "Clip", "FrameFolderSource", "FrameSampling", "IgnoredFiles", "MultiViewSource", "RawItem", "SkipInput",
-    "VideoSource", "build_source", "camera_circle", "camera_to_world", "check_frame_sizes", "natural_key", "safe_key",
+    "VideoSource", "build_source", "camera_circle", "camera_to_world", "check_frame_sizes", "safe_key",
     "write_video",
 ]
 

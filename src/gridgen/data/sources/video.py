@@ -27,11 +27,11 @@ from gridgen.data.sources.base import (
     RawItem,
     SkipInput,
     check_frame_sizes,
-    natural_key,
     read_table,
     sidecar_caption,
 )
 from gridgen.data.tiling import center_crop, cover_size
+from gridgen.files import natural_key
 
 log = logging.getLogger(__name__)
 
