@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import gridgen
+from gridgen.cameras import camera_circle
 from gridgen.config import task_table, tasks_with
 from gridgen.inference.budget import ALLOW_KEY, measure_grid_cost, oversize, refusal
-from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
+from gridgen.inference.export import export_sample, to_uint8, write_manifest
 from gridgen.inference.sampler import MASK_MODES, GridSampler, check_strength
 from gridgen.inference.tasks import (
     SampleRequest,
@@ -121,8 +122,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
     cameras = None
     if spec.kind == "multiview":
-        cameras = cameras_document(layout, float(cfg.cameras.radius), cfg.cameras.step_deg,
-                                   float(cfg.cameras.elevation_deg), float(cfg.cameras.start_deg))
+        step = cfg.cameras.step_deg  # null: Table 5's 360 / (views - 1)
+        cameras = camera_circle(layout.num_cells, float(cfg.cameras.radius), "table5" if step is None else float(step),
+                                float(cfg.cameras.elevation_deg), float(cfg.cameras.start_deg))
     manifest: dict[str, Any] = {
         "gridgen_version": gridgen.__version__,
         "task": spec.name, "kind": spec.kind, "layout": {"name": layout.name, **layout.to_dict(),
