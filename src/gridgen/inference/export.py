@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,9 @@ from PIL import Image
 
 from gridgen.files import write_text_atomic
 from gridgen.layout import GridLayout
+from gridgen.video import H264_OR_MPEG4, first_encoder, write_video
 
 log = logging.getLogger(__name__)
-
-VIDEO_CODECS = ("libx264", "mpeg4")  # first one the FFmpeg build of PyAV can encode
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -49,23 +47,13 @@ def write_frames(folder: Path, frames: np.ndarray, stem: str = "frame") -> list[
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> Path:
     """Frames ``(F, h, w, 3)`` uint8 -> H.264 mp4 (yuv420p, plays everywhere); MPEG-4 part 2 without libx264."""
-    import av
-
-    codec = next((c for c in VIDEO_CODECS if c in av.codecs_available), None)
+    codec = first_encoder(H264_OR_MPEG4)
     if codec is None:
-        raise RuntimeError(f"this PyAV/FFmpeg build has none of the encoders {VIDEO_CODECS}; set export.mp4=false")
+        raise RuntimeError(f"this PyAV/FFmpeg build has none of the encoders {H264_OR_MPEG4}; set export.mp4=false")
+    if codec == "libx264":
+        return write_video(path, frames, int(fps), codec, options={"crf": str(crf), "preset": "medium"})
     _, height, width, _ = frames.shape
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(int(fps)))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "medium"}
-        else:
-            stream.bit_rate = max(400_000, width * height * int(fps) * 2)
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush
-    return path
+    return write_video(path, frames, int(fps), codec, bit_rate=max(400_000, width * height * int(fps) * 2))
 
 
 def write_gif(path: Path, frames: np.ndarray, fps: int = 8) -> Path:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from gridgen.files import natural_key
 from gridgen.layout import PIXELS_PER_TOKEN, GridLayout
+from gridgen.video import read_video
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +159,6 @@ def resolve_layout(spec: str, height: int, width: int | None = None) -> GridLayo
 
 
 # ---- images --------------------------------------------------------------------------------------------
-def read_video(path: Path) -> list[Image.Image]:
-    import av
-
-    with av.open(str(path)) as container:
-        return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
-
-
 def load_images(ref: Any) -> tuple[list[Image.Image], str]:
     """``ref`` (an image, a folder of images in natural name order, a video file, or a list of images) ->
     ``(images, what)`` with ``what`` saying where they came from (for messages)."""
@@ -185,9 +179,7 @@ def load_images(ref: Any) -> tuple[list[Image.Image], str]:
     if not path.is_file():
         raise FileNotFoundError(f"reference '{path}' does not exist")
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        frames = read_video(path)
-        if not frames:
-            raise ValueError(f"reference video '{path}' has no frames")
+        frames = [Image.fromarray(frame) for frame in read_video(path)]  # ValueError if it holds none
         return frames, f"video '{path}' ({len(frames)} frames)"
     return [_open_image(path)], f"image '{path}'"
 
