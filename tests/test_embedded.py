@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gridgen.data.sources.multiview import camera_to_world
+from gridgen.cameras import camera_to_world
 from gridgen.embedded import default_cache_dir
 from gridgen.embedded.render import FIELD_OF_VIEW_DEG, OBJECTS, object_mesh, render_view
 from gridgen.embedded.world import BACKGROUND_COLORS, STRAIGHT_PATHS, moving_shape_clip

@@ -16,7 +16,7 @@ ENTRY_POINTS = {f"gridgen.{name}" for name in ("train", "prepare", "generate", "
 # only inside a function of these seams (resolve_pretrained("embedded:tiny"), GridDataModule.prepare_data).
 EMBEDDED = "gridgen.embedded"
 EMBEDDED_MAY_IMPORT = ("gridgen.embedded", "gridgen.models", "gridgen.data", "gridgen.layout", "gridgen.config",
-                       "gridgen._quiet")
+                       "gridgen._quiet", "gridgen.cameras", "gridgen.files", "gridgen.runtime", "gridgen.video")
 EMBEDDED_SEAMS = {"gridgen.models.loading", "gridgen.data.datamodule"}
 
 
@@ -196,3 +196,16 @@ def test_library_never_starts_an_entry_point_as_a_process():
     bad = [f"{path.relative_to(SRC)}:{line}" for path in sorted((SRC / "gridgen").rglob("*.py"))
            for line in entry_point_launches(ast.parse(path.read_text(), str(path)))]
     assert not bad, "a subprocess of a gridgen entry point: " + ", ".join(bad)
+
+
+GROUND_FLOOR = {f"gridgen.{name}" for name in ("layout", "losses", "files", "runtime", "video", "cameras")}
+
+
+def test_the_ground_floor_imports_no_wing():
+    """``layout``, ``files``, ``runtime``, ``video``, ``cameras``: every wing stands on them, so they import no
+    other gridgen module (only each other)."""
+    graph = import_graph()
+    assert {"gridgen.files", "gridgen.runtime"} <= set(graph)
+    bad = sorted(f"{module} imports {target}" for module in GROUND_FLOOR & set(graph)
+                 for target in graph[module] - GROUND_FLOOR - {"gridgen"})
+    assert not bad, "; ".join(bad)

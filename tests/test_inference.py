@@ -18,19 +18,18 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
 
+from gridgen.cameras import camera_circle
 from gridgen.config import CONF_DIR, USER_ERRORS
 from gridgen.embedded import TINY_FLUX_CONFIG, ensure_tiny_flux
 from gridgen.generate import generate
 from gridgen.inference import (
     GridSampler,
     TaskSpec,
-    cameras_document,
     export_sample,
     flux_schedule,
     initial_frames,
     initial_noise,
     keep_tokens,
-    multiview_cameras,
     read_requests,
     reference_frames,
     resolve_layout,
@@ -272,59 +271,12 @@ def test_lora_for_another_model_names_the_key(tmp_path):
         apply_lora(tiny_pipe().transformer, tmp_path / "wider")
 
 
-# ---- cameras (paper A.9, Table 5) --------------------------------------------------------------------------
-TABLE_5 = [  # X vector, Y vector, Z vector, origin; rows 1-24 as printed
-    ([1.0, 0.0, 0.0], [-0.0, 0.0, -1.0], [-0.0, 1.0, 0.0], [0.0, -2.0, 0.0]),
-    ([0.96, 0.27, -0.0], [0.0, -0.0, -1.0], [-0.27, 0.96, -0.0], [0.54, -1.93, 0.0]),
-    ([-0.92, 0.4, -0.0], [0.0, 0.0, -1.0], [-0.4, -0.92, -0.0], [0.8, 1.83, 0.0]),
-    ([-0.99, 0.14, -0.0], [0.0, 0.0, -1.0], [-0.14, -0.99, -0.0], [0.27, 1.98, 0.0]),
-    ([-0.99, -0.14, 0.0], [-0.0, 0.0, -1.0], [0.14, -0.99, -0.0], [-0.27, 1.98, 0.0]),
-    ([-0.92, -0.4, 0.0], [-0.0, 0.0, -1.0], [0.4, -0.92, -0.0], [-0.8, 1.83, 0.0]),
-    ([-0.78, -0.63, 0.0], [-0.0, -0.0, -1.0], [0.63, -0.78, 0.0], [-1.26, 1.55, 0.0]),
-    ([-0.58, -0.82, -0.0], [0.0, 0.0, -1.0], [0.82, -0.58, 0.0], [-1.63, 1.15, 0.0]),
-    ([-0.33, -0.94, -0.0], [0.0, -0.0, -1.0], [0.94, -0.33, 0.0], [-1.88, 0.67, 0.0]),
-    ([-0.07, -1.0, -0.0], [0.0, 0.0, -1.0], [1.0, -0.07, 0.0], [-2.0, 0.14, 0.0]),
-    ([0.2, -0.98, 0.0], [0.0, -0.0, -1.0], [0.98, 0.2, 0.0], [-1.96, -0.41, 0.0]),
-    ([0.46, -0.89, 0.0], [0.0, -0.0, -1.0], [0.89, 0.46, 0.0], [-1.78, -0.92, 0.0]),
-    ([0.85, 0.52, 0.0], [-0.0, 0.0, -1.0], [-0.52, 0.85, 0.0], [1.04, -1.71, 0.0]),
-    ([0.68, -0.73, -0.0], [-0.0, 0.0, -1.0], [0.73, 0.68, 0.0], [-1.46, -1.37, 0.0]),
-    ([0.85, -0.52, -0.0], [0.0, 0.0, -1.0], [0.52, 0.85, 0.0], [-1.04, -1.71, 0.0]),
-    ([0.96, -0.27, 0.0], [-0.0, -0.0, -1.0], [0.27, 0.96, -0.0], [-0.54, -1.93, 0.0]),
-    ([1.0, -0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [-0.0, -2.0, 0.0]),
-    ([0.68, 0.73, 0.0], [0.0, 0.0, -1.0], [-0.73, 0.68, 0.0], [1.46, -1.37, 0.0]),
-    ([0.46, 0.89, -0.0], [-0.0, -0.0, -1.0], [-0.89, 0.46, 0.0], [1.78, -0.92, 0.0]),
-    ([0.2, 0.98, -0.0], [-0.0, -0.0, -1.0], [-0.98, 0.2, 0.0], [1.96, -0.41, 0.0]),
-    ([-0.07, 1.0, 0.0], [-0.0, 0.0, -1.0], [-1.0, -0.07, 0.0], [2.0, 0.14, 0.0]),
-    ([-0.33, 0.94, 0.0], [-0.0, -0.0, -1.0], [-0.94, -0.33, 0.0], [1.88, 0.67, 0.0]),
-    ([-0.58, 0.82, 0.0], [-0.0, 0.0, -1.0], [-0.82, -0.58, 0.0], [1.63, 1.15, 0.0]),
-    ([-0.78, 0.63, -0.0], [0.0, -0.0, -1.0], [-0.63, -0.78, 0.0], [1.26, 1.55, 0.0]),
-]
-
-
-def test_cameras_reproduce_paper_table5():
-    cameras = multiview_cameras(24, radius=2.0)
-    views = sorted(range(24), key=str)  # the table lists views in file-name order: 0, 1, 10, 11, ..., 19, 2, 20, ...
-    for row, view in zip(TABLE_5, views, strict=True):
-        camera = cameras[view]
-        for name, printed in zip(("x", "y", "z", "origin"), row, strict=True):
-            np.testing.assert_allclose(camera[name], printed, atol=0.0051, err_msg=f"view {view} {name}")
-    for camera in cameras:
-        c2w = np.array(camera["c2w"])
-        np.testing.assert_allclose(c2w[:3, :3].T @ c2w[:3, :3], np.eye(3), atol=1e-12)  # orthonormal
-        assert np.linalg.det(c2w[:3, :3]) == pytest.approx(1.0)  # right-handed
-        np.testing.assert_allclose(c2w[:3, 3] + 2.0 * c2w[:3, 2], 0, atol=1e-12)  # looks at the origin
-    fifteen = multiview_cameras(24, step_deg=15.0)
-    np.testing.assert_allclose(fifteen[1]["origin"], [2 * math.sin(math.radians(15)), -2 * math.cos(math.radians(15)), 0])
-    high = multiview_cameras(4, elevation_deg=30.0)[0]
-    assert high["origin"][2] == pytest.approx(1.0) and high["y"][2] < 0  # y still points down in the image
-
-
 # ---- export ------------------------------------------------------------------------------------------------
 def test_export_writes_frames_videos_and_cameras(tmp_path):
     layout = GridLayout(2, 3, 32, 48)
     grid = np.random.default_rng(0).integers(0, 256, (layout.height, layout.width, 3), dtype=np.uint8)
     files = export_sample(tmp_path / "s", grid, layout, kind="multiview", fps=6,
-                          cameras={"cameras": multiview_cameras(6)})
+                          cameras=camera_circle(6))
     assert np.array_equal(np.asarray(Image.open(tmp_path / files["grid"])), grid)
     assert len(files["views"]) == 6
     for k, name in enumerate(files["views"]):  # film-strip order: view k = cell (k // cols, k % cols)
@@ -337,7 +289,7 @@ def test_export_writes_frames_videos_and_cameras(tmp_path):
     assert len(decoded) == 6 and decoded[0].shape == (32, 48, 3)
     with Image.open(tmp_path / files["gif"]) as gif:
         assert gif.n_frames == 6 and gif.size == (48, 32) and gif.info["duration"] == 170  # 1/6 s in GIF's centiseconds
-    assert len(json.loads((tmp_path / files["cameras"]).read_text())["cameras"]) == 6
+    assert json.loads((tmp_path / files["cameras"]).read_text()) == camera_circle(6)
     assert np.array_equal(grid_frames(grid, layout)[4], grid[32:64, 48:96])
 
 
@@ -350,7 +302,7 @@ def test_readme_names_the_files_generate_writes(tmp_path):
     grid = np.zeros((32, 32, 3), np.uint8)
     for kind in ("video", "multiview"):
         files = export_sample(tmp_path / kind, grid, layout, kind=kind,
-                              cameras=cameras_document(layout) if kind == "multiview" else None)
+                              cameras=camera_circle(layout.num_cells) if kind == "multiview" else None)
         names = {Path(v[0]).parts[1] + "/" if isinstance(v, list) else Path(v).parts[1] for v in files.values()}
         assert names == ({"grid.png", "views/", "views.mp4", "views.gif", "cameras.json"} if kind == "multiview" else
                          {"grid.png", "frames/", "frames.mp4", "frames.gif"})
@@ -458,8 +410,8 @@ def test_every_task_generates_and_exports(tmp_path, refs, task, extra, frames, k
     else:
         assert "keep" not in tensors and manifest["mask"] is None
     if task.endswith("mv"):
-        cameras = json.loads((folder / "cameras.json").read_text())["cameras"]
-        assert len(cameras) == 24 and cameras[23]["cell"] == [3, 5]
+        cameras = json.loads((folder / "cameras.json").read_text())
+        assert cameras == camera_circle(24)  # generate.yaml's defaults: Table 5, radius 2; view k = frame k
         assert "Each frame captures a 3D model of a red circle from a different angle" in sample["caption"]
 
 

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from gridgen.cameras import camera_circle
 from gridgen.config import CONF_DIR
 from gridgen.data.captions import VLMCaptioner
 from gridgen.data.cards import (
@@ -29,7 +30,7 @@ from gridgen.data.cards import (
     register_card_resolver,
 )
 from gridgen.data.prepare import prepare
-from gridgen.data.sources import FrameSampling, VideoSource, camera_circle, write_video
+from gridgen.data.sources import FrameSampling, VideoSource, write_video
 from gridgen.data.tiling import composite, fit_to_cell, tile_frames
 from gridgen.embedded.world import moving_shape_clip
 from gridgen.layout import GridLayout
@@ -81,34 +82,6 @@ def test_cards_are_complete_and_configs_read_them():
 
 
 # ---- geometry -------------------------------------------------------------------------------------
-
-# Paper Table 5, rows in its order: X vector (x, y) and camera origin (x, y); z parts are 0, Y = (0, 0, -1).
-TABLE5 = [
-    ((1.0, 0.0), (0.0, -2.0)), ((0.96, 0.27), (0.54, -1.93)), ((-0.92, 0.4), (0.8, 1.83)),
-    ((-0.99, 0.14), (0.27, 1.98)), ((-0.99, -0.14), (-0.27, 1.98)), ((-0.92, -0.4), (-0.8, 1.83)),
-    ((-0.78, -0.63), (-1.26, 1.55)), ((-0.58, -0.82), (-1.63, 1.15)), ((-0.33, -0.94), (-1.88, 0.67)),
-    ((-0.07, -1.0), (-2.0, 0.14)), ((0.2, -0.98), (-1.96, -0.41)), ((0.46, -0.89), (-1.78, -0.92)),
-    ((0.85, 0.52), (1.04, -1.71)), ((0.68, -0.73), (-1.46, -1.37)), ((0.85, -0.52), (-1.04, -1.71)),
-    ((0.96, -0.27), (-0.54, -1.93)), ((1.0, -0.0), (-0.0, -2.0)), ((0.68, 0.73), (1.46, -1.37)),
-    ((0.46, 0.89), (1.78, -0.92)), ((0.2, 0.98), (1.96, -0.41)), ((-0.07, 1.0), (2.0, 0.14)),
-    ((-0.33, 0.94), (1.88, 0.67)), ((-0.58, 0.82), (1.63, 1.15)), ((-0.78, 0.63), (1.26, 1.55)),
-]
-
-
-def test_cameras_reproduce_paper_table5():
-    cams = camera_circle(24, 2.0, "table5")
-    order = sorted(range(24), key=str)  # the table lists views in lexicographic file order: 0, 1, 10, 11, ...
-    for row, view in enumerate(order):
-        c2w = np.array(cams["c2w"][view])
-        (xx, xy), (ox, oy) = TABLE5[row]
-        assert np.allclose(c2w[:3, 0], [xx, xy, 0], atol=0.006), (row, view)
-        assert np.allclose(c2w[:3, 1], [0, 0, -1]) and np.allclose(c2w[:3, 3], [ox, oy, 0], atol=0.006)
-        assert np.allclose(c2w[:3, 2], -c2w[:3, 3] / 2)  # every camera looks at the origin
-        assert np.allclose(np.linalg.det(c2w[:3, :3]), 1.0)
-    uniform = np.array(camera_circle(24, 2.0, "uniform")["c2w"][1])
-    assert not np.allclose(uniform[:3, 3], [0.54, -1.93, 0], atol=0.006)  # 15 deg steps are not the table's
-    assert cams["azimuth_deg"][1] == pytest.approx(360 / 23, abs=1e-6)
-
 
 def test_frame_sampling_windows():
     rng = np.random.default_rng(0)

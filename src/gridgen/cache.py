@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +20,7 @@ from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.data.cache import cache_shards, load_encoders
 from gridgen.data.datamodule import parse_sources, resolve_shards
 from gridgen.embedded import ensure_sample_shards
+from gridgen.runtime import resolve_device
 
 log = logging.getLogger("gridgen.cache")
 register_resolvers()
@@ -61,12 +61,6 @@ def cache_plan(data: DictConfig, out: Path, splits: list[str]) -> list[tuple[str
     return plan
 
 
-def _device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def rank_and_world(opts: DictConfig) -> tuple[int, int, int]:
     """``(rank, world size, local rank)`` of this process among those sharing the cache's shards.
 
@@ -105,7 +99,7 @@ def cache(cfg: DictConfig) -> dict[str, Any]:
     rank, world, local_rank = rank_and_world(cfg.cache)
     if not 0 <= rank < world:
         raise ValueError(f"cache.rank must be one of 0..{world - 1} (cache.world_size={world}), got {rank}")
-    device = _device(str(cfg.cache.device), local_rank)
+    device = resolve_device(str(cfg.cache.device), "cache.device", local_rank)
     log.info("loading the VAE and text encoders of %s on %s%s", model["pretrained"], device,
              f" (rank {rank} of {world})" if world > 1 else "")
     pipe = load_encoders(model, device)

@@ -10,7 +10,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -18,10 +17,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gridgen.config import CONF_DIR, check_added_keys, exit_on_user_error, register_resolvers
+from gridgen.files import config_hash
 from gridgen.models.attention import resolve_attention_backend
 from gridgen.models.loading import EMBEDDED_TINY_NAMES, check_model_source
 from gridgen.run_folder import RunFolderGuard, hydra_files_of_this_command
-from gridgen.training.callbacks import LoraExport, config_hash
+from gridgen.runtime import resolve_device
+from gridgen.training.callbacks import LoraExport
 from gridgen.training.callbacks.ema import LoraEMA
 from gridgen.training.module import GridModule
 from gridgen.training.runs import (
@@ -81,7 +82,8 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
 
     # The attention kernel this run will use, recorded in config.yaml and the loggers' hyperparameters.
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    device_type = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    auto = resolve_device("auto", "trainer.accelerator").type
+    device_type = {"gpu": "cuda", "cuda": "cuda", "auto": auto}.get(accelerator, "cpu")
     with open_dict(cfg):
         cfg.model.attention_backend = resolve_attention_backend(cfg.model.get("attention_backend"), device_type)
 

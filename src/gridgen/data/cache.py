@@ -53,6 +53,7 @@ from gridgen.data.cache_format import (  # re-exported: the cache's format lives
     verify_cache_folders,
 )
 from gridgen.data.decoding import SafeDecoder, SkipCounter, ToSample
+from gridgen.files import atomic_path, write_text_atomic
 from gridgen.layout import GridLayout
 
 if TYPE_CHECKING:
@@ -240,8 +241,7 @@ def cache_shards(
             wds.map(SafeDecoder([*image_key.split(";"), "json", caption_key], skips), handler=skips),
             wds.map(ToSample(image_key, caption_key, cached=False, skips=skips, keep_meta=True), handler=skips),
         )
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        with wds.TarWriter(str(tmp), mtime=0) as sink:
+        with atomic_path(target) as tmp, wds.TarWriter(str(tmp), mtime=0) as sink:
             for chunk in _chunks(samples, batch_size):
                 for sample, tensors in zip(chunk, encode_for_cache(pipe, chunk, max_len), strict=True):
                     layout: GridLayout = sample["layout"]
@@ -253,7 +253,6 @@ def cache_shards(
                                 "json": json.dumps(meta, sort_keys=True).encode(),
                                 "txt": sample["caption"].encode()})
                     written += 1
-        os.replace(tmp, target)
         record = {"source": url, "split": split, "samples": written, "skipped": skips.count, "layouts": layouts,
                   "fingerprint": fingerprint}
         _record_path(out, name).parent.mkdir(exist_ok=True)
@@ -294,6 +293,4 @@ def finish_cache(out: Path, shards: Mapping[str, list[str]], header: dict[str, A
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))

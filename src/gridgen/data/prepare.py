@@ -30,12 +30,12 @@ from gridgen.data.captions import Captioner, CaptionTemplates, build_captioner
 from gridgen.data.shards import (
     PartShardWriter,
     ResumableShardWriter,
-    config_hash,
     merge_parts,
     part_of,
 )
 from gridgen.data.sources import FrameSampling, MultiViewSource, RawItem, SkipInput, build_source, safe_key
 from gridgen.data.tiling import IMAGE_FORMATS, encode_image, tile_frames
+from gridgen.files import config_hash
 from gridgen.layout import GridLayout
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,8 @@ from typing import Any
 
 import webdataset as wds
 
+from gridgen.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -44,10 +46,6 @@ TAR_MTIME = 0.0  # fixed member mtime: the same inputs and seed give byte-identi
 MAX_EXAMPLES = 3  # skip details kept per reason
 SINGLE_SHARD = re.compile(r"-\d{6}\.tar")  # {split}-000000.tar; a part's are {split}-p00003-000000.tar
 PARTS_DIR = ".parts"  # {split}-p00003.json: the record of each part of a partitioned run, merged into the manifest
-
-
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def empty_counts() -> dict[str, Any]:
@@ -76,9 +74,7 @@ def read_manifest(out: str | Path) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _with_totals(manifest: dict[str, Any]) -> dict[str, Any]:

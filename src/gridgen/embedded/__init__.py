@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gridgen.embedded.cache_dir import default_cache_dir
+from gridgen.runtime import default_cache_dir
 
 if TYPE_CHECKING:
     from gridgen.embedded.flux_tiny import TINY_FLUX_CONFIG, build_tiny_flux, ensure_tiny_flux

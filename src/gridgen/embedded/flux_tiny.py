@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from gridgen.embedded.cache_dir import default_cache_dir
 from gridgen.embedded.tokenizers import build_tiny_tokenizers, finalise_tokenizer_folders
+from gridgen.runtime import default_cache_dir
 
 logger = logging.getLogger(__name__)
 

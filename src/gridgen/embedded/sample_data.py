@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from gridgen.cameras import camera_azimuths, camera_to_world
 from gridgen.data.cards import load_card
 from gridgen.data.prepare import prepare  # the same path as `make prepare`
-from gridgen.data.sources.multiview import camera_azimuths, camera_to_world
 from gridgen.data.sources.video import write_video
-from gridgen.embedded.cache_dir import default_cache_dir
 from gridgen.embedded.render import OBJECTS, object_mesh, render_view
 from gridgen.embedded.world import SHAPE_COLORS, moving_shape_clip, with_article
+from gridgen.runtime import default_cache_dir
 
 log = logging.getLogger(__name__)
 

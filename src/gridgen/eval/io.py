@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gridgen.files import natural_key
 from gridgen.layout import GridLayout
+from gridgen.video import read_video, write_video
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +76,6 @@ class VideoItem:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def natural_key(path: Path | str) -> list[Any]:
-    """``frame2`` sorts before ``frame10``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", Path(path).name)]
-
-
 def _to_rgb(image: Image.Image, background: str = "white") -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -104,38 +101,16 @@ def read_frames(paths: Iterable[Path], background: str = "white") -> torch.Tenso
 
 
 def read_video_file(path: str | Path) -> torch.Tensor:
-    """Decode every frame of a video file with PyAV -> uint8 ``(T, 3, H, W)``."""
-    try:
-        import av
-    except ImportError as err:  # pragma: no cover - av is a dependency of the eval extra
-        raise FileNotFoundError("reading video files needs PyAV: pip install 'av>=12,<20'") from err
-    try:
-        with av.open(str(path)) as container:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    except (av.error.FFmpegError, IndexError) as err:
-        raise ValueError(f"cannot decode video '{path}': {err}") from err
-    if not frames:
-        raise ValueError(f"video '{path}' has no frames")
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    """Decode every frame of a video file -> uint8 ``(T, 3, H, W)``."""
+    return torch.from_numpy(read_video(path)).permute(0, 3, 1, 2).contiguous()  # (T, H, W, 3) -> (T, 3, H, W)
 
 
 def write_video_file(path: str | Path, frames: torch.Tensor, fps: int = 8, lossless: bool = True) -> Path:
     """uint8 ``(T, 3, H, W)`` -> an H.264 mp4 (lossless by default: evaluation fixtures must decode exactly)."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = frames.permute(0, 2, 3, 1).contiguous().numpy()
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264rgb" if lossless else "libx264", rate=fps)
-        stream.width, stream.height = array.shape[2], array.shape[1]
-        stream.pix_fmt = "rgb24" if lossless else "yuv420p"
-        if lossless:
-            stream.options = {"qp": "0", "preset": "ultrafast"}
-        for image in array:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    array = frames.permute(0, 2, 3, 1).contiguous().numpy()  # (T, H, W, 3)
+    if lossless:
+        return write_video(path, array, fps, "libx264rgb", "rgb24", options={"qp": "0", "preset": "ultrafast"})
+    return write_video(path, array, fps, "libx264")
 
 
 def untile_grid(grid: torch.Tensor, layout: str | GridLayout, frame_count: int | None = None) -> torch.Tensor:

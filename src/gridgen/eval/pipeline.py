@@ -47,6 +47,7 @@ from gridgen.eval.metrics import (
 )
 from gridgen.eval.report import Evaluation, paper_targets, render_table, write_results
 from gridgen.models.attention import apply_attention_backend
+from gridgen.runtime import resolve_device, wandb_offline
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,7 @@ def _setup_device(cfg: DictConfig) -> torch.device:
     wanted = str(cfg.eval.device)
     if wanted not in ("auto", "cpu", "cuda"):
         raise ValueError(f"eval.device must be auto, cpu or cuda, got {wanted!r}")
-    accelerator = ("cuda" if torch.cuda.is_available() else "cpu") if wanted == "auto" else wanted
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ValueError("eval.device=cuda but no CUDA device is visible; use eval.device=cpu")
+    accelerator = resolve_device(wanted, "eval.device").type
     devices = int(cfg.eval.devices)
     if devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from lightning.fabric import Fabric
@@ -383,8 +382,7 @@ def log_to_wandb(ev: Evaluation, paper: dict[str, Any], wb: DictConfig, out: Pat
     import wandb
 
     kwargs: dict[str, Any] = {"project": wb.get("project", "gridgen"), "job_type": "eval",
-                              "mode": "online" if os.environ.get("WANDB_API_KEY") or
-                              os.environ.get("WANDB_MODE") == "online" else "offline"}
+                              "mode": "offline" if wandb_offline() else "online"}
     run_dir = Path(str(wb.run)).expanduser() if wb.get("run") else None
     if run_dir is not None:
         runs = sorted((run_dir / "wandb").glob("*run-*-*"))

@@ -5,9 +5,7 @@ editing, task recipes that build the initial grid and mask, and export of frames
 """
 
 from gridgen.inference.export import (
-    cameras_document,
     export_sample,
-    multiview_cameras,
     to_uint8,
     write_gif,
     write_mp4,
@@ -34,13 +32,11 @@ __all__ = [
     "SampleRequest",
     "TaskSpec",
     "TextConditioning",
-    "cameras_document",
     "export_sample",
     "flux_schedule",
     "initial_frames",
     "initial_noise",
     "keep_tokens",
-    "multiview_cameras",
     "read_requests",
     "reference_frames",
     "resolve_layout",

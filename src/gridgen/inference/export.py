@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gridgen.files import write_text_atomic
 from gridgen.layout import GridLayout
+from gridgen.video import H264_OR_MPEG4, first_encoder, write_video
 
 log = logging.getLogger(__name__)
-
-VIDEO_CODECS = ("libx264", "mpeg4")  # first one the FFmpeg build of PyAV can encode
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -50,23 +47,13 @@ def write_frames(folder: Path, frames: np.ndarray, stem: str = "frame") -> list[
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> Path:
     """Frames ``(F, h, w, 3)`` uint8 -> H.264 mp4 (yuv420p, plays everywhere); MPEG-4 part 2 without libx264."""
-    import av
-
-    codec = next((c for c in VIDEO_CODECS if c in av.codecs_available), None)
+    codec = first_encoder(H264_OR_MPEG4)
     if codec is None:
-        raise RuntimeError(f"this PyAV/FFmpeg build has none of the encoders {VIDEO_CODECS}; set export.mp4=false")
+        raise RuntimeError(f"this PyAV/FFmpeg build has none of the encoders {H264_OR_MPEG4}; set export.mp4=false")
+    if codec == "libx264":
+        return write_video(path, frames, int(fps), codec, options={"crf": str(crf), "preset": "medium"})
     _, height, width, _ = frames.shape
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(int(fps)))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "medium"}
-        else:
-            stream.bit_rate = max(400_000, width * height * int(fps) * 2)
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush
-    return path
+    return write_video(path, frames, int(fps), codec, bit_rate=max(400_000, width * height * int(fps) * 2))
 
 
 def write_gif(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
@@ -75,52 +62,6 @@ def write_gif(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=duration,
                    loop=0, optimize=False)
     return path
-
-
-# ---- multi-view cameras (paper A.9, Table 5) ----------------------------------------------------------
-def multiview_cameras(num_views: int = 24, radius: float = 2.0, step_deg: float | None = None,
-                      elevation_deg: float = 0.0, start_deg: float = 0.0) -> list[dict[str, Any]]:
-    """Camera-to-world poses on a circle around the origin, world z up, OpenCV axes (x right, y down, z forward).
-
-    View k sits at azimuth ``theta_k = start + k * step``: origin ``r (cos e sin theta, -cos e cos theta, sin e)``,
-    x = ``(cos theta, sin theta, 0)``, z = toward the origin, y = z cross x (= -world z at elevation 0). This
-    reproduces the paper's Table 5 (24 views, radius 2) with ``step = 360 / (views - 1)`` = 15.65 deg, the
-    default: the table's rows are the views in file-name order (0, 1, 10, 11, ..., 19, 2, 20, ...) and its
-    last view repeats the first. ``step_deg=15`` gives the text's 15 deg spacing.
-    """
-    if num_views < 1:
-        raise ValueError(f"need at least one view, got {num_views}")
-    step = 360.0 / max(1, num_views - 1) if step_deg is None else float(step_deg)
-    elevation = math.radians(elevation_deg)
-    cameras = []
-    for k in range(num_views):
-        theta = math.radians(start_deg + k * step)
-        origin = np.array([radius * math.cos(elevation) * math.sin(theta),
-                           -radius * math.cos(elevation) * math.cos(theta), radius * math.sin(elevation)])
-        z = -origin / np.linalg.norm(origin)
-        x = np.array([math.cos(theta), math.sin(theta), 0.0])
-        y = np.cross(z, x)
-        c2w = np.eye(4)
-        c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = x, y, z, origin
-        cameras.append({"view": k, "azimuth_deg": start_deg + k * step, "elevation_deg": elevation_deg,
-                        "x": x.tolist(), "y": y.tolist(), "z": z.tolist(), "origin": origin.tolist(),
-                        "c2w": c2w.tolist()})
-    return cameras
-
-
-def cameras_document(layout: GridLayout, radius: float = 2.0, step_deg: float | None = None,
-                     elevation_deg: float = 0.0, start_deg: float = 0.0) -> dict[str, Any]:
-    cameras = multiview_cameras(layout.num_cells, radius, step_deg, elevation_deg, start_deg)
-    for camera in cameras:
-        camera["cell"] = list(layout.cell_of_frame(camera["view"]))
-    return {
-        "convention": "camera-to-world; OpenCV camera axes (x right, y down, z forward toward the origin); world z up",
-        "source": "GRID paper A.9 / Table 5 (Diffusion4D cameras)",
-        "radius": radius,
-        "step_deg": cameras[1]["azimuth_deg"] - cameras[0]["azimuth_deg"] if len(cameras) > 1 else 0.0,
-        "layout": layout.name,
-        "cameras": cameras,
-    }
 
 
 # ---- one sample and the manifest ------------------------------------------------------------------------
@@ -151,8 +92,5 @@ def export_sample(folder: Path, grid: np.ndarray, layout: GridLayout, kind: str 
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(manifest, indent=2, default=str))
 

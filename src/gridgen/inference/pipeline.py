@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import gridgen
+from gridgen.cameras import camera_circle
 from gridgen.config import task_table, tasks_with
 from gridgen.inference.budget import ALLOW_KEY, measure_grid_cost, oversize, refusal
-from gridgen.inference.export import cameras_document, export_sample, to_uint8, write_manifest
+from gridgen.inference.export import export_sample, to_uint8, write_manifest
 from gridgen.inference.sampler import MASK_MODES, GridSampler, check_strength
 from gridgen.inference.tasks import (
     SampleRequest,
@@ -34,17 +35,9 @@ from gridgen.inference.tasks import (
 from gridgen.models.builder import FrozenLora, build_flux
 from gridgen.models.loading import parse_dtype
 from gridgen.models.lora import check_lora_file
+from gridgen.runtime import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"generate.device={name} but no CUDA device is available; use generate.device=cpu")
-    return device
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -105,7 +98,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             frames = reference_frames(spec, layout, request.ref, float(cfg.ref_fit.min_kept))
             starts[key] = initial_frames(spec, layout, frames)
 
-    device, dtype = resolve_device(gen.device), parse_dtype(gen.dtype)
+    device, dtype = resolve_device(gen.device, "generate.device"), parse_dtype(gen.dtype)
     load_started = time.perf_counter()
     pipe, built = build_flux(cfg.model, lora=FrozenLora(cfg.lora, float(cfg.lora_scale)) if cfg.lora else None,
                              device=device, dtype=dtype, attention_device=device.type)
@@ -129,8 +122,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
     cameras = None
     if spec.kind == "multiview":
-        cameras = cameras_document(layout, float(cfg.cameras.radius), cfg.cameras.step_deg,
-                                   float(cfg.cameras.elevation_deg), float(cfg.cameras.start_deg))
+        step = cfg.cameras.step_deg  # null: Table 5's 360 / (views - 1)
+        cameras = camera_circle(layout.num_cells, float(cfg.cameras.radius), "table5" if step is None else float(step),
+                                float(cfg.cameras.elevation_deg), float(cfg.cameras.start_deg))
     manifest: dict[str, Any] = {
         "gridgen_version": gridgen.__version__,
         "task": spec.name, "kind": spec.kind, "layout": {"name": layout.name, **layout.to_dict(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gridgen.files import natural_key
 from gridgen.layout import PIXELS_PER_TOKEN, GridLayout
+from gridgen.video import read_video
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +159,6 @@ def resolve_layout(spec: str, height: int, width: int | None = None) -> GridLayo
 
 
 # ---- images --------------------------------------------------------------------------------------------
-def _natural_key(path: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
-def read_video(path: Path) -> list[Image.Image]:
-    import av
-
-    with av.open(str(path)) as container:
-        return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
-
-
 def load_images(ref: Any) -> tuple[list[Image.Image], str]:
     """``ref`` (an image, a folder of images in natural name order, a video file, or a list of images) ->
     ``(images, what)`` with ``what`` saying where they came from (for messages)."""
@@ -182,16 +172,14 @@ def load_images(ref: Any) -> tuple[list[Image.Image], str]:
         return [_open_image(p) for p in paths], f"ref list of {len(paths)} images"
     path = Path(str(ref)).expanduser()
     if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
         if not files:
             raise FileNotFoundError(f"reference folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return [_open_image(p) for p in files], f"folder '{path}' ({len(files)} images)"
     if not path.is_file():
         raise FileNotFoundError(f"reference '{path}' does not exist")
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        frames = read_video(path)
-        if not frames:
-            raise ValueError(f"reference video '{path}' has no frames")
+        frames = [Image.fromarray(frame) for frame in read_video(path)]  # ValueError if it holds none
         return frames, f"video '{path}' ({len(frames)} frames)"
     return [_open_image(path)], f"image '{path}'"
 

@@ -27,6 +27,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from gridgen.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -174,14 +176,9 @@ def _umask() -> int:
 
 
 def _save_atomically(weights: dict[str, torch.Tensor], filename: str | Path, header: dict[str, str]) -> None:
-    tmp = f"{filename}.tmp-{os.getpid()}"
-    try:
-        safetensors.torch.save_file(weights, tmp, metadata=header)
+    with atomic_path(filename) as tmp:  # a crash mid-write leaves the previous file intact
+        safetensors.torch.save_file(weights, str(tmp), metadata=header)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; exports are shared like checkpoints
-        os.replace(tmp, filename)  # a crash mid-write leaves the previous file intact
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---- kohya / ComfyUI naming --------------------------------------------------------------------------

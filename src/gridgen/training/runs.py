@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import resumes_in_place, run_folder_of_checkpoint
 from gridgen.models.lora import LORA_FILE, read_lora_header
+from gridgen.runtime import wandb_offline
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def build_loggers(cfg: DictConfig, resume: ResumePoint | None = None) -> list[An
         if name == "wandb":
             logger_cfg = OmegaConf.to_container(logger_cfg, resolve=True)
             if logger_cfg.get("offline") is None:
-                logger_cfg["offline"] = not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online")
+                logger_cfg["offline"] = wandb_offline()
             if logger_cfg.get("group") is None and HydraConfig.initialized() and \
                     HydraConfig.get().mode == hydra.types.RunMode.MULTIRUN:
                 logger_cfg["group"] = Path(HydraConfig.get().sweep.dir).name  # one W&B group per sweep

@@ -17,18 +17,17 @@ from gridgen.data.sources.base import (
     RawItem,
     SkipInput,
     check_frame_sizes,
-    natural_key,
     safe_key,
 )
 from gridgen.data.sources.frames import FrameFolderSource
-from gridgen.data.sources.multiview import MultiViewSource, camera_circle, camera_to_world
+from gridgen.data.sources.multiview import MultiViewSource
 from gridgen.data.sources.video import VideoSource, write_video
 
 SOURCES = {"video": VideoSource, "frames": FrameFolderSource, "multiview": MultiViewSource}
 
 __all__ = [
     "SOURCES", "Clip", "FrameFolderSource", "FrameSampling", "IgnoredFiles", "MultiViewSource", "RawItem", "SkipInput",
-    "VideoSource", "build_source", "camera_circle", "camera_to_world", "check_frame_sizes", "natural_key", "safe_key",
+    "VideoSource", "build_source", "check_frame_sizes", "safe_key",
     "write_video",
 ]
 

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from gridgen.files import natural_key
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_NUMBER = re.compile(r"(\d+)")
 
 
 class SkipInput(Exception):
@@ -54,11 +55,6 @@ class Clip:
     fps: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. cameras of multi-view renders
     resized_mismatched: int = 0  # frames of another size than the others, fitted anyway (prepare.resize_mismatched)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders numbers by value: ``multi_frame2.png`` < ``multi_frame10.png``."""
-    return tuple(int(part) if part.isdigit() else part.lower() for part in _NUMBER.split(name))
 
 
 def safe_key(text: str) -> str:

@@ -25,11 +25,11 @@ from gridgen.data.sources.base import (
     SkipInput,
     check_frame_sizes,
     list_images,
-    natural_key,
     read_table,
     sidecar_caption,
 )
 from gridgen.data.tiling import fit_to_cell, parse_color, to_rgb
+from gridgen.files import natural_key
 
 
 def find_clip_folders(src: Path, frames_subdir: str | None = None) -> list[tuple[str, Path, Path]]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from gridgen import video
 from gridgen.data.sources.base import (
     Clip,
     FrameSampling,
@@ -27,11 +27,11 @@ from gridgen.data.sources.base import (
     RawItem,
     SkipInput,
     check_frame_sizes,
-    natural_key,
     read_table,
     sidecar_caption,
 )
 from gridgen.data.tiling import center_crop, cover_size
+from gridgen.files import natural_key
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +171,8 @@ class VideoSource:
         return [Clip([frames[i] for i in window], window, grid_fps, resized_mismatched=odd) for window in windows]
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, codec: str = "libx264",
-                options: dict[str, str] | None = None) -> None:
-    """Write ``frames (T, H, W, 3)`` uint8 as a video file (H and W even for yuv420p)."""
-    path = Path(path)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
-        stream.options = dict(options or {})
-        if codec == "libx264":
-            stream.codec_context.thread_count = 1  # same bytes on every machine
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str = "libx264",
+                options: dict[str, str] | None = None) -> Path:
+    """A data set's clip ``frames (T, H, W, 3)`` uint8 (H and W even for yuv420p): with one x264 thread, the same
+    frames give the same bytes on every machine."""
+    return video.write_video(path, frames, fps, codec, options=options, threads=1 if codec == "libx264" else None)

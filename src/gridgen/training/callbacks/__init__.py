@@ -3,11 +3,11 @@
 (``summary``), the LoRA export (``export``) and its EMA (``ema``), validation sample grids (``samples``)."""
 
 from gridgen.training.callbacks.alpha import ALPHA_SHAPES, AlphaSchedule, alpha_at
-from gridgen.training.callbacks.export import LoraExport, config_hash
+from gridgen.training.callbacks.export import LoraExport
 from gridgen.training.callbacks.progress import GridProgressBar, ProgressLog
 from gridgen.training.callbacks.summary import RunSummary
 from gridgen.training.callbacks.throughput import GridThroughput
 from gridgen.training.callbacks.timing import StepTimer, step_timer
 
 __all__ = ["ALPHA_SHAPES", "AlphaSchedule", "GridProgressBar", "GridThroughput", "LoraExport", "ProgressLog",
-           "RunSummary", "StepTimer", "alpha_at", "config_hash", "step_timer"]
+           "RunSummary", "StepTimer", "alpha_at", "step_timer"]

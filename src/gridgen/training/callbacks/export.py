@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,6 @@ from gridgen.models.lora import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def config_hash(cfg: Any) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class LoraExport(L.Callback):
