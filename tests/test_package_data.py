@@ -8,6 +8,7 @@ installs that wheel into a fresh venv outside the checkout and runs each console
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_every_entry_point_is_a_console_script(wheel):
         parser.optionxform = str
         parser.read_string(zf.read(name).decode())
     scripts = dict(parser["console_scripts"])
-    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if "@hydra.main" in p.read_text())
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if re.search(r"^@hydra\.main\(", p.read_text(), re.M))
     assert sorted(scripts) == sorted(ENTRY_POINTS)
     assert sorted(v.strip().removesuffix(":main").removeprefix("gridgen.") for v in scripts.values()) == modules
 
