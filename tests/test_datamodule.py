@@ -235,13 +235,18 @@ class _TinyModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_skipped_samples_reach_the_lightning_logger(root, tmp_path):
+def write_shard_with_two_broken_samples(root, folder):
+    """The sample's first video shard with an unreadable PNG and a sample without a layout among its samples."""
     good = [{k: v for k, v in s.items() if k in ("__key__", "png", "json", "txt")}
             for s in wds.WebDataset(str(root / "video" / "train-000000.tar"), shardshuffle=False)]
     broken = [dict(good[0], __key__="broken-png", png=b"\x89PNG no"), dict(good[1], __key__="no-layout", json=b"{}")]
-    with wds.TarWriter(str(tmp_path / "train-000000.tar"), mtime=0) as sink:
+    with wds.TarWriter(str(folder / "train-000000.tar"), mtime=0) as sink:
         for sample in good[:2] + broken + good[2:]:
             sink.write(sample)
+
+
+def test_skipped_samples_reach_the_lightning_logger(root, tmp_path):
+    write_shard_with_two_broken_samples(root, tmp_path)
     dm = GridDataModule(tmp_path, batch_size=2, samples_per_epoch=12, shuffle_buffer=1)
     logger = CSVLogger(tmp_path / "logs", name="", version="v")
     trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=1,
@@ -262,12 +267,7 @@ def test_skips_are_one_console_line_per_logging_interval(root, tmp_path, caplog)
     import logging
     import re
 
-    good = [{k: v for k, v in s.items() if k in ("__key__", "png", "json", "txt")}
-            for s in wds.WebDataset(str(root / "video" / "train-000000.tar"), shardshuffle=False)]
-    broken = [dict(good[0], __key__="broken-png", png=b"\x89PNG no"), dict(good[1], __key__="no-layout", json=b"{}")]
-    with wds.TarWriter(str(tmp_path / "train-000000.tar"), mtime=0) as sink:
-        for sample in good[:2] + broken + good[2:]:
-            sink.write(sample)
+    write_shard_with_two_broken_samples(root, tmp_path)
     dm = GridDataModule(tmp_path, batch_size=2, samples_per_epoch=12, shuffle_buffer=1)
     trainer = L.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, log_every_n_steps=4,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
