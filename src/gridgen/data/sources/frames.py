@@ -134,12 +134,17 @@ class FrameFolderSource:
             raise SkipInput("unreadable", f"{path}: {exn}") from exn
         return fit_to_cell(rgb, cell_height, cell_width)
 
-    def load(self, item: RawItem, cell_height: int, cell_width: int, frames_per_grid: int,
-             sampling: FrameSampling, rng: np.random.Generator) -> list[Clip]:
+    @staticmethod
+    def images(item: RawItem) -> tuple[Path, list[Path]]:
+        """The item's folder and its images in natural order (``SkipInput("missing_file")`` without the folder)."""
         folder = Path(item.path)
         if not folder.is_dir():
             raise SkipInput("missing_file", str(folder))
-        files = list_images(folder)
+        return folder, list_images(folder)
+
+    def load(self, item: RawItem, cell_height: int, cell_width: int, frames_per_grid: int,
+             sampling: FrameSampling, rng: np.random.Generator) -> list[Clip]:
+        folder, files = self.images(item)
         windows, fps = sampling.windows(len(files), frames_per_grid, self.fps, rng)
         if not windows:
             raise SkipInput("too_short", f"{folder}: {len(files)} frames")

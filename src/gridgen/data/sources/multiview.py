@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from gridgen.cameras import camera_circle
-from gridgen.data.sources.base import Clip, FrameSampling, RawItem, SkipInput, check_frame_sizes, list_images
+from gridgen.data.sources.base import Clip, FrameSampling, RawItem, SkipInput, check_frame_sizes
 from gridgen.data.sources.frames import FrameFolderSource
 
 __all__ = ["MultiViewSource"]
@@ -38,10 +38,7 @@ class MultiViewSource(FrameFolderSource):
 
     def load(self, item: RawItem, cell_height: int, cell_width: int, frames_per_grid: int,
              sampling: FrameSampling, rng: np.random.Generator) -> list[Clip]:
-        folder = Path(item.path)
-        if not folder.is_dir():
-            raise SkipInput("missing_file", str(folder))
-        files = list_images(folder)
+        folder, files = self.images(item)
         if len(files) != self.num_views:
             raise SkipInput("view_count", f"{folder}: {len(files)} views, expected {self.num_views}")
         odd = check_frame_sizes([(path.name, self.size(path)) for path in files], str(folder), self.resize_mismatched)
