@@ -271,7 +271,8 @@ def prepare(cfg: DictConfig | dict[str, Any], rerun: str = "") -> dict[str, Any]
                          f"{source.num_views} (the paper: 4x6)")
     sampling = FrameSampling(**(data.get("sampling") or {}))
     captions = data.get("captions") or {}
-    templates = CaptionTemplates(captions.get("layout_template") or CaptionTemplates.layout,
+    layout_template = captions.get("layout_template")  # "": no c_layout (single images of a text-to-image set)
+    templates = CaptionTemplates(CaptionTemplates.layout if layout_template is None else layout_template,
                                  captions.get("content_template") or CaptionTemplates.content)
     captioner = build_captioner(captions.get("captioner", "metadata"), captions.get("vlm"))
     shard_cfg = data.get("shards") or {}
