@@ -105,8 +105,12 @@ FLUX_DEV_SCHEDULER_CONFIG: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------- models
 
 
-def build_tiny_flux_pipeline(seed: int = 0, staging_dir: str | Path | None = None) -> Any:
-    """Build the tiny ``FluxPipeline`` in memory (float32, CPU). Same seed -> bitwise-identical weights."""
+def build_tiny_flux_pipeline(seed: int = 0, staging_dir: str | Path | None = None, corpus: list[str] | None = None
+                             ) -> Any:
+    """Build the tiny ``FluxPipeline`` in memory (float32, CPU). Same seed -> bitwise-identical weights.
+
+    ``corpus``: the captions its tokenizers learn from (default: the built-in one); the text encoders' vocabularies
+    follow the tokenizers'."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -114,7 +118,7 @@ def build_tiny_flux_pipeline(seed: int = 0, staging_dir: str | Path | None = Non
         raise ValueError("axes_dims_rope must sum to attention_head_dim")
 
     with tempfile.TemporaryDirectory(dir=staging_dir) as tmp:
-        clip_tok, t5_tok = build_tiny_tokenizers(tmp)
+        clip_tok, t5_tok = build_tiny_tokenizers(tmp, corpus)
 
     # Reseed before every component: each one's weights then depend only on (seed, its own config), not on
     # how many random numbers the others drew.

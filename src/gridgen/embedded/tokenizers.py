@@ -277,8 +277,9 @@ def _write_t5_tokenizer_files(folder: Path, corpus: list[str]) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def build_tiny_tokenizers(staging_dir: str | Path) -> tuple[Any, Any]:
-    """Train the tiny CLIP (BPE) and T5 (Unigram) tokenizers and load them with the classes FluxPipeline uses.
+def build_tiny_tokenizers(staging_dir: str | Path, corpus: list[str] | None = None) -> tuple[Any, Any]:
+    """Train the tiny CLIP (BPE) and T5 (Unigram) tokenizers on ``corpus`` (default :func:`caption_corpus`) and
+    load them with the classes FluxPipeline uses.
 
     They are loaded back through ``from_pretrained`` (not constructed directly) so the objects handed to the
     pipeline are exactly what a later ``FluxPipeline.from_pretrained`` reconstructs.
@@ -286,7 +287,7 @@ def build_tiny_tokenizers(staging_dir: str | Path) -> tuple[Any, Any]:
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     staging = Path(staging_dir)
-    corpus = caption_corpus()
+    corpus = caption_corpus() if corpus is None else corpus
     clip_dir, t5_dir = staging / "clip", staging / "t5"
     clip_dir.mkdir(parents=True, exist_ok=True)
     t5_dir.mkdir(parents=True, exist_ok=True)
