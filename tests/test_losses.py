@@ -22,14 +22,16 @@ def cell_tokens_loop(tokens: torch.Tensor, layout: GridLayout, i: int, j: int) -
     return grid[:, i * ch:(i + 1) * ch, j * cw:(j + 1) * cw].reshape(tokens.shape[0], ch * cw, -1)
 
 
-def flow_loss_reference(pred: torch.Tensor, target: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-    """Eqs. (5)-(7) written as the paper reads: a loop over cells, within-row and across-row cases."""
+def flow_loss_reference(pred: torch.Tensor, target: torch.Tensor, layout: GridLayout,
+                        across_rows: bool = True) -> torch.Tensor:
+    """Eqs. (5)-(7) written as the paper reads: a loop over cells, within-row and across-row cases (the latter
+    left out with ``across_rows=False``, the official code's variant)."""
     terms = []
     for i in range(layout.rows):
         for j in range(layout.cols):
             if j > 0:  # within row: cell(i, j) - cell(i, j-1)
                 prev = (i, j - 1)
-            elif i > 0:  # across rows: cell(i, 0) - cell(i-1, n)
+            elif i > 0 and across_rows:  # across rows: cell(i, 0) - cell(i-1, n)
                 prev = (i - 1, layout.cols - 1)
             else:
                 continue
@@ -47,6 +49,19 @@ def test_temporal_flow_loss_matches_per_cell_loop(layout):
     got = temporal_flow_loss(pred, target, layout)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), flow_loss_reference(pred, target, layout), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay.cols > 1], ids=lambda lay: lay.name)
+def test_within_row_flow_loss_matches_the_loop_without_row_breaks(layout):
+    gen = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(2, 2, layout.num_tokens, 8, generator=gen)
+    got = temporal_flow_loss(pred, target, layout, pairs="within_row")
+    torch.testing.assert_close(got.double(), flow_loss_reference(pred, target, layout, across_rows=False),
+                               rtol=1e-5, atol=1e-7)
+    if layout.rows > 1:  # the two variants differ exactly by the row-break pairs
+        assert not torch.isclose(got, temporal_flow_loss(pred, target, layout))
+    with pytest.raises(ValueError, match="flow_pairs must be one of"):
+        temporal_flow_loss(pred, target, layout, pairs="rows")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name)
@@ -71,6 +86,7 @@ def test_across_row_term_is_present():
     # only the across-row delta is non-zero: 1 of 5 deltas, each of 4 tokens x 4 channels of value 1
     assert loss.item() == pytest.approx(1 / 5)
     assert flow_loss_reference(pred, target, layout).item() == pytest.approx(1 / 5)
+    assert temporal_flow_loss(pred, target, layout, pairs="within_row").item() == 0.0  # the official code's misses it
 
 
 def test_fp32_accumulation_under_bf16():

@@ -10,6 +10,9 @@ where Delta takes the difference between each cell and its predecessor in film-s
 row ``cell(i, j) - cell(i, j-1)`` and across the row break ``cell(i, 0) - cell(i-1, last)``. Flattening
 the cells row-major turns both cases into one difference along the cell axis.
 
+``pairs="within_row"`` keeps only the within-row differences: the official GRID code's variant, which the
+ablation of ``make mini`` compares with the paper's film strip (``pairs="filmstrip"``, the default).
+
 Plain PyTorch: no Lightning import, usable from a notebook.
 """
 
@@ -20,6 +23,7 @@ import torch
 from gridgen.layout import GridLayout
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+FLOW_PAIRS = ("filmstrip", "within_row")  # which neighbour differences L_flow compares
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,16 +50,26 @@ def cell_deltas(tokens: torch.Tensor, layout: GridLayout) -> torch.Tensor:
     return cells[:, 1:] - cells[:, :-1]
 
 
-def temporal_flow_loss(pred: torch.Tensor, target: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+def temporal_flow_loss(pred: torch.Tensor, target: torch.Tensor, layout: GridLayout,
+                       pairs: str = "filmstrip") -> torch.Tensor:
     """Eq. (7): MSE between predicted and target film-strip differences, fp32 accumulation.
 
-    A single-cell layout has no neighbours and gives 0.
+    ``pairs``: ``filmstrip`` (the paper: every consecutive pair, across row breaks too) or ``within_row`` (only
+    ``cell(i, j) - cell(i, j-1)``, as the official code). A layout without such pairs gives 0.
     """
+    if pairs not in FLOW_PAIRS:
+        raise ValueError(f"loss.flow_pairs must be one of {FLOW_PAIRS}, got {pairs!r}")
     if layout.num_cells < 2:
         return pred.new_zeros((), dtype=torch.float32)
     # Delta is linear, so Delta(target) - Delta(pred) = Delta(target - pred): one reshape instead of two.
     error = target.float() - pred.float()  # (B, N, C)
-    return torch.mean(cell_deltas(error, layout) ** 2)
+    deltas = cell_deltas(error, layout)  # (B, rows*cols - 1, cell_tokens, C); entry k-1 is cell k - cell k-1
+    if pairs == "within_row":
+        if layout.cols < 2:
+            return pred.new_zeros((), dtype=torch.float32)
+        within = [k - 1 for k in range(1, layout.num_cells) if k % layout.cols != 0]
+        deltas = deltas[:, within]
+    return torch.mean(deltas ** 2)
 
 
 def sample_timesteps(

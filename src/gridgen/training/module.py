@@ -23,7 +23,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from omegaconf import DictConfig, OmegaConf
 
 from gridgen.layout import GridLayout
-from gridgen.losses import add_noise, base_loss, sample_timesteps, temporal_flow_loss
+from gridgen.losses import FLOW_PAIRS, add_noise, base_loss, sample_timesteps, temporal_flow_loss
 from gridgen.models.attention import apply_attention_backend
 from gridgen.models.builder import TrainableLora, build_flux, prepare_transformer
 from gridgen.models.flux import encode_images, encode_prompts
@@ -54,7 +54,8 @@ class GridModule(L.LightningModule):
         optim: ``lr``, ``betas``, ``weight_decay``, ``eps``, ``scheduler`` (constant | cosine),
             ``warmup_steps``, ``min_lr_ratio``.
         loss: ``timestep_sampling`` (uniform | logit_normal | shifted), ``logit_mean``, ``logit_std``,
-            ``timestep_shift`` (a number or ``auto`` = FLUX's resolution shift), ``alpha`` (initial alpha).
+            ``timestep_shift`` (a number or ``auto`` = FLUX's resolution shift), ``alpha`` (initial alpha),
+            ``flow_pairs`` (``filmstrip``: the paper's L_flow | ``within_row``: the official code's).
         init_lora: optional LoRA file to start from (fine stage starts from the coarse LoRA).
         run: what the run trains (``task``, ``layout``), kept in checkpoints so a resume can check it.
         seed: seeds the per-sample noise and times.
@@ -81,6 +82,9 @@ class GridModule(L.LightningModule):
         self._step_losses: dict[str, torch.Tensor] = {}
         self.attention_backend: str | None = None  # resolved in on_fit_start
         self.alpha = float(self.loss_cfg.get("alpha", 0.0))  # set every step by AlphaSchedule
+        self.flow_pairs = str(self.loss_cfg.get("flow_pairs", "filmstrip"))
+        if self.flow_pairs not in FLOW_PAIRS:
+            raise ValueError(f"loss.flow_pairs must be one of {FLOW_PAIRS}, got {self.flow_pairs!r}")
         self.pipe = None
         self.transformer: torch.nn.Module | None = None
         self.num_trainable = 0
@@ -239,7 +243,7 @@ class GridModule(L.LightningModule):
             return_dict=False,
         )[0]  # (B, N, 64)
         loss_base = base_loss(pred, target)  # eq. (4)
-        loss_flow = temporal_flow_loss(pred, target, layout)  # eq. (5)-(7)
+        loss_flow = temporal_flow_loss(pred, target, layout, self.flow_pairs)  # eq. (5)-(7)
         return {"loss": loss_base + self.alpha * loss_flow, "loss_base": loss_base, "loss_flow": loss_flow,
                 "batch_size": batch_size, "image_tokens": x0.shape[1], "text_tokens": prompt_embeds.shape[1]}
 

@@ -24,15 +24,17 @@ class SampleGrids(L.Callback):
 
     Args:
         dirpath: where ``step<N>/<k>/`` folders go.
-        prompts: content captions; the layout prefix ``c_layout`` of ``kind`` is added.
+        prompts: content captions; the layout prefix ``c_layout`` of ``kind`` is added (``caption_layout``: the
+            task's own template, ``""`` for none, as a text-to-image task).
         layout: e.g. ``4x4`` (video) or ``4x6`` (multi-view); ``cell_size`` in pixels.
         steps, guidance: sampler settings (paper: 20 steps, guidance 3.5).
     """
 
     def __init__(self, dirpath: str, prompts: list[str], layout: str = "4x4", cell_size: int = 32, kind: str = "video",
                  steps: int = 20, guidance: float = 3.5, seed: int = 0, fps: int = 8, max_sequence_length: int = 512,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, caption_layout: str | None = None) -> None:
         self.dirpath = Path(dirpath)
+        self.caption_layout = caption_layout
         self.prompts = list(prompts)
         self.layout = GridLayout.parse(layout, cell_size)
         self.kind, self.steps, self.guidance, self.seed, self.fps = kind, steps, guidance, seed, fps
@@ -48,7 +50,7 @@ class SampleGrids(L.Callback):
         pl_module.transformer.eval()
         try:
             sampler = GridSampler(pipe, self.max_sequence_length)
-            text = sampler.encode_text([self.layout.caption(p, self.kind) for p in self.prompts])
+            text = sampler.encode_text([self.layout.caption(p, self.kind, self.caption_layout) for p in self.prompts])
             seeds = [self.seed + k for k in range(len(self.prompts))]
             latents = sampler.sample(self.layout, text, seeds, steps=self.steps, guidance=self.guidance)
             grids = to_uint8(sampler.decode(latents, self.layout))

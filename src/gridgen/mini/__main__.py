@@ -1,0 +1,108 @@
+"""``python -m gridgen.mini [key=value ...]`` (``make mini``): build the miniature world and its base model (cached),
+train and evaluate every variant x seed of the grid LoRA, write ``<out>/report.md`` + ``report.png``.
+
+The config is ``conf/mini.yaml``; each stage composes an entry point's own config (``train``, ``cache``,
+``evaluate``, ``generate``) and calls its function in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
+from gridgen.mini.build import BUILD_STEPS, build_folder, run_build
+from gridgen.mini.steps import Progress, compose, is_done, read_done, step_folder
+
+log = logging.getLogger("gridgen.mini")
+
+STAGES = ("all", "build")
+RUN_MINUTES, BASE_MINUTES = 3.5, 1.0  # the ETA's weights of one grid LoRA run (train + eval) and one base eval
+
+
+def variant_folders(cfg: DictConfig, out: Path) -> list[tuple[str, int, Path]]:
+    names = list(cfg.runs.variants) + (["base_without_lora"] if cfg.runs.base_without_lora else [])
+    return [(name, int(seed), out / name / f"seed{int(seed)}") for name in names for seed in cfg.runs.seeds]
+
+
+def run(cfg: DictConfig, default_build: Any) -> Path:
+    from gridgen.mini.report import write_report
+    from gridgen.mini.runs import BASE, run_base, run_variant
+
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    out = Path(str(cfg.out)).expanduser()
+    if (out / "report.md").exists():
+        raise ValueError(f"{out / 'report.md'} exists: a finished report is never overwritten; pass out=<new folder> "
+                         "(the build is cached, only the runs are redone)")
+    build = build_folder(cfg, default_build)
+    cells = variant_folders(cfg, out) if cfg.stage == "all" else []
+    weights = {name: minutes for name, minutes in BUILD_STEPS.items()}
+    weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
+    progress = Progress(weights)
+    started = time.perf_counter()
+    figures = run_build(cfg, build, progress)
+    if cfg.stage == "build":
+        log.info("built %s (VAE PSNR %.2f dB; base: shape and colour right in %.1f %% of frames)", build,
+                 figures["vae"]["psnr_db"], 100 * figures["base_eval"]["right_fraction"])
+        return build
+    records: dict[str, list[dict[str, Any]]] = {}
+    for name, seed, folder in cells:
+        if is_done(folder):
+            progress.skip(str(folder))
+        else:
+            progress.start(str(folder), f"{'evaluate' if name == BASE else 'train + evaluate'} {name} seed {seed}")
+            with step_folder(folder) as tmp:
+                if name == BASE:
+                    run_base(cfg, build, tmp, seed)
+                else:
+                    run_variant(cfg, build, tmp, list(cfg.runs.variants[name]), seed)
+            progress.finish()
+        records.setdefault(name, []).append(read_done(folder))
+    report = write_report(out, cfg, build, figures, records, machine(), time.perf_counter() - started)
+    log.info("report: %s", report)
+    return report
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": "none (CPU only)"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    register_resolvers()
+    argv = sys.argv[1:] if argv is None else argv
+    with exit_on_user_error("mini"), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
+                                                           job_name="mini"):
+        try:
+            cfg, default = compose("mini", argv), compose("mini", [])
+        except (HydraException, OmegaConfBaseException) as err:  # a bad key or value on the command line
+            raise ValueError(str(err).splitlines()[0]) from err
+        run(cfg, default.build)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The miniature's build: the world's shards, the VAE, the base model and the latent caches, made once and cached
+under ``paths.cache_dir/mini-v1`` (a non-default build config: ``mini-v1-<hash>``), each step in a folder that
+appears only when complete (a rerun reuses it, a killed one redoes only the unfinished step).
+
+    <build>/data/        clips (4x4 grids: train, val, test), frames, scenes (1x1) shards    prepare
+    <build>/vae/         AutoencoderKL + figures (held-out PSNR, shift/scale)
+    <build>/init/        FluxPipeline: mini VAE, embedded text encoders, a new transformer
+    <build>/cache_base/  latents of frames + scenes by init's encoders                      gridgen.cache
+    <build>/base_run/    gridgen.train experiment=mini_base (adapter=full)                  gridgen.train
+    <build>/base/        FluxPipeline: init + the trained transformer = `model=flux_mini`
+    <build>/cache_clips/ latents of the clips' train + val grids by base's encoders         gridgen.cache
+    <build>/base_eval/   the base drawing held-out prompts as single frames, scored          gridgen.evaluate
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from gridgen.files import config_hash
+from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder, write_done
+
+log = logging.getLogger("gridgen.mini")
+
+BUILD_VERSION = 1  # bump when what a build makes changes, so stale caches are not reused
+BUILD_STEPS = {"data": 2.0, "vae": 5.0, "init": 0.3, "cache_base": 1.5, "base_run": 10.0, "base": 0.2,
+               "cache_clips": 2.0, "base_eval": 1.0}  # expected minutes: the ETA's weights
+
+
+def build_folder(cfg: DictConfig, default_build: Any) -> Path:
+    """``<cache>/mini-v1`` for the default build config, ``mini-v1-<hash>`` for any other."""
+    mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
+    name = f"mini-v{BUILD_VERSION}"
+    if mine != {"build": plain(default_build), "seed": 0}:
+        name += f"-{config_hash(mine)[:8]}"
+    return Path(str(cfg.paths.cache_dir)).expanduser() / name
+
+
+def run_build(cfg: DictConfig, folder: Path, progress: Progress) -> dict[str, Any]:
+    """Every build step not yet done; returns the build's figures (also ``<build>/build.json``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = {"data": _data, "vae": _vae, "init": _init, "cache_base": _cache_base, "base_run": _base_run,
+             "base": _base, "cache_clips": _cache_clips, "base_eval": _base_eval}
+    for name in steps:
+        if is_done(folder / name):
+            progress.skip(name)
+    figures: dict[str, Any] = {}
+    for name, step in steps.items():
+        target = folder / name
+        if not is_done(target):
+            progress.start(name, f"build {name} -> {target}")
+            with step_folder(target) as tmp:
+                started = time.perf_counter()
+                record = step(cfg, folder, tmp)
+                record["seconds"] = round(time.perf_counter() - started, 1)
+                write_done(tmp, record)
+            progress.finish()
+        figures[name] = read_done(target)
+    (folder / "build.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+# ---- steps: each writes into tmp (renamed to <build>/<name> when it returns) and returns its record ----------
+
+def _data(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    from gridgen.embedded.mini_data import write_mini_data
+
+    return write_mini_data(tmp, seed=int(cfg.seed), scale=float(cfg.build.data_scale))
+
+
+def _vae(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    from gridgen.embedded.mini_vae import read_cells, train_vae
+
+    data = build / "data"
+    cell = 32
+    train = np.concatenate([read_cells(sorted((data / "clips").glob("train-*.tar")), cell),
+                            read_cells(sorted((data / "frames").glob("train-*.tar")), cell)])
+    held_out = read_cells(sorted((data / "clips").glob("test-*.tar")), cell)  # frames of unseen combinations
+    vae_cfg = cfg.build.vae
+    every = max(1, int(vae_cfg.steps) // 10)
+
+    def report(step: int, losses: dict[str, float]) -> None:
+        if step % every == 0:
+            log.info("vae step %d/%d  mse %.4f  kl %.3f", step, int(vae_cfg.steps), losses["mse"], losses["kl"])
+
+    vae, figures = train_vae(train, held_out, steps=int(vae_cfg.steps), batch_size=int(vae_cfg.batch_size),
+                             lr=float(vae_cfg.lr), kl_weight=float(vae_cfg.kl_weight), seed=int(cfg.seed),
+                             progress=report)
+    vae.save_pretrained(str(tmp), safe_serialization=True)
+    log.info("vae: held-out PSNR %.2f dB (target >= 28) on %d frames of unseen combinations",
+             figures["psnr_db"], figures["held_out_cells"])
+    return figures
+
+
+def _init(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    from gridgen.embedded.mini_model import MINI_TRANSFORMER_CONFIG, build_mini_pipeline
+
+    vae = AutoencoderKL.from_pretrained(str(build / "vae"))
+    tmp.rmdir()  # build_mini_pipeline writes its own folder atomically
+    build_mini_pipeline(vae, tmp, seed=int(cfg.seed))
+    return {"transformer": MINI_TRANSFORMER_CONFIG}
+
+
+def _cache(data: str, pretrained: Path, out: Path, extra: list[str]) -> dict[str, Any]:
+    from gridgen.cache import cache
+
+    cache_cfg = compose("cache", [f"data={data}", "model=flux_mini", f"model.pretrained={pretrained}",
+                                  f"cache.out={out}", "cache.device=cpu", "cache.batch_size=32", *extra])
+    manifests = cache(cache_cfg)
+    return {name: manifest["counts"] for name, manifest in manifests.items()}
+
+
+def _cache_base(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    data = build / "data"
+    return _cache("mini_base", build / "init", tmp, [f"data.sources.frames.shards={data / 'frames'}",
+                                                    f"data.sources.scenes.shards={data / 'scenes'}",
+                                                    f"data.val_shards={data / 'scenes'}"])
+
+
+def base_overrides(build: Path) -> list[str]:
+    cache = build / "cache_base"
+    return ["experiment=mini_base", f"model.pretrained={build / 'init'}", "data.cached=true",
+            f"data.sources.frames.shards={cache / 'frames'}", f"data.sources.scenes.shards={cache / 'scenes'}",
+            f"data.val_shards={cache / 'scenes'}"]
+
+
+def _base_run(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    from gridgen.train import train
+
+    overrides = [*base_overrides(build), f"paths.output_dir={tmp}", f"seed={int(cfg.seed)}", *cfg.build.base]
+    metrics = train(compose("train", overrides))
+    return {"overrides": overrides, "metrics": metrics}
+
+
+def _base(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    from gridgen.models.builder import save_pipeline_with_transformer
+
+    tmp.rmdir()  # written atomically by the builder
+    save_pipeline_with_transformer(build / "init", build / "base_run" / "transformer", tmp)
+    return {"pretrained": str(build / "init"), "transformer": str(build / "base_run" / "transformer")}
+
+
+def _cache_clips(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    return _cache("mini", build / "base", tmp, [f"data.train_shards={build / 'data' / 'clips'}"])
+
+
+def _base_eval(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    """The base model draws every held-out prompt's shape and colour as single frames; the world's detector scores
+    shape and colour (target: right in >= 90 % of frames)."""
+    from gridgen.embedded.world import mini_combinations, with_article
+    from gridgen.eval.shapes import score_frames
+    from gridgen.inference.pipeline import generate
+
+    pairs = sorted({(shape, color) for shape, color, _ in mini_combinations("test")})
+    per = int(cfg.build.base_eval_frames)
+    prompts = tmp / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"{with_article(color)} {shape}", "seed": 1000 + k})
+             for k, (shape, color) in enumerate([p for p in pairs for _ in range(per)])]
+    prompts.write_text("\n".join(lines) + "\n")
+    gen_cfg = compose("generate", ["model=flux_mini", f"model.pretrained={build / 'base'}", "task=t2i",
+                                   f"prompts_file={prompts}", f"generate.out={tmp / 'generated'}",
+                                   "generate.height=32", "generate.batch_size=16", "generate.progress=false",
+                                   "generate.device=cpu", "export.mp4=false", "export.gif=false",
+                                   "export.frames=false", f"generate.steps={int(cfg.eval.steps)}"])
+    manifest = generate(gen_cfg)
+    return score_frames(manifest, tmp / "generated")

@@ -1,0 +1,177 @@
+"""The miniature's report: one table (mean and 95 % interval over seeds, per variant) and one figure, written once to
+``<out>/report.md`` and ``<out>/report.png``.
+
+The interval is Student's t: ``mean +- t_{0.975, n-1} * sd / sqrt(n)`` over the n seeds (n = 3: +- 2.48 sd).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+# (key in a run's figures, column title, format, which way is better); keys are dotted paths into done.json
+COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("metrics.world_identity", "identity consistent (% grids)", "{:.0f}", "higher"),
+    ("metrics.world_motion", "motion correct (% grids)", "{:.0f}", "higher"),
+    ("metrics.world_smoothness_px", "smoothness residual (px)", "{:.2f}", "lower"),
+    ("metrics.world_row_break", "row-break jump / within-row step", "{:.2f}", "closer to 1"),
+    ("metrics.fvd", "FVD (I3D)", "{:.0f}", "lower"),
+    ("held_out.val/loss_base", "held-out L_base", "{:.4f}", "lower"),
+    ("held_out.val/loss_flow", "held-out L_flow", "{:.4f}", "lower"),
+)
+PERCENT = {"metrics.world_identity", "metrics.world_motion"}
+
+
+def dig(record: dict[str, Any], key: str) -> float | None:
+    """``dig(r, "metrics.fvd")``: a dotted key (the first dot splits; metric names may hold dots or slashes)."""
+    head, _, rest = key.partition(".")
+    value = record.get(head, {}).get(rest) if rest else record.get(head)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """``(mean, half width of the 95 % t interval)``; half width nan for one value."""
+    array = np.asarray(values, dtype=np.float64)
+    if len(array) < 2:
+        return float(array.mean()), math.nan
+    return float(array.mean()), float(stats.t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / math.sqrt(len(array)))
+
+
+def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{variant: {key: (mean, half width, seeds)}}`` over the seeds that have the figure."""
+    table: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for variant, runs in records.items():
+        row = {}
+        for key, _, _, _ in COLUMNS:
+            values = [v for v in (dig(r, key) for r in runs) if v is not None]
+            if values:
+                scale = 100.0 if key in PERCENT else 1.0
+                mean, half = interval([v * scale for v in values])
+                row[key] = (mean, half, len(values))
+        table[variant] = row
+    return table
+
+
+def markdown_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
+    head = "| variant | " + " | ".join(f"{title} ({better})" for _, title, _, better in COLUMNS) + " |"
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
+    for variant, row in table.items():
+        cells = []
+        for key, _, fmt, _ in COLUMNS:
+            if key not in row:
+                cells.append("-")
+                continue
+            mean, half, n = row[key]
+            cell = fmt.format(mean)
+            if not math.isnan(half):
+                cell += " ± " + fmt.format(half)
+            cells.append(cell + ("" if n == len(row) or n > 1 else f" (n={n})"))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> Path:
+    """One bar chart per column: each variant's mean with its 95 % interval."""
+    keys = [c for c in COLUMNS if any(c[0] in row for row in table.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), squeeze=False)
+    variants = list(table)
+    colors = plt.cm.tab10(np.arange(len(variants)))
+    for ax, (key, title, _, better) in zip(axes[0], keys, strict=True):
+        means = [table[v].get(key, (math.nan, math.nan, 0))[0] for v in variants]
+        halves = [table[v].get(key, (math.nan, math.nan, 0))[1] for v in variants]
+        ax.bar(range(len(variants)), means, yerr=np.nan_to_num(halves), color=colors, capsize=4)
+        ax.set_xticks(range(len(variants)), variants, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{title}\n({better})", fontsize=9)
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+TARGETS = (  # (key, lower bound, text): the issue's targets for the paper's settings (filmstrip), checked and printed, never tuned
+    ("metrics.world_identity", 80.0, "identity consistency >= 80 % of grids"),
+    ("metrics.world_motion", 80.0, "motion correct >= 80 % of grids"),
+)
+
+
+def grids_picture(out: Path, variants: list[str], path: Path, count: int = 4) -> Path | None:
+    """The first ``count`` generated grids of seed 0 of each variant, one row per variant, labelled."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for variant in variants:
+        files = sorted((out / variant / "seed0" / "grids").glob("*.png"))[:count]
+        if files:
+            rows.append((variant, [Image.open(f).convert("RGB") for f in files]))
+    if not rows:
+        return None
+    size = rows[0][1][0].size
+    label_w, gap = 130, 6
+    canvas = Image.new("RGB", (label_w + count * (size[0] + gap), len(rows) * (size[1] + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (variant, images) in enumerate(rows):
+        y = r * (size[1] + gap)
+        draw.text((4, y + size[1] // 2 - 6), variant, fill=(0, 0, 0))
+        for c, image in enumerate(images):
+            canvas.paste(image, (label_w + c * (size[0] + gap), y))
+    canvas.save(path)
+    return path
+
+
+def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], records: dict[str, list[dict[str, Any]]],
+                 machine: dict[str, Any], seconds: float) -> Path:
+    """``<out>/report.md`` (written last, atomically) with ``report.png`` and ``grids.png`` beside it."""
+    from gridgen.files import write_text_atomic
+
+    table = summarise(records)
+    figure(table, out / "report.png")
+    picture = grids_picture(out, list(records), out / "grids.png")
+    prompts = sorted((out / next(iter(records)) / "seed0" / "grids").glob("*.json")) if records else []
+    lines = [
+        "# The miniature GRID: L_flow ablation", "",
+        f"Command: `make mini` ({' '.join(sys.argv[1:]) or 'defaults'}); wall time {seconds / 60:.1f} min "
+        f"(build steps cached before this run took 0 s).",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), {machine['gpu']}.",
+        f"Build: `{build}`; variants x seeds: {', '.join(records)} x {list(cfg.runs.seeds)}; "
+        f"{len(prompts)} held-out grids per run (one per test clip, the held-out combinations).", "",
+        "## Build", "",
+        f"- VAE: held-out PSNR **{figures['vae']['psnr_db']:.2f} dB** (target >= 28) on "
+        f"{figures['vae']['held_out_cells']} frames of unseen combinations; {figures['vae']['seconds']:.0f} s.",
+        f"- Base model: shape and colour right in **{100 * figures['base_eval']['right_fraction']:.1f} %** of "
+        f"{figures['base_eval']['frames']} frames drawn for held-out prompts (target >= 90 %); trained in "
+        f"{figures['base_run']['seconds']:.0f} s.",
+        "- Build steps (s): " + ", ".join(f"{k} {v.get('seconds', 0):.0f}" for k, v in figures.items()), "",
+        "## Results (mean ± 95 % interval over seeds)", "",
+        markdown_table(table), "",
+        "![metrics](report.png)", "",
+    ]
+    if picture is not None:
+        lines += ["First generated grids of seed 0 (prompts in `<variant>/seed0/grids/NNNN.json`):", "",
+                  "![grids](grids.png)", ""]
+    lines += ["## Targets (the paper's settings: filmstrip)", ""]
+    paper = table.get("filmstrip", {})
+    for key, bound, text in TARGETS:
+        if key in paper:
+            mean = paper[key][0]
+            lines.append(f"- {text}: {mean:.1f} -> {'met' if mean >= bound else 'NOT met'}")
+    base_fvd, film_fvd = table.get("base_without_lora", {}).get("metrics.fvd"), paper.get("metrics.fvd")
+    if base_fvd and film_fvd:
+        ratio = base_fvd[0] / film_fvd[0]
+        lines.append(f"- FVD at least 3x lower than the base prompted for grids: {base_fvd[0]:.0f} / {film_fvd[0]:.0f}"
+                     f" = {ratio:.1f}x -> {'met' if ratio >= 3 else 'NOT met'}")
+    lines += ["", "## Per run", "", "| variant | seed | train s | eval s |", "| --- | --- | --- | --- |"]
+    for variant, runs in records.items():
+        for record in runs:
+            lines.append(f"| {variant} | {record['seed']} | {record.get('train_s', 0):.0f} | {record['eval_s']:.0f} |")
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,90 @@
+"""One cell of the miniature's ablation: a grid LoRA trained with one variant's settings and seed, then evaluated on
+the held-out combinations; and the base model prompted for grids without a LoRA (the reference of the FVD target).
+
+    <out>/<variant>/seed<k>/run/        gridgen.train experiment=mini + the variant's overrides (LoRA, metrics.csv)
+    <out>/<variant>/seed<k>/eval/       gridgen.evaluate: one grid generated per test clip (its caption, seed k),
+                                        world metrics + FVD against the test clips -> <task>.json
+    <out>/<variant>/seed<k>/grids/      NNNN.png (the generated grid) + NNNN.json (prompt, shape, colour, motion)
+    <out>/<variant>/seed<k>/done.json   the figures the report reads
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from gridgen.mini.steps import compose, write_done
+
+log = logging.getLogger("gridgen.mini")
+
+BASE = "base_without_lora"
+
+
+def lora_overrides(build: Path, variant: list[str], seed: int, extra: list[str]) -> list[str]:
+    """``gridgen.train`` overrides of one run: the preset, the build's base and latent caches, the variant, the seed."""
+    cache = build / "cache_clips"
+    return ["experiment=mini", f"model.pretrained={build / 'base'}", "data.cached=true",
+            f"data.train_shards={cache}", f"data.val_shards={cache}", f"seed={seed}", *variant, *extra]
+
+
+def held_out_losses(run: Path) -> dict[str, float]:
+    """The last validation's held-out losses (``val/*``: fixed t and noise, ``loss.val_timesteps``) of a run."""
+    from gridgen.reporting import read_metrics
+
+    return {key: points[-1][1] for key, points in read_metrics(run).items() if key.startswith("val/") and points}
+
+
+def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: Path | None) -> dict[str, Any]:
+    """``gridgen.evaluate eval.generate=true`` on the test clips: one grid per clip, from its caption; then the
+    grids as ``grids/NNNN.png`` + ``NNNN.json``. Returns the metrics."""
+    from gridgen.eval.pipeline import run_evaluation
+    from gridgen.eval.shapes import parse_caption
+
+    overrides = ["task=t2v", "model=flux_mini", f"model.pretrained={build / 'base'}", "eval.generate=true",
+                 f"eval.real={build / 'data' / 'clips' / 'test-000000.tar'}", f"eval.out={folder / 'eval'}",
+                 f"eval.metrics=[{','.join(cfg.eval.metrics)}]", "eval.device=cpu",
+                 f"eval.progress={str(bool(cfg.eval.progress)).lower()}", f"seed={seed * 1000}",
+                 f"generate.steps={int(cfg.eval.steps)}", f"generate.batch_size={int(cfg.eval.batch_size)}",
+                 "generate.device=cpu", "generate.progress=false", "export.mp4=false", "export.gif=false",
+                 "export.frames=false"]
+    if lora is not None:
+        overrides.append(f"lora={lora}")
+    result = run_evaluation(compose("evaluate", overrides))
+    manifest = json.loads((folder / "eval" / "generated" / "manifest.json").read_text())
+    grids = folder / "grids"
+    grids.mkdir()
+    for sample in manifest["samples"]:
+        name = f"{sample['index']:04d}"
+        os.link(folder / "eval" / "generated" / sample["files"]["grid"], grids / f"{name}.png")
+        labels = parse_caption(sample["prompt"])
+        (grids / f"{name}.json").write_text(json.dumps({"prompt": sample["prompt"], "seed": sample["seed"],
+                                                        **labels}, indent=2) + "\n")
+    return dict(result.metrics)
+
+
+def run_variant(cfg: DictConfig, build: Path, tmp: Path, variant: list[str], seed: int) -> dict[str, Any]:
+    """Train and evaluate one grid LoRA into ``tmp``; returns (and writes) its record."""
+    from gridgen.train import train
+
+    started = time.perf_counter()
+    overrides = lora_overrides(build, list(variant), seed, list(cfg.runs.train))
+    train_metrics = train(compose("train", [*overrides, f"paths.output_dir={tmp / 'run'}"]))
+    train_s = time.perf_counter() - started
+    metrics = evaluate_grids(cfg, build, tmp, seed, tmp / "run")
+    record = {"overrides": overrides, "seed": seed, "train_s": round(train_s, 1),
+              "eval_s": round(time.perf_counter() - started - train_s, 1), "train": train_metrics,
+              "held_out": held_out_losses(tmp / "run"), "metrics": metrics}
+    return write_done(tmp, record)
+
+
+def run_base(cfg: DictConfig, build: Path, tmp: Path, seed: int) -> dict[str, Any]:
+    """The base model prompted for grids (the same captions and seeds), no LoRA."""
+    started = time.perf_counter()
+    metrics = evaluate_grids(cfg, build, tmp, seed, None)
+    return write_done(tmp, {"seed": seed, "eval_s": round(time.perf_counter() - started, 1), "metrics": metrics})

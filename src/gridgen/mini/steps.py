@@ -1,0 +1,91 @@
+"""What the miniature's stages share: composing an entry point's config in this process, folders that appear only
+once complete, and the progress line with its ETA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("gridgen.mini")
+
+DONE = "done.json"  # written last into every finished step folder
+
+
+def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """An entry point's config (``train``, ``cache``, ``evaluate``) with ``overrides``, as its command line would
+    compose it (inside :func:`hydra.initialize_config_dir`, opened by ``gridgen.mini``'s main)."""
+    from hydra import compose as hydra_compose
+
+    return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / DONE).is_file()
+
+
+def read_done(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / DONE).read_text())
+
+
+@contextmanager
+def step_folder(folder: Path) -> Iterator[Path]:
+    """``with step_folder(target) as tmp:`` write into ``tmp``; it becomes ``target`` only if the block succeeds.
+
+    A leftover of a killed run (``.<name>.tmp``) is removed first: it was never a result."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(folder)
+
+
+def write_done(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    (folder / DONE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class Progress:
+    """``[mini 3/14 | 4.2 min | eta 21 min] train filmstrip seed 1``: the step count, the time so far and an ETA
+    from the measured time of the steps done (each step weighted by its expected share of the work)."""
+
+    def __init__(self, weights: dict[str, float]) -> None:
+        self.weights = dict(weights)
+        self.done: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self._current: str | None = None
+        self._t0 = 0.0
+
+    def start(self, name: str, text: str) -> None:
+        self._current, self._t0 = name, time.perf_counter()
+        elapsed = self._t0 - self.started
+        rate = (sum(self.done.values()) / sum(self.weights[n] for n in self.done)) if self.done else None
+        remaining = sum(w for n, w in self.weights.items() if n not in self.done)
+        eta = f"eta {rate * remaining / 60:.0f} min" if rate is not None else "eta after the first step"
+        log.info("[mini %d/%d | %.1f min | %s] %s", len(self.done) + 1, len(self.weights), elapsed / 60, eta, text)
+
+    def skip(self, name: str) -> None:
+        """A step whose result exists (a cached build, a finished run): it leaves the count and the ETA."""
+        self.weights.pop(name, None)
+
+    def finish(self, seconds: float | None = None) -> float:
+        took = time.perf_counter() - self._t0 if seconds is None else seconds
+        if self._current is not None:
+            self.done[self._current] = took
+        return took
