@@ -21,7 +21,7 @@ OVERRIDES := $(filter-out $(addsuffix =%,$(MAKE_ONLY)),$(MAKEOVERRIDES))
 ARGS ?=
 
 .PHONY: help setup train curriculum sweep report prepare cache generate eval test test-slow lint bench clean
-.PHONY: test-gpu wheelhouse
+.PHONY: test-gpu wheelhouse mini
 .DEFAULT_GOAL := help
 
 # Offline machines (GPU clusters without internet): `make wheelhouse` where PyPI is reachable, carry the folder,
@@ -57,6 +57,9 @@ setup: $(VENV)/.installed ## create .venv and install gridgen (torch first, see 
 
 train: $(VENV)/.installed ## train (embedded default: tiny FLUX, sample shards, ~1 min on 2 CPU cores)
 	$(PY) -m gridgen.train $(OVERRIDES) $(ARGS)
+
+mini: $(VENV)/.installed ## the miniature GRID that learns on 2 CPU cores: world, VAE, base model (built once), L_flow ablation -> outputs/mini/report.md
+	$(PY) -m gridgen.mini $(OVERRIDES) $(ARGS)
 
 curriculum: $(VENV)/.installed ## coarse then fine stage, the fine one starting from the coarse LoRA
 	$(PY) -m gridgen.train stage=coarse $(filter-out stage=%,$(OVERRIDES)) $(ARGS)

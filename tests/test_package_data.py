@@ -28,7 +28,10 @@ ENTRY_POINTS = {
     "gridgen-generate": "task=t2v",
     "gridgen-evaluate": "task=t2v",
     "gridgen-report": "run=/nonexistent/run",
+    "gridgen-mini": "stop_after=build",
 }
+# Entry points that compose their configs with Hydra's compose API instead of @hydra.main (they run the others' functions)
+COMPOSING_ENTRY_POINTS = ["mini.__main__"]
 
 
 def package_data_files() -> set[str]:
@@ -72,14 +75,16 @@ def test_wheel_holds_every_config_card_and_paper_target(wheel):
 
 
 def test_every_entry_point_is_a_console_script(wheel):
-    """The wheel's console scripts are exactly the ``@hydra.main`` modules of the package, one each."""
+    """The wheel's console scripts are exactly the ``@hydra.main`` modules of the package (and the composing runners),
+    one each."""
     with zipfile.ZipFile(wheel) as zf:
         (name,) = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
         parser = configparser.ConfigParser(delimiters=("=",))
         parser.optionxform = str
         parser.read_string(zf.read(name).decode())
     scripts = dict(parser["console_scripts"])
-    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if re.search(r"^@hydra\.main\(", p.read_text(), re.M))
+    modules = sorted([p.stem for p in PACKAGE.glob("*.py") if re.search(r"^@hydra\.main\(", p.read_text(), re.M)]
+                     + COMPOSING_ENTRY_POINTS)
     assert sorted(scripts) == sorted(ENTRY_POINTS)
     assert sorted(v.strip().removesuffix(":main").removeprefix("gridgen.") for v in scripts.values()) == modules
 

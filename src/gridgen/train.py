@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str, float]:
     if str(cfg.model.pretrained).lower() in EMBEDDED_TINY_NAMES:
         log.info("model=%s is a tiny FLUX with random weights: it checks the mechanics end to end, and its sample "
-                 "grids are colour noise by design", cfg.model.name)
+                 "grids are colour noise by design (`make mini` trains a model that learns, on the CPU)", cfg.model.name)
     check_added_keys(cfg, "train")
     check_run_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

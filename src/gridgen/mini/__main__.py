@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.mini.build import BUILD_STEPS, build_folder, run_build
@@ -23,7 +23,7 @@ from gridgen.mini.steps import Progress, compose, is_done, read_done, step_folde
 
 log = logging.getLogger("gridgen.mini")
 
-STAGES = ("all", "build")
+STOPS = ("report", "build")  # stop_after=
 RUN_MINUTES, BASE_MINUTES = 3.5, 1.0  # the ETA's weights of one grid LoRA run (train + eval) and one base eval
 
 
@@ -36,20 +36,20 @@ def run(cfg: DictConfig, default_build: Any) -> Path:
     from gridgen.mini.report import write_report
     from gridgen.mini.runs import BASE, run_base, run_variant
 
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    if cfg.stop_after not in STOPS:
+        raise ValueError(f"stop_after must be one of {STOPS}, got {cfg.stop_after!r}")
     out = Path(str(cfg.out)).expanduser()
     if (out / "report.md").exists():
         raise ValueError(f"{out / 'report.md'} exists: a finished report is never overwritten; pass out=<new folder> "
                          "(the build is cached, only the runs are redone)")
     build = build_folder(cfg, default_build)
-    cells = variant_folders(cfg, out) if cfg.stage == "all" else []
+    cells = variant_folders(cfg, out) if cfg.stop_after == "report" else []
     weights = {name: minutes for name, minutes in BUILD_STEPS.items()}
     weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
     progress = Progress(weights)
     started = time.perf_counter()
     figures = run_build(cfg, build, progress)
-    if cfg.stage == "build":
+    if cfg.stop_after == "build":
         log.info("built %s (VAE PSNR %.2f dB; base: shape and colour right in %.1f %% of frames)", build,
                  figures["vae"]["psnr_db"], 100 * figures["base_eval"]["right_fraction"])
         return build
@@ -95,12 +95,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     register_resolvers()
     argv = sys.argv[1:] if argv is None else argv
+    show = argv[:2] == ["--cfg", "job"]  # print the composed config and stop, as the @hydra.main entry points do
+    argv = argv[2:] if show else argv
     with exit_on_user_error("mini"), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
                                                            job_name="mini"):
         try:
             cfg, default = compose("mini", argv), compose("mini", [])
         except (HydraException, OmegaConfBaseException) as err:  # a bad key or value on the command line
             raise ValueError(str(err).splitlines()[0]) from err
+        if show:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return
         run(cfg, default.build)
 
 
