@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gridgen.embedded.world import MINI_BACKGROUND, MINI_COLORS, MINI_RADIUS, SHAPES, draw_shapes
+from gridgen.embedded.world import MINI_BACKGROUND, MINI_COLORS, MINI_RADIUS, SHAPES, draw_shapes, mini_scene
 from gridgen.eval.shapes import (
     CHANCE,
     REAL_TARGET,
@@ -29,7 +29,8 @@ def test_validation_meets_the_issue_thresholds(validation):
     assert validation.frames == 3 * 6 * 18 * 16
     assert validation.rate >= REAL_TARGET, validation.markdown()
     assert CHANCE == pytest.approx(1 / 18)
-    assert set(validation.noise) == {"uniform noise 32px", "blurred noise 32px", "mean real frame"}
+    assert set(validation.noise) == {"uniform noise 32px", "blurred noise 32px", "patches noise 32px",
+                                     "mean real frame"}
     for kind, result in validation.noise.items():
         assert result.images >= 18 and result.right_rate <= CHANCE, (kind, validation.markdown())
     assert validation.passed
@@ -88,7 +89,7 @@ def test_empty_cells_specks_and_foreign_colours():
     size = 32
     assert detect(np.full((size, size, 3), MINI_BACKGROUND, dtype=np.uint8)) == []
     speck = np.full((size, size, 3), MINI_BACKGROUND, dtype=np.uint8)
-    side = math.floor(math.sqrt(speck_area(size)))  # a square speck of fewer pixels than speck_area
+    side = math.floor(math.sqrt(speck_area(MINI_RADIUS * size)))  # a square speck of fewer pixels than speck_area
     speck[4:4 + side, 4:4 + side - 1] = MINI_COLORS["red"]
     assert detect(speck) == []
     speck[4:4 + side + 1, 4:4 + side + 1] = MINI_COLORS["red"]  # more than speck_area: a blob
@@ -111,6 +112,29 @@ def test_a_blob_unlike_any_shape_has_no_shape():
     (blob,) = detect(cell)
     assert blob.shape is None and blob.color == "green" and blob.dice < 0.75
     assert (blob.x, blob.y) == pytest.approx((32, 32), abs=0.2)
+
+
+def test_a_shape_far_from_the_worlds_size_has_no_shape():
+    """Half to twice the world's radius is a shape; a square filling the cell or a shape three times too big is
+    not (the colour and centroid are still reported)."""
+    for scale, expected in ((0.6, "circle"), (1.8, "circle"), (3.0, None)):
+        cell = draw_shapes((96, 96), [("circle", "blue", 48, 48, scale * MINI_RADIUS * 96 / 3)])
+        (blob,) = detect(cell, radius=MINI_RADIUS * 96 / 3)
+        assert blob.shape == expected and blob.color == "blue", (scale, blob)
+    full = np.full((32, 32, 3), MINI_COLORS["red"], dtype=np.uint8)
+    (blob,) = detect(full)
+    assert blob.shape is None and blob.color == "red" and (blob.x, blob.y) == pytest.approx((16, 16))
+
+
+def test_scenes_of_several_shapes_are_read_at_the_frame_scale():
+    """mini_scene (the base model's non-grid compositions): every placed shape, at the frame's radius."""
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        image, _, placed = mini_scene(rng, canvas=96, frame=32)
+        blobs = detect(image, radius=MINI_RADIUS * 32)
+        assert sorted((b.shape, b.color) for b in blobs) == sorted((s, c) for s, c, _, _ in placed)
+        for *_, x, y in placed:
+            assert min(math.hypot(b.x - x, b.y - y) for b in blobs) < 0.2
 
 
 def test_detect_refuses_what_is_not_an_rgb_cell():

@@ -16,8 +16,10 @@ How one cell (uint8 ``(H, W, 3)``) is read:
    spans ``[j, j + 1)``: the coordinates of the world's centres).
 4. **Shape**: template matching against the world's own drawing (``draw_shapes``): for each shape, the
    template of the same area drawn at the centroid; the shape is the one of highest soft Dice
-   ``2 sum(min(a, t)) / (sum(a) + sum(t))``, or ``None`` when even that is below ``MIN_DICE`` (0.75). Triangles
-   point up and squares are axis-aligned, as the world draws them, so no rotation is searched.
+   ``2 sum(min(a, t)) / (sum(a) + sum(t))``, or ``None`` when even that is below ``MIN_DICE`` (0.75), or when that
+   template's radius is outside ``SIZES`` (0.5-2) times the world's (``MINI_RADIUS`` of the cell side, or the
+   ``radius`` given): a blob filling the cell is no shape of the world. Triangles point up and squares are
+   axis-aligned, as the world draws them, so no rotation is searched.
 
 :func:`validate_detector` measures it on real frames through the data pipeline and on noise.
 """
@@ -48,6 +50,7 @@ FOREGROUND = 0.4  # of the dimmest palette colour's distance to the background
 SPECK = 0.25  # of the smallest shape's area at this cell size
 CORE = 75  # percentile of a blob's chroma above which its pixels give its colour
 MIN_DICE = 0.75  # a blob that no shape template covers this well has no shape
+SIZES = (0.5, 2.0)  # radius of a shape, relative to the world's at this scale
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -99,9 +102,9 @@ def area_factor(shape: str) -> float:
     return float(_templates((100, 100), [(shape, 50.0, 50.0, radius)]).sum()) / radius**2
 
 
-def speck_area(cell_side: int) -> float:
-    """Components below this many px are noise: ``SPECK`` of the smallest world shape at this cell size."""
-    return SPECK * min(area_factor(s) for s in SHAPES) * (MINI_RADIUS * cell_side) ** 2
+def speck_area(radius: float) -> float:
+    """Components below this many px are noise: ``SPECK`` of the smallest world shape of this ``radius`` (px)."""
+    return SPECK * min(area_factor(s) for s in SHAPES) * radius**2
 
 
 def _nearest_color(rgb: np.ndarray, background: tuple[int, int, int]) -> tuple[str | None, float]:
@@ -111,22 +114,27 @@ def _nearest_color(rgb: np.ndarray, background: tuple[int, int, int]) -> tuple[s
     return (list(MINI_COLORS)[best] if distances[best] <= tolerance else None), float(distances[best])
 
 
-def _best_shape(coverage: np.ndarray, x: float, y: float, area: float) -> tuple[str | None, float]:
+def _best_shape(coverage: np.ndarray, x: float, y: float, area: float, radius: float) -> tuple[str | None, float]:
     """The shape whose world template of the blob's area, drawn at its centroid ``(x, y)`` (window px), best
-    matches ``coverage`` (the window holds every template whole)."""
+    matches ``coverage`` (the window holds every template whole); None if it is no good match or not of the
+    world's size (``radius`` px)."""
     radii = [math.sqrt(area / area_factor(shape)) for shape in SHAPES]
     templates = _templates(coverage.shape, [(shape, x, y, r) for shape, r in zip(SHAPES, radii, strict=True)])
     overlap = np.minimum(coverage[None], templates).sum(axis=(1, 2))  # (shapes,)
     dice = 2 * overlap / (area + templates.sum(axis=(1, 2)))
     best = int(np.argmax(dice))
-    return (SHAPES[best] if dice[best] >= MIN_DICE else None), float(dice[best])
+    fits = dice[best] >= MIN_DICE and SIZES[0] * radius <= radii[best] <= SIZES[1] * radius
+    return (SHAPES[best] if fits else None), float(dice[best])
 
 
-def detect(cell: np.ndarray, background: tuple[int, int, int] = MINI_BACKGROUND) -> list[Blob]:
-    """The blobs of one cell, uint8 ``(H, W, 3)``, largest first (see the module docstring)."""
+def detect(cell: np.ndarray, background: tuple[int, int, int] = MINI_BACKGROUND, radius: float | None = None
+           ) -> list[Blob]:
+    """The blobs of one cell, uint8 ``(H, W, 3)``, largest first (see the module docstring). ``radius``: the
+    world's shape radius in px here; default ``MINI_RADIUS`` of the cell's side (a frame of the world)."""
     if cell.ndim != 3 or cell.shape[2] != 3 or cell.dtype != np.uint8:
         raise ValueError(f"a cell must be a uint8 (H, W, 3) image, got {cell.dtype} {cell.shape}")
     height, width = cell.shape[:2]
+    radius = MINI_RADIUS * min(height, width) if radius is None else float(radius)
     bg = np.asarray(background, dtype=np.float32)
     offset = cell.astype(np.float32) - bg  # (H, W, 3)
     distance = np.linalg.norm(offset, axis=2)  # (H, W)
@@ -135,7 +143,7 @@ def detect(cell: np.ndarray, background: tuple[int, int, int] = MINI_BACKGROUND)
     if count == 0:
         return []
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    min_size = speck_area(min(height, width))
+    min_size = speck_area(radius)
     blobs = []
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if sizes[index] < min_size:
@@ -165,7 +173,7 @@ def detect(cell: np.ndarray, background: tuple[int, int, int] = MINI_BACKGROUND)
         w_bottom, w_right = max(bottom, math.ceil(y + reach)), max(right, math.ceil(x + reach))
         padded = np.zeros((w_bottom - w_top, w_right - w_left), dtype=np.float32)
         padded[top - w_top:bottom - w_top, left - w_left:right - w_left] = coverage
-        shape, dice = _best_shape(padded, x - w_left, y - w_top, area)
+        shape, dice = _best_shape(padded, x - w_left, y - w_top, area, radius)
         blobs.append(Blob(shape, color, x, y, area, dice, color_distance))
     return sorted(blobs, key=lambda b: -b.area)
 
@@ -195,17 +203,26 @@ def pipeline_cells(frames: np.ndarray, cell: int, folder: Path, name: str, quali
     return cells.permute(0, 2, 3, 1).numpy()  # (16, cell, cell, 3)
 
 
+NOISE_KINDS = ("uniform", "blurred", "patches")
+
+
 def noise_images(kind: str, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``(count, size, size, 3)`` uint8: ``uniform`` noise, or ``blurred`` noise (a Gaussian of sigma = a third
-    of the world's shape radius, each channel stretched to 0..255, so it holds coloured blobs of shape scale)."""
+    """``(count, size, size, 3)`` uint8 images that hold no world shape: ``uniform`` noise; ``blurred`` noise (a
+    Gaussian of sigma = a third of the world's shape radius, each channel stretched to 0..255: coloured blobs of
+    shape scale); ``patches``: noise blurred by half the radius and standardised per channel, ``10 + 120 z``
+    clipped, so coloured patches of shape size lie on a near-black ground, as the world's shapes do."""
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
     noise = rng.integers(0, 256, size=(count, size, size, 3)).astype(np.float32)
     if kind == "uniform":
         return noise.astype(np.uint8)
-    if kind != "blurred":
-        raise ValueError(f"noise kind must be uniform or blurred, got {kind!r}")
-    blurred = ndimage.gaussian_filter(noise, sigma=(0, MINI_RADIUS * size / 3, MINI_RADIUS * size / 3, 0))
-    low, high = blurred.min(axis=(1, 2), keepdims=True), blurred.max(axis=(1, 2), keepdims=True)
-    return np.round(255 * (blurred - low) / np.maximum(high - low, 1e-6)).astype(np.uint8)
+    sigma = MINI_RADIUS * size / (3 if kind == "blurred" else 2)
+    blurred = ndimage.gaussian_filter(noise, sigma=(0, sigma, sigma, 0))  # (count, size, size, 3)
+    if kind == "blurred":
+        low, high = blurred.min(axis=(1, 2), keepdims=True), blurred.max(axis=(1, 2), keepdims=True)
+        return np.round(255 * (blurred - low) / np.maximum(high - low, 1e-6)).astype(np.uint8)
+    mean, std = blurred.mean(axis=(1, 2), keepdims=True), blurred.std(axis=(1, 2), keepdims=True)
+    return np.clip(np.round(10 + 120 * (blurred - mean) / np.maximum(std, 1e-6)), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -267,8 +284,8 @@ def validate_detector(frame_size: int = 64, cell: int = 32, seed: int = 0, noise
                       ) -> DetectorValidation:
     """Run the detector on one clip of every shape x colour x motion (324 clips, 16 frames each) drawn at
     ``frame_size`` px and brought to ``cell`` px through the data pipeline (:func:`pipeline_cells`), and on
-    ``noise_count`` uniform and ``noise_count`` blurred noise images plus the mean real frame, each noise image
-    asked for the 18 (shape, colour) pairs in turn. The mp4s live in a temporary folder."""
+    ``noise_count`` images of each :func:`noise_images` kind plus the mean real frame, each noise image asked for
+    the 18 (shape, colour) pairs in turn. The mp4s live in a temporary folder."""
     import tempfile
 
     rng = np.random.default_rng(seed)
@@ -289,9 +306,8 @@ def validate_detector(frame_size: int = 64, cell: int = 32, seed: int = 0, noise
                     errors.append(math.hypot(blobs[0].x - cx, blobs[0].y - cy))
     pairs = [(s, c) for s in SHAPES for c in MINI_COLORS]
     noise = {}
-    sets = {f"uniform noise {cell}px": noise_images("uniform", noise_count, cell, rng),
-            f"blurred noise {cell}px": noise_images("blurred", noise_count, cell, rng),
-            "mean real frame": np.repeat(np.round(mean_frame / frames).astype(np.uint8)[None], len(pairs), axis=0)}
+    sets = {f"{kind} noise {cell}px": noise_images(kind, noise_count, cell, rng) for kind in NOISE_KINDS}
+    sets["mean real frame"] = np.repeat(np.round(mean_frame / frames).astype(np.uint8)[None], len(pairs), axis=0)
     for kind, images in sets.items():
         answered = hits = 0
         for index, image in enumerate(images):
