@@ -55,7 +55,8 @@ WORLD_PROTOCOL = (
     f"{DIRECTION_TOLERANCE} deg of the prompted direction over >= {MIN_DISPLACEMENT:g} cell sides, circles: turn "
     f"of the prompted sign over >= {MIN_TURN:g} loop at radius >= {MIN_ORBIT:g} sides; speed: nearer the prompted "
     "path length (straight prompts); smoothness: RMS px from the prompted motion fitted by least squares; row "
-    "break: mean step across row breaks / median step within rows; 'missing': grids without a blob in every cell")
+    "break: mean step across row breaks / median step within rows; 'missing': grids without a blob in every cell "
+    "(row break also: tracks that do not move)")
 
 
 @dataclass
