@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -159,6 +160,26 @@ FAMILIES: tuple[str, ...] = (*DIRECTIONS, *CIRCLES)
 def mini_caption(shape: str, color: str, motion: Motion) -> str:
     """``"a red square moves slowly to the right"``, ``"a cyan circle moves in a clockwise circle"``."""
     return f"{with_article(color)} {shape} moves {motion.words}"
+
+
+class NotAMiniCaption(ValueError):
+    """A caption that :func:`mini_caption` cannot have written."""
+
+
+@cache
+def _mini_captions() -> dict[str, tuple[str, str, Motion]]:
+    return {mini_caption(s, c, m): (s, c, m) for s in SHAPES for c in MINI_COLORS for m in MOTIONS}
+
+
+def parse_mini_caption(caption: str) -> tuple[str, str, Motion]:
+    """The inverse of :func:`mini_caption`: ``"a red square moves slowly to the right"`` -> ``("square", "red",
+    Motion("to the right", "slowly"))``. Case, runs of spaces and a final full stop do not matter."""
+    key = " ".join(str(caption).strip().rstrip(".").lower().split())
+    if key not in _mini_captions():
+        raise NotAMiniCaption(f"caption {caption!r} is not from the miniature world; its captions read "
+                              f"'{mini_caption('square', 'red', MOTIONS[0])}' or "
+                              f"'{mini_caption('circle', 'cyan', MOTIONS[-2])}' (gridgen.embedded.world.mini_caption)")
+    return _mini_captions()[key]
 
 
 def held_out_family(shape: str, color: str) -> str:

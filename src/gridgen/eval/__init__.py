@@ -5,6 +5,8 @@
 - :mod:`.clip`: CLIP_img, text-frame CLIP score, CLIP-F / CLIP-O from a local CLIP folder.
 - :mod:`.metrics`: PSNR / SSIM, temporal consistency, Inception Score with C3D.
 - :mod:`.io`: mp4 files, frame folders, grid images, shards and generate output as lazy videos.
+- :mod:`.shapes`: the miniature world's detector (blobs, shape, colour, centroid per cell) and its validation.
+- :mod:`.world_metrics`: per-grid identity, motion, smoothness and row-break continuity of the miniature world.
 - :mod:`.report`: the result JSON / Markdown beside the paper's numbers, and sweep summaries.
 - :mod:`.pipeline`: ``evaluate(cfg)``, the whole evaluation of a generated set (multi-process, feature caching, W&B).
 - :mod:`.generation`: ``eval.generate=true``, the fake set made by running ``python -m gridgen.generate``.

@@ -46,12 +46,15 @@ from gridgen.eval.metrics import (
     temporal_consistency,
 )
 from gridgen.eval.report import Evaluation, paper_targets, render_table, write_results
+from gridgen.eval.world_metrics import WORLD_PROTOCOL, score_cells, summarize
+from gridgen.layout import GridLayout
 from gridgen.models.attention import apply_attention_backend
 from gridgen.runtime import resolve_device, wandb_offline
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fvd", "is", "clip_img", "clip_text", "clip_f", "clip_o", "temporal_consistency", "psnr", "ssim", "time")
+METRICS = ("fvd", "is", "clip_img", "clip_text", "clip_f", "clip_o", "temporal_consistency", "psnr", "ssim", "time",
+           "world")
 CLIP_METRICS = {"clip_img", "clip_text", "clip_f", "clip_o", "temporal_consistency"}
 PAIRED_METRICS = {"clip_img", "clip_f", "clip_o", "psnr", "ssim"}  # need the real video of the same sample
 STATS_VERSION = 1  # bump when feature extraction changes, so cached real-set statistics are not reused
@@ -225,7 +228,26 @@ def _score_video(item: VideoItem, video: torch.Tensor, clip_frames: torch.Tensor
         data_range = float(cfg.eval.psnr.data_range)
         row["psnr"] = float(psnr_per_frame(pred[scored], target[scored], data_range).mean())
         row["ssim"] = float(ssim_per_frame(pred[scored], target[scored], data_range).mean())
+    if "world" in wanted:
+        if not item.caption:
+            raise ValueError(f"eval.metrics has world, but generated video '{item.source or item.name}' has no prompt; "
+                             "evaluate a gridgen.generate output (its manifest.json holds every prompt) or give each "
+                             "grid image a <name>.json with its prompt")
+        try:
+            row["world"] = score_cells(clip_frames.permute(0, 2, 3, 1).numpy(), _layout_cols(cfg), item.caption)
+        except ValueError as err:
+            raise type(err)(f"generated video '{item.source or item.name}': {err}") from err
     return row
+
+
+def _layout_cols(cfg: DictConfig) -> int:
+    """Cells per grid row of the evaluated videos (the row breaks of the world metrics)."""
+    spec = str(cfg.eval.layout or cfg.task.layout)
+    layout = GridLayout.parse(spec, 16)
+    if layout.num_cells != int(cfg.eval.frames):
+        raise ValueError(f"the world metrics read {cfg.eval.frames} frames as a {spec} grid, which has "
+                         f"{layout.num_cells} cells; set eval.layout=<rows>x<cols> to the generated grids' layout")
+    return layout.cols
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -354,6 +376,15 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
     if {"psnr", "ssim"} & set(wanted):
         ev.protocol["psnr_ssim"] = (f"per frame on RGB in [0, 1] (data_range {ec.psnr.data_range}), then averaged"
                                     + (f"; keyframes every {stride} frames not scored" if stride else ""))
+    if "world" in wanted:
+        for name, aggregate in summarize([r["world"] for r in rows]).items():
+            key = f"world_{name}"
+            if aggregate.value is None:
+                ev.notes.append(f"not computed: {key} (undefined for all {aggregate.missing} grids it applies to)")
+                continue
+            ev.metrics[key] = aggregate.value
+            ev.counts[key] = f"{aggregate.n}" + (f" ({aggregate.missing} missing)" if aggregate.missing else "")
+        ev.protocol["world"] = WORLD_PROTOCOL
     if "time" in wanted:
         timed = [r for r in rows if r["seconds"] is not None]
         if timed:
