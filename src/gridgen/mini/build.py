@@ -141,7 +141,7 @@ def _base_run(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
 
 
 def _base(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
-    from gridgen.models.builder import save_pipeline_with_transformer
+    from gridgen.models.full import save_pipeline_with_transformer
 
     tmp.rmdir()  # written atomically by the builder
     save_pipeline_with_transformer(build / "init", build / "base_run" / "transformer", tmp)
