@@ -223,7 +223,8 @@ def check_resume(cfg: DictConfig, resume: ResumePoint) -> None:
     then = {k: v[1] for k, v in pairs.items()}
     differ = [k for k in now if then[k] is not None and then[k] != now[k]]
     if differ:
-        pairs = ", ".join(f"{k}={then[k]} in the checkpoint, {now[k]} now" for k in differ)
+        pairs = ", ".join(f"{k}={_override_value(then[k])} in the checkpoint, {_override_value(now[k])} now"
+                          for k in differ)
         fix = " ".join(f"{k}={_override_value(then[k])}" for k in differ)
         start = "a new run from its LoRA with stage=fine stage.init_lora=<run>/lora" if mode == "lora" else \
             "a new run from its export with model.transformer=<run>/transformer"
