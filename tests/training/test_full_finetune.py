@@ -299,6 +299,21 @@ def test_pipeline_folder_with_the_trained_transformer(tmp_path, full_run):
         save_pipeline_with_transformer("embedded:tiny", run / "transformer", out)
 
 
+def test_readme_python_block_writes_a_pipeline_folder(tmp_path, full_run, monkeypatch):
+    """The README's ```python block of this section, as printed, with ``<full run>`` the run's folder."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", readme, re.S | re.M)
+                if "save_pipeline_with_transformer" in b]
+    run, _, _ = full_run
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace("<full run>", str(run)), "README.md", "exec"), {})  # noqa: S102
+    pipe = FluxPipeline.from_pretrained(tmp_path / "outputs" / "models" / "base")
+    export = load_file(run / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(pipe.transformer.state_dict()[k], export[k]) for k in export)
+
+
 def test_untrusted_or_unfitting_transformer_folders_are_one_line(tmp_path, full_run):
     from gridgen.models.full import save_pipeline_with_transformer
     from gridgen.models.loading import TransformerFolderError, load_flux_pipeline
@@ -399,7 +414,7 @@ def test_cli_adapter_full_refuses_a_lora_setting_in_one_line(tmp_path):
 
 
 # ---- FSDP2 ------------------------------------------------------------------------------------------------------
-@pytest.mark.slow  # ~45 s on 2 cores: 2 gloo processes, then 1
+@pytest.mark.slow  # ~60 s on 2 busy cores: 2 gloo processes, then 1
 def test_fsdp2_two_processes_match_one_process(tmp_path):
     """strategy=fsdp (FSDP2, gloo, 2 processes x batch 2, each holding half of every block) == 1 process x batch 4:
     the same transformer, gathered on rank 0 for the export, with gradient clipping active."""
@@ -417,11 +432,11 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     base = base_transformer().state_dict()
     update = max((single[k] - base[k]).abs().max().item() for k in base)
     assert update > 1e-4 and fsdp.keys() == single.keys() == base.keys()
-    for key in single:  # all-reduce sums in another order: float32 noise of 1% of the update at most
-        torch.testing.assert_close(fsdp[key], single[key], rtol=0, atol=1e-2 * update, msg=key)
+    for key in single:  # all-reduce sums in another order: float32 noise (measured: 1e-5 of the update)
+        torch.testing.assert_close(fsdp[key], single[key], rtol=0, atol=1e-3 * update, msg=key)
 
 
-@pytest.mark.slow  # ~60 s on 2 cores: two 2-process runs through the entry point
+@pytest.mark.slow  # ~95 s on 2 busy cores: two 2-process runs through the entry point
 def test_fsdp2_checkpoint_holds_the_whole_transformer_and_resumes_exactly(tmp_path):
     common = ["adapter=full", "strategy=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
               "trainer.strategy.param_dtype=null", "optim.lr=1e-3", "callbacks.checkpoint.every_n_train_steps=2",
