@@ -10,7 +10,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -102,8 +102,7 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
 
     callbacks = []
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
-        target = callback_cfg.get("_target_") if isinstance(callback_cfg, DictConfig) else None
-        if target and getattr(get_class(target), "adapter", mode) != mode:
+        if _adapter_of(callback_cfg) not in (None, mode):
             continue  # the export of the other adapter (LoRA file | transformer folder)
         callback = instantiate(callback_cfg)
         if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
@@ -158,6 +157,15 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
                                                    if k.startswith("train/loss") or k == "train/alpha"))
         print("\n".join(lines), flush=True)  # the entry point's answer to the user
     return metrics
+
+
+def _adapter_of(callback_cfg: Any) -> str | None:
+    """The adapter mode a callback serves (``adapter`` of its ``_target_`` class: the exports), None: any."""
+    target = callback_cfg.get("_target_") if isinstance(callback_cfg, DictConfig) else None
+    try:
+        return getattr(get_object(target), "adapter", None) if target else None
+    except Exception:  # noqa: BLE001 - instantiate() reports a bad _target_ with Hydra's own message
+        return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
