@@ -82,8 +82,9 @@ def check_adapter_settings(lora_cfg: Mapping[str, Any], model_cfg: Mapping[str, 
 
 
 def _listed(value: Any) -> str:
-    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, list | tuple) or type(value).__name__ == \
-        "ListConfig" else str(value)
+    """A value as it is written on the command line: ``[a,b]`` for a list (also an OmegaConf one)."""
+    is_list = isinstance(value, Sequence) and not isinstance(value, str)
+    return "[" + ",".join(map(str, value)) + "]" if is_list else str(value)
 
 
 def select_trainable(transformer: torch.nn.Module, patterns: Sequence[str] | None = None) -> int:
