@@ -402,6 +402,7 @@ def test_resume_across_adapters_is_refused(tmp_path, capsys, full_run):
     assert not any((tmp_path / k / "run").exists() for k in "abc")
 
 
+@pytest.mark.slow  # ~12 s: a process start; the in-process refusals above run the same code in CI
 def test_cli_adapter_full_refuses_a_lora_setting_in_one_line(tmp_path):
     env = {**os.environ, "GRIDGEN_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "gridgen.train", "adapter=full", "lora.rank=32"], cwd=tmp_path,
