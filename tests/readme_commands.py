@@ -68,6 +68,8 @@ CURRICULUM = "make curriculum task=multiview"
 NO_FLUX_DEV = "needs FLUX.1-dev under /models and a GPU"
 MIX = "make train stage=coarse task=t2v data=video_mix"
 RESUME = "make train ckpt_path=outputs/runs/<date>/<time>_coarse-t2v-flux_tiny trainer.max_steps=80"  # the README's `Overrides:` lines extend this command
+FULL_TRAIN = "make train adapter=full"
+FULL_GENERATE = 'make generate prompt="a red circle moves from left to right" model.transformer=<full run>/transformer'
 
 TABLE: list[Entry] = [
     # --- CI part: at least one of each documented workflow, in dependency order
@@ -95,6 +97,8 @@ TABLE: list[Entry] = [
     Entry('make generate task=t2mv prompt="a white tiger in mid-stride"', "run", "views + cameras.json", ci=False),
     Entry('make generate task=edit prompt="..." ref=clip.mp4 T=0.85', "run", "manifest.json", ci=False),
     Entry("make train experiment=multiview debug=tiny", "run", "a debug run folder", ci=False),
+    Entry(FULL_TRAIN, "run", "<run>/transformer/ (config.json + safetensors), no LoRA", ci=False),
+    Entry(FULL_GENERATE, "run", "manifest names the transformer folder", ci=False, needs=(FULL_TRAIN,)),
     Entry(CURRICULUM, "run", "a coarse and a fine multiview run", ci=False),
     Entry("make train stage=fine task=multiview", "run", "a fine run from the curriculum's coarse LoRA", ci=False,
           needs=(CURRICULUM,)),
@@ -116,6 +120,8 @@ TABLE: list[Entry] = [
     Entry("data=shards data.train_shards=[/data/a,/data/b] data.weights=[3,1]", "compose", "needs shards in /data",
           prefix="make train"),
     Entry("make cache data=webvid model=flux_dev", "compose", NO_FLUX_DEV + " and WebVid shards"),
+    Entry("make train model=flux_dev model.pretrained=/models/FLUX.1-dev adapter=full strategy=fsdp trainer.devices=8",
+          "compose", NO_FLUX_DEV.replace("a GPU", "8 GPUs")),
     Entry("python -m gridgen.prepare -m hydra/launcher=slurm hydra.launcher.partition=cpu data=webvid "
           "prepare.src=/data/webvid/results_10M_train.csv prepare.out=/data/shards/webvid-4x4 prepare.workers=15 "
           "prepare.parts=64 'prepare.part=range(0,64)'", "compose", "needs SLURM and the WebVid download"),
@@ -162,6 +168,7 @@ SUBSTITUTIONS: dict[str, str] = {
     "outputs/runs/<run>": "{train_run}",
     "outputs/generate/<run>": "{generate_out}",
     "<run>": "{train_run}",
+    "<full run>": "{full_run}",  # the run folder `make train adapter=full` printed
     "<real videos>": "real_videos",
     "<generated videos>": "generated_videos",
     "[eval.out=<folder>]": "eval.out=outputs/eval",

@@ -27,6 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_commands import (  # noqa: E402
+    FULL_GENERATE,
+    FULL_TRAIN,
     README,
     RESUME,
     RESUME_STEP_ARGS,
@@ -140,6 +142,8 @@ class Workspace:
             self.values["train_run"] = self.printed_path(result, "run folder")
         if result.returncode == 0 and command == GENERATE_T2V_CMD:
             self.values["generate_out"] = self.printed_path(result, "output folder")
+        if result.returncode == 0 and command == FULL_TRAIN:
+            self.values["full_run"] = self.printed_path(result, "run folder")
         return result
 
     def printed_path(self, result: subprocess.CompletedProcess, label: str) -> str:
@@ -276,6 +280,20 @@ def _check_resume(ws: Workspace, result) -> None:
     assert record["parent_run"] == str((ws.cwd / parent).resolve())
 
 
+def _check_full_train(ws: Workspace, result) -> None:
+    run = ws.cwd / ws.values["full_run"]
+    assert sorted(p.name for p in (run / "transformer").iterdir()) == ["config.json",
+                                                                        "diffusion_pytorch_model.safetensors"]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "lora").exists()
+
+
+def _check_generate_full(ws: Workspace, result) -> None:
+    _check_generate()(ws, result)
+    out = ws.cwd / ws.printed_path(result, "output folder")
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    assert model["transformer"] == f"{ws.values['full_run']}/transformer", model
+
+
 def _check_runs(*suffixes: str):
     def check(ws: Workspace, result) -> None:
         for suffix in suffixes:
@@ -305,6 +323,8 @@ CHECKS = {
     'make generate task=t2mv prompt="a white tiger in mid-stride"': _check_generate("4x6", "*/cameras.json"),
     'make generate task=edit prompt="..." ref=clip.mp4 T=0.85': _check_generate(),
     "make train experiment=multiview debug=tiny": _check_runs("_coarse-multiview-flux_tiny"),
+    FULL_TRAIN: _check_full_train,
+    FULL_GENERATE: _check_generate_full,
     "make curriculum task=multiview": _check_runs("_coarse-multiview-flux_tiny", "_fine-multiview-flux_tiny"),
     "make train stage=fine task=multiview": _check_runs("_fine-multiview-flux_tiny"),
     "make eval task=t2v eval.real=<real videos> eval.fake=<generated videos> [eval.out=<folder>]": _check_eval,
@@ -336,6 +356,7 @@ def test_readme_run_command(workspace: Workspace, command: str):
 def composed(workspace: Workspace) -> dict[str, list[dict]]:
     workspace.values.setdefault("train_run", "outputs/runs/2026-01-01/00-00-00_coarse-t2v-flux_tiny")
     workspace.values.setdefault("generate_out", "outputs/generate/2026-01-01/00-00-00_t2v-flux_tiny")
+    workspace.values.setdefault("full_run", "outputs/runs/2026-01-01/00-00-01_coarse-t2v-flux_tiny")
     argvs, owners = [], []
     for entry in TABLE:
         if entry.kind != "compose":

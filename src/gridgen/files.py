@@ -3,7 +3,7 @@
 A result is never half-written: :func:`atomic_path` hands out a hidden sibling (``.<name>.tmp-<pid>``) to write,
 renames it onto the target only when the writing finished, and removes it otherwise, so a reader (or a crash)
 sees the old file or the new one, never a mix. ``os.replace`` is atomic within one filesystem, and a sibling is
-always on the target's.
+always on the target's. :func:`atomic_folder` does the same for a folder of files (a saved model).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when the block raised
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """``with atomic_folder(target) as tmp: write files into tmp``: the folder appears at ``target`` whole when the
+    block succeeds (files and folders made readable as this process's umask allows: writers such as safetensors
+    create 0600 files), and is removed when it raises. An existing ``target`` is swapped out (two renames, each
+    atomic) and deleted afterwards, so ``target`` is always the old folder or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer of this pid
+    tmp.mkdir()
+    try:
+        yield tmp
+        for folder, _dirs, files in os.walk(tmp):
+            os.chmod(folder, 0o777 & ~current_umask())
+            for name in files:
+                os.chmod(os.path.join(folder, name), default_file_mode())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left when the block raised
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file here (0644 under the usual umask 022): results are shared like
+    checkpoints, whatever mode the library that wrote them chose."""
+    return 0o666 & ~current_umask()
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gridgen.config import CONF_DIR, check_added_keys, exit_on_user_error, register_resolvers
 from gridgen.files import config_hash
 from gridgen.models.attention import resolve_attention_backend
-from gridgen.models.loading import EMBEDDED_TINY_NAMES, check_model_source
+from gridgen.models.full import adapter_mode
+from gridgen.models.loading import EMBEDDED_TINY_NAMES, check_model_source, check_transformer_folder
 from gridgen.run_folder import RunFolderGuard, hydra_files_of_this_command
 from gridgen.runtime import resolve_device
-from gridgen.training.callbacks import LoraExport
+from gridgen.training.callbacks import LoraExport, TransformerExport
 from gridgen.training.callbacks.ema import LoraEMA
 from gridgen.training.module import GridModule
 from gridgen.training.runs import (
@@ -42,7 +43,8 @@ register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Instantiate everything from ``cfg``, fit, export the LoRA; returns the final metrics.
+    """Instantiate everything from ``cfg``, fit, export the LoRA (``adapter=full``: the transformer); returns the
+    final metrics.
 
     Everything that can be checked is checked before the first file is written; a command that fails before
     training a step leaves the run folder as it was (a new one is removed), and ``FAILED`` (with the reason) marks
@@ -79,6 +81,9 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
         check_resume(cfg, resume)
         state["start_step"] = resume.step
     check_model_source(cfg.model.pretrained, revision=cfg.model.get("revision"))
+    if cfg.model.get("transformer"):
+        check_transformer_folder(cfg.model.transformer)
+    mode = adapter_mode(cfg.lora)
 
     # The attention kernel this run will use, recorded in config.yaml and the loggers' hyperparameters.
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
@@ -97,6 +102,8 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
 
     callbacks = []
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
+        if _adapter_of(callback_cfg) not in (None, mode):
+            continue  # the export of the other adapter (LoRA file | transformer folder)
         callback = instantiate(callback_cfg)
         if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
             continue  # Lightning refuses a progress-bar callback when the bar is switched off
@@ -130,7 +137,7 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        export = next((c.path for c in callbacks if isinstance(c, LoraExport)), None)
+        export = next((c.path for c in callbacks if isinstance(c, LoraExport | TransformerExport)), None)
         checkpoints = cfg.callbacks.get("checkpoint", {}).get("dirpath")
         lines = [f"run folder     {output_dir}", f"config         {output_dir / 'config.yaml'}"]
         if resume is not None and not resume.in_place:
@@ -139,16 +146,26 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
             lines.append(f"metrics        {output_dir / 'metrics' / 'metrics.csv'}")
         if wandb_line:
             lines.append(wandb_line)
+        trained = "LoRA" if mode == "lora" else "transformer"
         if checkpoints:
-            lines.append(f"checkpoints    {checkpoints} (LoRA + optimiser state; last.ckpt to resume)")
+            lines.append(f"checkpoints    {checkpoints} ({trained} + optimiser state; last.ckpt to resume)")
         if export:
-            lines.append(f"LoRA export    {export}")
+            lines.append(f"{trained + ' export':<14} {export}")
         if ema := next((c.path for c in callbacks if isinstance(c, LoraEMA) and c.path), None):
-            lines.append(f"EMA LoRA       {ema}")
+            lines.append(f"{'EMA ' + trained:<14} {ema}")
         lines.append("final          " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                    if k.startswith("train/loss") or k == "train/alpha"))
         print("\n".join(lines), flush=True)  # the entry point's answer to the user
     return metrics
+
+
+def _adapter_of(callback_cfg: Any) -> str | None:
+    """The adapter mode a callback serves (``adapter`` of its ``_target_`` class: the exports), None: any."""
+    target = callback_cfg.get("_target_") if isinstance(callback_cfg, DictConfig) else None
+    try:
+        return getattr(get_object(target), "adapter", None) if target else None
+    except Exception:  # noqa: BLE001 - instantiate() reports a bad _target_ with Hydra's own message
+        return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

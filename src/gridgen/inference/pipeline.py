@@ -33,7 +33,7 @@ from gridgen.inference.tasks import (
     resolve_layout,
 )
 from gridgen.models.builder import FrozenLora, build_flux
-from gridgen.models.loading import parse_dtype
+from gridgen.models.loading import check_transformer_folder, parse_dtype
 from gridgen.models.lora import check_lora_file
 from gridgen.runtime import resolve_device
 
@@ -67,6 +67,8 @@ def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
                          "lora_scale=")
     if cfg.lora:
         check_lora_file(cfg.lora)  # a missing, corrupt or foreign file fails here, before weights load
+    if cfg.model.get("transformer"):
+        check_transformer_folder(cfg.model.transformer)  # e.g. <run>/transformer of an adapter=full run
     return spec, T
 
 
@@ -131,7 +133,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                                                          "height": layout.height, "width": layout.width},
         "T": T, "steps": int(gen.steps), "guidance": float(gen.guidance),
         "mask": cfg.mask.mode if spec.keep != "none" else None,
-        "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained), "dtype": str(dtype).removeprefix("torch."),
+        "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained),
+                  "transformer": None if cfg.model.get("transformer") is None else str(cfg.model.transformer),
+                  "dtype": str(dtype).removeprefix("torch."),
                   "attention_backend": attention, "compile": bool(cfg.model.get("compile")),
                   "quantization": cfg.model.get("quantization")},
         "device": str(device), "lora": lora, "out": str(out), "samples": [],

@@ -1,8 +1,10 @@
 """The FLUX + LoRA model, built in one place for training and for generation.
 
-    load (FluxPipeline.from_pretrained; quantized at load when model.quantization asks)
+    load (FluxPipeline.from_pretrained; model.transformer replaces its transformer; quantized at load when
+          model.quantization asks)
       -> quantize (a transformer that is not quantized yet: one built elsewhere)
-      -> LoRA (a trainable adapter from lora.*, or a saved LoRA applied frozen at a scale)
+      -> LoRA (a trainable adapter from lora.*, or a saved LoRA applied frozen at a scale), or the transformer's
+         own weights made trainable (adapter=full)
       -> attention backend (when the device is known)
       -> compile (diffusers' regional compilation of the repeated blocks, adapters inside)
 """
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gridgen.models.attention import apply_attention_backend
+from gridgen.models.full import select_trainable
 from gridgen.models.loading import load_flux_pipeline, resolve_pretrained
 from gridgen.models.lora import apply_lora, attach_lora, keep_lora_fp32, load_lora_weights_into
 from gridgen.models.quantization import check_compile, check_scheme, is_quantized, quantize_transformer
@@ -39,6 +42,14 @@ class TrainableLora:
 
 
 @dataclass(frozen=True)
+class TrainableFull:
+    """Full fine-tuning (``adapter=full``): the transformer's own weights train, all of them or those matching
+    ``train_modules`` (:func:`gridgen.models.full.select_trainable`)."""
+
+    train_modules: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class FrozenLora:
     """A saved LoRA (file, run folder or checkpoint) applied at ``scale`` for sampling."""
 
@@ -56,7 +67,7 @@ class BuiltFlux:
 
 
 def prepare_transformer(transformer: torch.nn.Module, model_cfg: Mapping[str, Any],
-                        lora: TrainableLora | FrozenLora | None = None,
+                        lora: TrainableLora | TrainableFull | FrozenLora | None = None,
                         attention_device: str | None = None) -> BuiltFlux:
     """quantize -> LoRA -> attention -> compile on a loaded FLUX transformer (in place).
 
@@ -84,10 +95,16 @@ def prepare_transformer(transformer: torch.nn.Module, model_cfg: Mapping[str, An
         if lora.init:
             header = load_lora_weights_into(transformer, lora.init)
             log.info("initialised LoRA from %s (stage %s)", lora.init, header.get("gridgen_stage", "?"))
+    elif isinstance(lora, TrainableFull):
+        transformer.train()
+        built.num_trainable = select_trainable(transformer, lora.train_modules)
+        keep_lora_fp32(transformer)  # the trained weights in fp32, the frozen ones (if any) in model.dtype
+        if model_cfg.get("gradient_checkpointing", False):
+            transformer.enable_gradient_checkpointing()
     elif isinstance(lora, FrozenLora):
         built.lora = apply_lora(transformer, lora.path, float(lora.scale))
     elif lora is not None:
-        raise TypeError(f"lora must be a TrainableLora, a FrozenLora or None, got {type(lora).__name__}")
+        raise TypeError(f"lora must be a TrainableLora, a TrainableFull, a FrozenLora or None, got {type(lora).__name__}")
     if attention_device is not None:
         built.attention = apply_attention_backend(model_cfg.get("attention_backend"), attention_device, transformer)
     if model_cfg.get("compile", False):  # model.compile_options: torch.compile kwargs (mode, backend, ...)
@@ -95,14 +112,15 @@ def prepare_transformer(transformer: torch.nn.Module, model_cfg: Mapping[str, An
     return built
 
 
-def build_flux(model_cfg: Mapping[str, Any], *, lora: TrainableLora | FrozenLora | None = None,
+def build_flux(model_cfg: Mapping[str, Any], *, lora: TrainableLora | TrainableFull | FrozenLora | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
                load_encoders: bool = True, attention_device: str | None = None) -> tuple[FluxPipeline, BuiltFlux]:
     """Load the FLUX pipeline of ``model_cfg`` (``model.*``) and prepare its transformer
     (:func:`prepare_transformer`); the VAE and text encoders are frozen.
 
     ``dtype`` defaults to ``model.dtype``; ``load_encoders=False`` skips the VAE and text encoders (batches carry
-    cached latents and text embeddings).
+    cached latents and text embeddings). ``model.transformer`` (a ``save_pretrained`` folder, e.g. an
+    ``adapter=full`` run's ``<run>/transformer``) replaces the pipeline's transformer.
     """
     if model_cfg.get("compile", False):
         check_compile(model_cfg.get("quantization"))  # before any weights load
@@ -116,6 +134,7 @@ def build_flux(model_cfg: Mapping[str, Any], *, lora: TrainableLora | FrozenLora
         variant=model_cfg.get("variant"),
         quantization=model_cfg.get("quantization"),
         quantize_text_encoder=bool(model_cfg.get("quantize_text_encoder", False)),
+        transformer=model_cfg.get("transformer"),
     )
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         if part is not None:

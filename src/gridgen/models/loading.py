@@ -7,6 +7,7 @@ start a 30 GB download by surprise, and clusters are often offline. Missing weig
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -122,6 +123,84 @@ def check_model_source(pretrained: str | Path, revision: str | None = None) -> s
     return name
 
 
+def local_pipeline_folder(pretrained: str | Path, revision: str | None = None) -> Path:
+    """The folder holding ``pretrained``'s files: a local diffusers folder, or a hub id's snapshot in the local
+    Hugging Face cache (never downloaded); ``ModelNotFoundError`` (one line) otherwise."""
+    name = resolve_pretrained(pretrained)
+    if isinstance(pretrained, Path) or looks_local(name):
+        return _check_folder(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(name, revision=revision, local_files_only=True)
+    except Exception as err:  # not cached, not a repo id: one line, like load_flux_pipeline's
+        raise ModelNotFoundError(f"'{name}' is not in the local Hugging Face cache ({_short_reason(err)}); download it "
+                                 f"once with `hf download {name}` or set model.pretrained=<local folder>") from err
+    return _check_folder(snapshot)
+
+
+# ---- a transformer folder replacing the pipeline's (model.transformer) ------------------------------------
+_TRANSFORMER_HINT = ("model.transformer takes a folder written by diffusers' save_pretrained of a FluxTransformer2DModel "
+                     "(config.json + .safetensors), e.g. <run>/transformer of an adapter=full run")
+
+
+class TransformerFolderError(ModelNotFoundError):
+    """A ``model.transformer`` folder that is missing, not a FluxTransformer2DModel in safetensors, or does not fit
+    the pipeline it is put in."""
+
+
+def check_transformer_folder(folder: str | Path) -> Path:
+    """Raise :class:`TransformerFolderError` (one line) unless ``folder`` holds a diffusers FluxTransformer2DModel
+    saved as safetensors (read from JSON and file names only: cheap, and nothing is unpickled); returns it."""
+    path = Path(str(folder)).expanduser()
+    if not path.is_dir():
+        raise TransformerFolderError(f"model.transformer '{folder}' is not a folder; {_TRANSFORMER_HINT}")
+    if (path / "model_index.json").is_file():
+        raise TransformerFolderError(f"model.transformer '{folder}' is a whole pipeline folder (model_index.json); use "
+                                     f"model.pretrained={folder}, or model.transformer={Path(str(folder)) / 'transformer'}")
+    try:
+        class_name = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise TransformerFolderError(f"model.transformer '{folder}' has no readable config.json ({type(err).__name__}); "
+                                     f"{_TRANSFORMER_HINT}") from None
+    if class_name != "FluxTransformer2DModel":
+        raise TransformerFolderError(f"model.transformer '{folder}' holds a {class_name}, not a FluxTransformer2DModel; "
+                                     f"{_TRANSFORMER_HINT}")
+    if not list(path.glob("*.safetensors")):
+        raise TransformerFolderError(f"model.transformer '{folder}' has no .safetensors weights (gridgen never unpickles "
+                                     f".bin/.pt files); {_TRANSFORMER_HINT}")
+    return path
+
+
+def load_transformer_folder(folder: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Module:
+    """A ``FluxTransformer2DModel`` from a ``save_pretrained`` folder (``model.transformer``), safetensors only."""
+    from diffusers import FluxTransformer2DModel
+
+    path = check_transformer_folder(folder)
+    try:
+        with library_progress_bars_off():  # use_safetensors=True: a folder without them is an error, never a pickle
+            return FluxTransformer2DModel.from_pretrained(str(path), use_safetensors=True,
+                                                          **{_dtype_kwarg(): parse_dtype(dtype)})
+    except (OSError, ValueError, RuntimeError) as err:  # a missing shard, a truncated file, mismatched shapes
+        raise TransformerFolderError(f"could not load model.transformer '{folder}': {_short_reason(err)}; "
+                                     f"{_TRANSFORMER_HINT}") from err
+
+
+def check_transformer_fits(transformer_config: dict, folder: str | Path, *, t5_dim: int | None = None,
+                           clip_dim: int | None = None, latent_channels: int | None = None) -> None:
+    """A transformer of another model's width cannot take this pipeline's text embeddings or latents: one line
+    naming the first mismatch (each None: that component is not loaded, nothing to compare)."""
+    checks = (("joint_attention_dim", t5_dim, "the T5 text encoder's d_model"),
+              ("pooled_projection_dim", clip_dim, "the CLIP text encoder's hidden_size"),
+              ("in_channels", None if latent_channels is None else 4 * latent_channels,
+               "4 x the VAE's latent_channels (2x2 packing)"))
+    for key, want, what in checks:
+        if want is not None and int(transformer_config.get(key, -1)) != int(want):
+            raise TransformerFolderError(f"model.transformer '{folder}' does not fit model.pretrained: its {key} is "
+                                         f"{transformer_config.get(key)}, {what} is {want}; use a transformer trained "
+                                         "on this base (or set model.pretrained to its base)")
+
+
 def load_flux_pipeline(
     pretrained: str | Path,
     *,
@@ -135,6 +214,7 @@ def load_flux_pipeline(
     local_files_only: bool = True,
     quantization: str | None = None,
     quantize_text_encoder: bool = False,
+    transformer: str | Path | None = None,
 ) -> FluxPipeline:
     """Load a ``FluxPipeline`` from a local diffusers folder, a hub id (local HF cache) or ``"embedded:tiny"``.
 
@@ -144,6 +224,9 @@ def load_flux_pipeline(
     ``quantization``: one of ``gridgen.models.quantization.SCHEMES`` (or None): the transformer's frozen weights
     are quantized while they load, through diffusers' own ``quantization_config``; ``quantize_text_encoder``
     also quantizes T5 with the same scheme.
+    ``transformer``: a ``save_pretrained`` folder of a FluxTransformer2DModel (``model.transformer``, e.g. an
+    ``adapter=full`` run's ``<run>/transformer``) loaded in place of the pipeline's own (safetensors only; with
+    ``quantization`` it is quantized in memory by :func:`gridgen.models.builder.prepare_transformer`).
     Raises ``ModelNotFoundError`` (one line) when the weights are not there.
     """
     from diffusers import FluxPipeline
@@ -157,6 +240,8 @@ def load_flux_pipeline(
         skipped.update(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     if not load_transformer:
         skipped["transformer"] = None
+    elif transformer is not None:  # loaded before the pipeline: a bad folder fails before the encoders load
+        skipped["transformer"] = load_transformer_folder(transformer, torch_dtype)
     kwargs = {_dtype_kwarg(): torch_dtype, "variant": variant, **skipped}
     if quantization is not None:
         from gridgen.models.quantization import pipeline_quantization_config
@@ -191,10 +276,17 @@ def load_flux_pipeline(
                 f"`hf download {name}` (gated models such as FLUX.1-dev need `hf auth login` first) "
                 f"or set model.pretrained=<local folder>"
             ) from e
+    if load_transformer and transformer is not None:
+        check_transformer_fits(
+            dict(pipe.transformer.config), transformer,
+            t5_dim=pipe.text_encoder_2.config.d_model if pipe.text_encoder_2 is not None else None,
+            clip_dim=pipe.text_encoder.config.hidden_size if pipe.text_encoder is not None else None,
+            latent_channels=pipe.vae.config.latent_channels if pipe.vae is not None else None)
     if quantization is not None and quantization.startswith("bnb"):
         # bitsandbytes placed its quantized weights on the CUDA device while loading (.to() would refuse them);
         # the components it did not quantize (VAE, CLIP, T5 unless quantize_text_encoder) still need moving
-        for component in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        # (and a model.transformer, quantized in memory later)
+        for component in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
             if component is not None and not getattr(component, "is_quantized", False):
                 component.to(device)
         return pipe

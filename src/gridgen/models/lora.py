@@ -27,7 +27,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from gridgen.files import atomic_path
+from gridgen.files import atomic_path, default_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -157,28 +157,23 @@ def check_export_formats(formats: str | Sequence[str]) -> list[str]:
     return formats
 
 
-def check_finite(tensors: dict[str, torch.Tensor], destination: str | Path) -> None:
-    """Raise :class:`NonFiniteLoraError` naming the first tensor with NaN/inf values and how many."""
+def check_finite(tensors: dict[str, torch.Tensor], destination: str | Path, what: str = "LoRA") -> None:
+    """Raise :class:`NonFiniteLoraError` naming the first tensor with NaN/inf values and how many (``what``: whose
+    tensors, ``LoRA`` or ``transformer``)."""
     bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if not torch.isfinite(v).all()}
     if bad:
         name, count = next(iter(bad.items()))
         raise NonFiniteLoraError(
-            f"LoRA tensor '{name}' has {count} non-finite (NaN/inf) of {tensors[name].numel()} values and "
+            f"{what} tensor '{name}' has {count} non-finite (NaN/inf) of {tensors[name].numel()} values and "
             f"{len(bad)} of {len(tensors)} tensors have some; nothing was written to '{destination}': the training "
             "diverged, lower optim.lr or export an earlier checkpoint"
         )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save_atomically(weights: dict[str, torch.Tensor], filename: str | Path, header: dict[str, str]) -> None:
     with atomic_path(filename) as tmp:  # a crash mid-write leaves the previous file intact
         safetensors.torch.save_file(weights, str(tmp), metadata=header)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; exports are shared like checkpoints
+        os.chmod(tmp, default_file_mode())  # safetensors creates its files 0600; exports are shared like checkpoints
 
 
 # ---- kohya / ComfyUI naming --------------------------------------------------------------------------

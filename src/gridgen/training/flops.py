@@ -1,4 +1,5 @@
-"""Floating-point operations of a FLUX LoRA training step and of sampling, from a documented formula.
+"""Floating-point operations of a FLUX LoRA (or full fine-tuning) training step and of sampling, from a documented
+formula.
 
 A matmul ``(T, d_in) @ (d_in, d_out)`` costs ``2 * d_in * d_out * T`` FLOPs (one multiply + one add per MAC).
 For a batch of ``B`` grids of ``N`` image tokens and ``S`` text tokens, ``T = N + S`` per sample:
@@ -15,6 +16,11 @@ For a batch of ``B`` grids of ``N`` image tokens and ``S`` text tokens, ``T = N 
 * **Attention**: ``4 * T**2 * d_model`` forward per block (``Q K^T`` and ``A V``, ``d_model = heads x
   head_dim``), twice that backward (``dQ, dK`` from ``dS`` and ``dA, dV`` from ``dO``), in all
   ``num_layers + num_single_layers`` blocks (both kinds attend over the joint sequence).
+* **Full fine-tuning** (``adapter=full``, ``full=True``): every linear whose weight trains also computes its weight
+  gradient, ``2 * P * t`` (the "6 P T" rule), and input gradients flow through every linear except those fed by
+  data alone: ``x_embedder`` (latents), ``context_embedder`` (T5 states) and the first linear of each time,
+  guidance and pooled-text embedder. (With ``lora.train_modules`` restricting the trained weights, input gradients
+  are counted as for the whole transformer: an upper bound below the lowest trained layer.)
 * **Gradient checkpointing** (diffusers checkpoints each block): one more forward of the blocks.
 
 Where autograd computes no input gradient, none is counted: layers below the first block that carries a
@@ -108,8 +114,17 @@ def _is_lora(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def linear_costs(transformer: torch.nn.Module, image_tokens: int, text_tokens: int) -> list[LinearCost]:
-    """Every ``nn.Linear`` of a (LoRA-attached or bare) FLUX transformer with its per-sample MACs."""
+def _fed_by_data(layer: str) -> bool:
+    """Linears whose input is the batch itself (latents, text states, sinusoidal time, pooled text): no input
+    gradient even when every weight trains."""
+    return layer in ("x_embedder", "context_embedder") or (layer.startswith("time_text_embed.")
+                                                          and layer.endswith(".linear_1"))
+
+
+def linear_costs(transformer: torch.nn.Module, image_tokens: int, text_tokens: int,
+                 full: bool = False) -> list[LinearCost]:
+    """Every ``nn.Linear`` of a (LoRA-attached or bare) FLUX transformer with its per-sample MACs; ``full``: the
+    transformer's own weights train (``trainable``: the weight requires a gradient)."""
     config = transformer.config
     num_double = int(config.num_layers)
     linears = [(name, m) for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -122,6 +137,11 @@ def linear_costs(transformer: torch.nn.Module, image_tokens: int, text_tokens: i
         layer = _ADAPTER.sub("", name)
         position = _block_position(layer, num_double)
         trainable = _is_lora(name)
+        if full:
+            macs = module.in_features * module.out_features * _tokens(layer, image_tokens, text_tokens)
+            costs.append(LinearCost(name, macs, module.weight.requires_grad, not _fed_by_data(layer),
+                                    position is not None))
+            continue
         if position is None:
             input_grad = layer == "proj_out"  # the output projection; embedders are below every adapter
         elif position < first or layer.split(".")[2].startswith("norm"):
@@ -154,8 +174,10 @@ def _check(batch_size: int, image_tokens: int, text_tokens: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- public
 def training_flops_per_batch(transformer: torch.nn.Module, batch_size: int, image_tokens: int, text_tokens: int,
-                             lora_params: int | None = None, gradient_checkpointing: bool = False) -> int:
-    """FLOPs of forward + backward of one training batch of a FLUX transformer with LoRA (module docstring).
+                             lora_params: int | None = None, gradient_checkpointing: bool = False,
+                             full: bool = False) -> int:
+    """FLOPs of forward + backward of one training batch of a FLUX transformer with LoRA, or of its own weights
+    (``full``, ``adapter=full``: the linears whose weight requires a gradient train) (module docstring).
 
     ``lora_params``: None counts the adapters attached to ``transformer`` layer by layer; a number is for a
     bare transformer (e.g. built on ``meta`` to size a run): then LoRA costs ``6 * lora_params * (N + S)``
@@ -164,6 +186,17 @@ def training_flops_per_batch(transformer: torch.nn.Module, batch_size: int, imag
     """
     _check(batch_size, image_tokens, text_tokens)
     tokens = image_tokens + text_tokens
+    if full:
+        if lora_params:
+            raise ValueError(f"flops: lora_params={lora_params} with full=True; a full fine-tuning has no LoRA")
+        costs = linear_costs(transformer, image_tokens, text_tokens, full=True)
+        attention = _attention_flops(transformer, tokens)
+        forward = 2 * sum(c.macs for c in costs)
+        backward = 2 * sum(c.macs for c in costs if c.input_grad) + 2 * sum(c.macs for c in costs if c.trainable)
+        per_sample = forward + backward + 3 * attention
+        if gradient_checkpointing:  # each block's forward runs again during the backward
+            per_sample += 2 * sum(c.macs for c in costs if c.in_blocks) + attention
+        return batch_size * per_sample
     costs = linear_costs(transformer, image_tokens, text_tokens)
     attached = sum(m.weight.numel() for name, m in transformer.named_modules()
                    if isinstance(m, torch.nn.Linear) and _is_lora(name))

@@ -1,4 +1,5 @@
-"""The GRID LightningModule: frozen FLUX transformer + LoRA, trained on L_base + alpha * L_flow (eq. 3).
+"""The GRID LightningModule: frozen FLUX transformer + LoRA (or the transformer itself, ``adapter=full``), trained on
+L_base + alpha * L_flow (eq. 3).
 
 One training step (paper section 2.2-2.3):
     grid image --VAE--> normalised latents --pack--> x0 (B, N, 64)
@@ -6,8 +7,8 @@ One training step (paper section 2.2-2.3):
     x_t = (1 - t) x0 + t eps,  target = eps - x0                        eq. (1)-(2)
     v = transformer(x_t, t, guidance, text, position ids)
     L = L_base(v, target) + alpha * L_flow(v, target, layout)          eq. (3)-(7)
-Only the LoRA parameters train; the VAE and text encoders run under no_grad (or are skipped when the
-batch carries cached latents / text embeddings).
+Only the LoRA parameters train (``adapter=full``: the transformer's own weights, :mod:`gridgen.models.full`); the
+VAE and text encoders run under no_grad (or are skipped when the batch carries cached latents / text embeddings).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from gridgen.layout import GridLayout
 from gridgen.losses import FLOW_PAIRS, add_noise, base_loss, sample_timesteps, temporal_flow_loss
 from gridgen.models.attention import apply_attention_backend
-from gridgen.models.builder import TrainableLora, build_flux, prepare_transformer
+from gridgen.models.builder import TrainableFull, TrainableLora, build_flux, prepare_transformer
 from gridgen.models.flux import encode_images, encode_prompts
+from gridgen.models.full import check_adapter_settings
 from gridgen.models.lora import build_lora_config, keep_lora_fp32
 from gridgen.training.flops import training_flops_per_batch
 from gridgen.training.optim import build_optimizer, build_scheduler
@@ -45,12 +47,13 @@ def _plain(cfg: Any) -> dict:
 
 
 class GridModule(L.LightningModule):
-    """Holds the FLUX pipeline (frozen) and trains a LoRA on the transformer.
+    """Holds the FLUX pipeline (frozen) and trains a LoRA on the transformer, or the transformer's own weights.
 
     Args (each a config group, see ``conf/``):
-        model: ``pretrained``, ``dtype``, ``revision``, ``variant``, ``max_sequence_length``,
+        model: ``pretrained``, ``transformer``, ``dtype``, ``revision``, ``variant``, ``max_sequence_length``,
             ``guidance_scale``, ``gradient_checkpointing``.
-        lora: ``rank``, ``alpha``, ``dropout``, ``init``, ``target_modules``.
+        lora: ``mode`` (``lora``: ``rank``, ``alpha``, ``dropout``, ``init``, ``target_modules``; ``full``:
+            ``train_modules``), the ``adapter`` config group.
         optim: ``lr``, ``betas``, ``weight_decay``, ``eps``, ``scheduler`` (constant | cosine),
             ``warmup_steps``, ``min_lr_ratio``.
         loss: ``timestep_sampling`` (uniform | logit_normal | shifted), ``logit_mean``, ``logit_std``,
@@ -90,19 +93,23 @@ class GridModule(L.LightningModule):
         self.num_trainable = 0
         self.flops_per_batch: int | None = None  # read by ThroughputMonitor; None = no MFU figure
         self._flops_cache: dict[tuple[int, int, int], int] = {}
-        self._restored_lora: dict[str, torch.Tensor] | None = None
-        # Checkpoints hold only LoRA weights; the frozen model is rebuilt from model.pretrained.
+        self._restored: dict[str, torch.Tensor] | None = None
+        # Checkpoints hold only the trained weights (LoRA, or the transformer); the frozen rest is rebuilt from
+        # model.pretrained.
         self.strict_loading = False
-        # Build the LoRA config now so that a bad rank/target fails before any weights load.
-        self._lora_config = build_lora_config(**{k: self.lora_cfg[k] for k in
-                                                 ("rank", "alpha", "dropout", "init", "target_modules")})
+        # Check the adapter settings and build the LoRA config now, so that a bad rank/target fails before any
+        # weights load.
+        self.mode = check_adapter_settings(self.lora_cfg, self.model_cfg, init_lora)
+        self._lora_config = None if self.mode == "full" else build_lora_config(
+            **{k: self.lora_cfg[k] for k in ("rank", "alpha", "dropout", "init", "target_modules")})
 
     # ---- model ----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load FLUX through ``from_pretrained`` and attach LoRA (idempotent; Lightning calls it under FSDP)."""
+        """Load FLUX through ``from_pretrained`` and attach LoRA, or make the transformer trainable (idempotent;
+        Lightning calls it under FSDP)."""
         if self.transformer is not None:
             return
-        pipe, built = build_flux(self.model_cfg, lora=self._trainable_lora(), device="cpu",
+        pipe, built = build_flux(self.model_cfg, lora=self._trainable(), device="cpu",
                                  load_encoders=not self.model_cfg.get("cached", False))
         self.transformer, self.num_trainable = pipe.transformer, built.num_trainable
         self._shard_if_fsdp2()
@@ -111,7 +118,10 @@ class GridModule(L.LightningModule):
         self.pipe = pipe
         self.pipe.transformer = None
 
-    def _trainable_lora(self) -> TrainableLora:
+    def _trainable(self) -> TrainableLora | TrainableFull:
+        if self.mode == "full":
+            patterns = self.lora_cfg.get("train_modules")
+            return TrainableFull(None if patterns is None else tuple(patterns))
         return TrainableLora(self._lora_config, seed=self.seed, init=self.init_lora)
 
     def attached_trainer(self) -> L.Trainer | None:
@@ -131,23 +141,24 @@ class GridModule(L.LightningModule):
             shard_flux_transformer(self.transformer, strategy.device_mesh["data_parallel"], strategy)
 
     def adopt_transformer(self, transformer: torch.nn.Module) -> None:
-        """Quantize, attach the LoRA and compile a FLUX transformer built elsewhere (benchmarks, notebooks) as
-        :func:`~gridgen.models.builder.build_flux` does, and make it this module's."""
-        self.num_trainable = prepare_transformer(transformer, self.model_cfg, self._trainable_lora()).num_trainable
+        """Quantize, attach the LoRA (or make its weights trainable) and compile a FLUX transformer built elsewhere
+        (benchmarks, notebooks) as :func:`~gridgen.models.builder.build_flux` does, and make it this module's."""
+        self.num_trainable = prepare_transformer(transformer, self.model_cfg, self._trainable()).num_trainable
         self.transformer = transformer
 
     def on_fit_start(self) -> None:
-        # trainer.precision=bf16-true casts the whole module to bf16 after configure_model: the LoRA goes back
-        # to fp32 here (same Parameter objects, so the optimizer, whose state starts at the first step, keeps them)
+        # trainer.precision=bf16-true casts the whole module to bf16 after configure_model: the trained weights go
+        # back to fp32 here (same Parameter objects, so the optimizer, whose state starts at the first step, keeps
+        # them)
         if self.transformer is not None:
             keep_lora_fp32(self.transformer)
-            if self._restored_lora:  # a resumed LoRA, exact (not rounded through that bf16 cast)
+            if self._restored:  # resumed weights, exact (not rounded through that bf16 cast)
                 params = dict(self.named_parameters())
                 with torch.no_grad():
-                    for name, tensor in self._restored_lora.items():
+                    for name, tensor in self._restored.items():
                         if name in params:
                             params[name].copy_(tensor)
-            self._restored_lora = None
+            self._restored = None
         # Every process (Lightning starts one per device) selects its attention kernel before the first step.
         self.attention_backend = apply_attention_backend(self.model_cfg.get("attention_backend"), self.device.type,
                                                          self.transformer)
@@ -160,7 +171,7 @@ class GridModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    # ---- checkpoints: LoRA only -----------------------------------------------------------------------
+    # ---- checkpoints: the trained weights only (LoRA, or the transformer) ------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -171,12 +182,13 @@ class GridModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         if "state_dict" not in checkpoint:  # FSDP2: the strategy has loaded the weights into the shards itself
             return
-        self._restored_lora = checkpoint["state_dict"]  # LoRA tensors only (small); re-applied in on_fit_start
+        self._restored = checkpoint["state_dict"]  # the trained tensors only; re-applied in on_fit_start
         missing = trainable - set(checkpoint["state_dict"])
         if trainable and missing:
+            fix = "lora.train_modules (adapter=full)" if self.mode == "full" else "lora.rank and lora.target_modules"
             raise ValueError(
-                f"checkpoint lacks {len(missing)} LoRA tensors (e.g. '{sorted(missing)[0]}'); it was saved with "
-                "another lora config: resume with the same lora.rank and lora.target_modules"
+                f"checkpoint lacks {len(missing)} trained tensors (e.g. '{sorted(missing)[0]}'); it was saved with "
+                f"another adapter config: resume with the same {fix}"
             )
 
     # ---- conditioning ---------------------------------------------------------------------------------
@@ -253,7 +265,8 @@ class GridModule(L.LightningModule):
         recomputation is not counted: MFU measures useful work, so checkpointing shows as a lower MFU."""
         key = (batch_size, image_tokens, text_tokens)
         if key not in self._flops_cache:
-            self._flops_cache[key] = training_flops_per_batch(self.transformer, batch_size, image_tokens, text_tokens)
+            self._flops_cache[key] = training_flops_per_batch(self.transformer, batch_size, image_tokens, text_tokens,
+                                                              full=self.mode == "full")
         return self._flops_cache[key]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -288,7 +301,7 @@ class GridModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return
-        # One fused kernel over all LoRA tensors (before clipping); a DTensor (FSDP2) norm is reduced to the
+        # One fused kernel over all trained tensors (before clipping); a DTensor (FSDP2) norm is reduced to the
         # unsharded norm by full_tensor().
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])).float())
         if hasattr(norm, "full_tensor"):
@@ -298,7 +311,7 @@ class GridModule(L.LightningModule):
 
     def _guard_nonfinite(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer,
                          params: list[torch.nn.Parameter]) -> None:
-        """Stop (or skip the update) before a non-finite loss or gradient can reach the LoRA weights.
+        """Stop (or skip the update) before a non-finite loss or gradient can reach the trained weights.
 
         The one host sync per step that gridgen makes: a single bool over the loss terms and the gradient norm.
         Raising here happens before ``optimizer.step()``, so the weights, the last checkpoint and every export
@@ -325,7 +338,7 @@ class GridModule(L.LightningModule):
             return
         skipped = f" after {self.nonfinite_skips} skipped steps" if self.nonfinite_skips else ""
         raise NonFiniteError(
-            f"step {step}: non-finite {', '.join(bad)}{skipped}; the LoRA was not updated and checkpoints up to "
+            f"step {step}: non-finite {', '.join(bad)}{skipped}; the weights were not updated and checkpoints up to "
             f"the last saved step are intact. Try model.attention_backend=sdpa_math (or another kernel), "
             f"trainer.precision=32-true, a lower optim.lr, or nonfinite.action=skip nonfinite.max_skips=N"
         )
@@ -334,7 +347,7 @@ class GridModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = self.trainable_parameters()
         if not params:
-            raise RuntimeError("no trainable parameters: LoRA was not attached (configure_model not run?)")
+            raise RuntimeError("no trainable parameters: configure_model has not run")
         optimizer = build_optimizer(params, self.optim_cfg)  # optim.name: adamw | adamw8bit
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import resumes_in_place, run_folder_of_checkpoint
+from gridgen.models.full import adapter_mode, check_adapter_settings
 from gridgen.models.lora import LORA_FILE, read_lora_header
 from gridgen.runtime import wandb_offline
 
@@ -82,8 +83,10 @@ def _command_line_keys() -> set[str]:
 
 
 def check_run_settings(cfg: DictConfig) -> None:
-    """Settings that could not act are refused before anything runs: a step count that trains nothing or never
-    ends (the alpha ramp and the LR schedule need a finite run), validation asked for but never reached."""
+    """Settings that could not act are refused before anything runs: LoRA settings in a full fine-tuning and the
+    reverse (:func:`gridgen.models.full.check_adapter_settings`), a step count that trains nothing or never ends (the
+    alpha ramp and the LR schedule need a finite run), validation asked for but never reached."""
+    check_adapter_settings(cfg.lora, cfg.model, cfg.stage.get("init_lora"))
     max_steps = cfg.trainer.get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ValueError(f"trainer.max_steps={max_steps} trains nothing or never ends (the alpha ramp and the LR "
@@ -127,6 +130,7 @@ class ResumePoint:
     lora_shapes: dict[str, tuple[int, ...]]
     parent: Path | None  # the run folder the checkpoint belongs to (None: a loose .ckpt file)
     in_place: bool  # an unfinished run continued from its last checkpoint in its own folder
+    adapter: str = "lora"  # what its weights are: lora | full (the transformer's own weights, adapter=full)
 
 
 def read_checkpoint(ckpt: str | None, output_dir: Path) -> ResumePoint | None:
@@ -157,43 +161,75 @@ def read_checkpoint(ckpt: str | None, output_dir: Path) -> ResumePoint | None:
                          "continued in its own folder; leave hydra.run.dir / paths.output_dir unset and the resume "
                          "writes a new run folder that records its parent")
     shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
-    return ResumePoint(str(path), int(checkpoint["global_step"]), dict(checkpoint.get("hyper_parameters") or {}),
-                       shapes, parent, in_place)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    # the recorded mode; a checkpoint from before adapter=full records none, and holds LoRA tensors (or, stripped
+    # of its hyperparameters, shows what it holds)
+    recorded = (hparams.get("lora") or {}).get("mode")
+    adapter = adapter_mode({"mode": recorded}) if recorded else \
+        ("lora" if shapes or not checkpoint["state_dict"] else "full")
+    return ResumePoint(str(path), int(checkpoint["global_step"]), hparams, shapes, parent, in_place, adapter)
 
 
 def check_resume(cfg: DictConfig, resume: ResumePoint) -> None:
     """Refuse, before anything is written, a resume whose checkpoint cannot continue this config: a finished
-    step count, another LoRA (rank, alpha, targets), another model, task or layout."""
+    step count, another adapter (a LoRA checkpoint in a full fine-tuning or the reverse), another LoRA (rank,
+    alpha, targets) or other trained weights (``lora.train_modules``), another model, task or layout."""
     max_steps = int(cfg.trainer.max_steps)
     if resume.step >= max_steps:
         raise ValueError(f"ckpt_path '{resume.path}' is at step {resume.step} and trainer.max_steps={max_steps}: "
                          f"nothing to train; set trainer.max_steps above {resume.step} to continue it")
+    mode = adapter_mode(cfg.lora)
+    if resume.adapter != mode:
+        held = {"lora": "a LoRA", "full": "the transformer's own weights (adapter=full)"}
+        start = "start a full fine-tuning without ckpt_path" if mode == "full" else \
+            "start a LoRA on the fine-tuned transformer with model.transformer=<run>/transformer"
+        raise ValueError(f"ckpt_path '{resume.path}' holds {held[resume.adapter]} and this run trains "
+                         f"{held[mode]}; resume it with adapter={resume.adapter}, or {start}")
+
     def saved(section: str, key: str, kind: Any = str) -> Any:
         value = (resume.hparams.get(section) or {}).get(key)
         return None if value is None else kind(value)
 
+    def nullable(value: Any, kind: Any = str) -> Any:
+        return "null" if value is None else kind(value)
+
+    def recorded(section: str, key: str, kind: Any = str) -> Any:
+        """A key whose null is a setting: "null" when the checkpoint holds null, None when it does not hold it."""
+        values = resume.hparams.get(section) or {}
+        return nullable(values[key], kind) if key in values else None
+
     # setting: (now, in the checkpoint); None in the checkpoint: not recorded there (an older checkpoint)
     pairs = {
-        "lora.rank": (int(cfg.lora.rank), saved("lora", "rank", int)),
-        "lora.alpha": (float(cfg.lora.alpha), saved("lora", "alpha", float)),
-        "lora.target_modules": (sorted(cfg.lora.target_modules), saved("lora", "target_modules", sorted)),
         "model.name": (str(cfg.model.name), saved("model", "name")),
         "model.pretrained": (str(cfg.model.pretrained), saved("model", "pretrained")),
+        "model.transformer": (nullable(cfg.model.get("transformer")), recorded("model", "transformer")),
         "task.name": (str(cfg.task.name), saved("run", "task")),
         "task.sample_layout": (str(cfg.task.get("sample_layout")), saved("run", "layout")),
     }
-    # the LoRA tensors themselves: lora_A is (rank, in), lora_B is (out, rank)
-    ranks = {shape[0] if ".lora_A" in key else shape[-1] for key, shape in resume.lora_shapes.items()}
-    if ranks and ranks != {pairs["lora.rank"][0]}:
-        pairs["lora.rank"] = (pairs["lora.rank"][0], sorted(ranks)[0])
+    if mode == "full":  # which weights train (and so which stay as model.pretrained / model.transformer has them)
+        pairs["lora.train_modules"] = (nullable(cfg.lora.get("train_modules"), list),
+                                       recorded("lora", "train_modules", list))
+    else:
+        pairs.update({
+            "lora.rank": (int(cfg.lora.rank), saved("lora", "rank", int)),
+            "lora.alpha": (float(cfg.lora.alpha), saved("lora", "alpha", float)),
+            "lora.target_modules": (sorted(cfg.lora.target_modules), saved("lora", "target_modules", sorted)),
+        })
+        # the LoRA tensors themselves: lora_A is (rank, in), lora_B is (out, rank)
+        ranks = {shape[0] if ".lora_A" in key else shape[-1] for key, shape in resume.lora_shapes.items()}
+        if ranks and ranks != {pairs["lora.rank"][0]}:
+            pairs["lora.rank"] = (pairs["lora.rank"][0], sorted(ranks)[0])
     now = {k: v[0] for k, v in pairs.items()}
     then = {k: v[1] for k, v in pairs.items()}
     differ = [k for k in now if then[k] is not None and then[k] != now[k]]
     if differ:
-        pairs = ", ".join(f"{k}={then[k]} in the checkpoint, {now[k]} now" for k in differ)
+        pairs = ", ".join(f"{k}={_override_value(then[k])} in the checkpoint, {_override_value(now[k])} now"
+                          for k in differ)
         fix = " ".join(f"{k}={_override_value(then[k])}" for k in differ)
+        start = "a new run from its LoRA with stage=fine stage.init_lora=<run>/lora" if mode == "lora" else \
+            "a new run from its export with model.transformer=<run>/transformer"
         raise ValueError(f"ckpt_path '{resume.path}' cannot continue this config ({pairs}); resume with {fix}, or start "
-                         "a new run from its LoRA with stage=fine stage.init_lora=<run>/lora")
+                         f"{start}")
 
 
 def _override_value(value: Any) -> str:

@@ -4,7 +4,8 @@
 Per-parameter sharding keeps each tensor's dtype, so a bf16 frozen base and fp32 LoRA weights shard side by
 side (FSDP1 flattened a block into one buffer of one dtype and needed ``model.dtype=float32``: twice the
 memory for FLUX.1-dev's base). The strategy only sets up the device mesh; the module shards itself in
-``configure_model`` with :func:`shard_flux_transformer`. Checkpoints stay LoRA-only: frozen parameters are left
+``configure_model`` with :func:`shard_flux_transformer`. Checkpoints hold the trained weights only (the LoRA, or
+with ``adapter=full`` the whole transformer, sharded alike): frozen parameters are left
 out of the gathered state dict, and rank 0 writes one file.
 """
 
@@ -27,7 +28,8 @@ def flux_block_classes() -> set[type]:
 
 
 class FluxFSDP2Strategy(ModelParallelStrategy):
-    """Data parallel over every process with FSDP2 (no tensor parallelism); LoRA-only, single-file checkpoints.
+    """Data parallel over every process with FSDP2 (no tensor parallelism); single-file checkpoints of the trained
+    weights (LoRA, or the transformer with ``adapter=full``).
 
     Activation checkpointing is ``model.gradient_checkpointing`` (diffusers' per-block checkpointing, on by
     default for FLUX.1-dev), as for every other strategy.
@@ -52,7 +54,8 @@ class FluxFSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The LoRA tensors only, gathered whole on rank 0 (the frozen base is rebuilt from model.pretrained)."""
+        """The trained tensors only (LoRA, or the transformer), gathered whole on rank 0 (the frozen base is rebuilt
+        from model.pretrained)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)

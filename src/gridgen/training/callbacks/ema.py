@@ -1,12 +1,14 @@
-"""Exponential moving average of the LoRA weights (the GRID authors' code keeps one with decay 0.99).
+"""Exponential moving average of the trained weights: the LoRA, or the transformer with ``adapter=full`` (the GRID
+authors' code keeps one of the LoRA with decay 0.99).
 
     e_0 = w_0                              (the LoRA's initial weights)
     e_k = d * e_(k-1) + (1 - d) * w_k      after every optimizer step k
 
-Only the trainable LoRA tensors are averaged, in fp32, with one fused ``torch._foreach_lerp_`` per step.
+Only the trainable tensors are averaged, in fp32, with one fused ``torch._foreach_lerp_`` per step.
 (Lightning's ``WeightAveraging`` would deep-copy the whole module, frozen FLUX included.) When enabled the
 EMA weights are swapped in for validation (held-out losses and sample grids) and exported at the end of
-training beside the raw LoRA, in the same diffusers format. The EMA is part of the checkpoint (the
+training beside the raw LoRA, in the same diffusers format (``adapter=full``: a second transformer folder,
+``<run>/transformer_ema``, written as ``<run>/transformer`` is). The EMA is part of the checkpoint (the
 callback's ``state_dict``: tensors and numbers only), so an exact resume continues it.
 """
 
@@ -28,20 +30,23 @@ EMA_FILE = "pytorch_lora_weights_ema.safetensors"
 
 
 class LoraEMA(L.Callback):
-    """EMA of the LoRA weights; ``decay=None`` turns it off (the callback then does nothing).
+    """EMA of the trained weights; ``decay=None`` turns it off (the callback then does nothing).
 
     Args:
         decay: ``d`` in ``e <- d * e + (1 - d) * w``, in (0, 1); None = off.
         dirpath: where ``pytorch_lora_weights_ema.safetensors`` is written at the end of training
             (None: not exported).
         validate_with_ema: swap the EMA weights in for validation and sample grids.
+        transformer_dirpath: ``adapter=full``: the folder the EMA transformer is written to (None: not exported).
     """
 
-    def __init__(self, decay: float | None = None, dirpath: str | None = None, validate_with_ema: bool = True) -> None:
+    def __init__(self, decay: float | None = None, dirpath: str | None = None, validate_with_ema: bool = True,
+                 transformer_dirpath: str | None = None) -> None:
         if decay is not None and not 0.0 < float(decay) < 1.0:
             raise ValueError(f"callbacks.ema.decay must be null (off) or in (0, 1), got {decay}; the paper's code used 0.99")
         self.decay = None if decay is None else float(decay)
         self.dirpath = None if dirpath is None else Path(dirpath)
+        self.transformer_dirpath = None if transformer_dirpath is None else Path(transformer_dirpath)
         self.validate_with_ema = validate_with_ema
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
@@ -64,8 +69,8 @@ class LoraEMA(L.Callback):
         if self._loaded is not None:  # resumed: continue the checkpoint's average
             saved = self._loaded["ema"]
             if set(saved) != set(self.names):
-                raise ValueError("checkpoint's EMA does not fit this LoRA (other lora.rank or lora.target_modules); "
-                                 "resume with the run's lora config")
+                raise ValueError("checkpoint's EMA does not fit the trained weights (other adapter, lora.rank, "
+                                 "lora.target_modules or lora.train_modules); resume with the run's adapter config")
             self.ema = [_like(saved[n], p) for n, p in named]
             self.step = int(self._loaded["step"])
             self._loaded = None
@@ -119,6 +124,9 @@ class LoraEMA(L.Callback):
 
     # ---- export ---------------------------------------------------------------------------------------
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.ema is not None and getattr(pl_module, "mode", "lora") == "full":
+            self._export_transformer(trainer, pl_module)
+            return
         if self.ema is None or self.dirpath is None:
             return
         from gridgen.training.callbacks.export import LoraExport
@@ -138,6 +146,23 @@ class LoraEMA(L.Callback):
                 "gridgen_ema_decay": self.decay}
         save_lora(self.dirpath, pl_module.transformer, meta, state_dict=state, name=EMA_FILE)
         log.info("exported EMA LoRA (decay %g) to %s", self.decay, self.path)
+
+    def _export_transformer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``adapter=full``: the transformer with the EMA weights, written as the raw one is (TransformerExport)."""
+        from gridgen.training.callbacks.export import TransformerExport
+
+        if self.transformer_dirpath is None:
+            return
+        self.path = self.transformer_dirpath
+        exporter = next((c for c in trainer.callbacks if isinstance(c, TransformerExport)), None) or \
+            TransformerExport(str(self.transformer_dirpath))
+        self.swap_in()
+        try:  # a collective under FSDP2: every rank calls it; the state is a copy, so swap_out cannot change it
+            exporter.write(trainer, pl_module, self.transformer_dirpath)
+        finally:
+            self.swap_out()
+        if trainer.is_global_zero:
+            log.info("exported the EMA transformer (decay %g) to %s", self.decay, self.path)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
