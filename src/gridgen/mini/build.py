@@ -113,7 +113,7 @@ def _cache(data: str, pretrained: Path, out: Path, extra: list[str]) -> dict[str
     from gridgen.cache import cache
 
     cache_cfg = compose("cache", [f"data={data}", "model=flux_mini", f"model.pretrained={pretrained}",
-                                  f"cache.out={out}", "cache.device=cpu", "cache.batch_size=32", *extra])
+                                  f"cache.out={out}", "cache.device=cpu", "cache.batch_size=32", *extra], output_dir=out)
     manifests = cache(cache_cfg)
     return {name: manifest["counts"] for name, manifest in manifests.items()}
 
@@ -135,8 +135,8 @@ def base_overrides(build: Path) -> list[str]:
 def _base_run(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
     from gridgen.train import train
 
-    overrides = [*base_overrides(build), f"paths.output_dir={tmp}", f"seed={int(cfg.seed)}", *cfg.build.base]
-    metrics = train(compose("train", overrides))
+    overrides = [*base_overrides(build), f"seed={int(cfg.seed)}", *cfg.build.base]
+    metrics = train(compose("train", overrides, output_dir=tmp))
     return {"overrides": overrides, "metrics": metrics}
 
 
@@ -173,7 +173,7 @@ def _base_eval(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
         "model=flux_mini", f"model.pretrained={build / 'base'}", "task=t2i", f"prompts_file={prompts}",
         f"generate.out={out}", "generate.height=32", "generate.batch_size=16", "generate.progress=false",
         "generate.device=cpu", "export.mp4=false", "export.gif=false", "export.frames=false",
-        f"generate.steps={int(cfg.eval.steps)}"]))
+        f"generate.steps={int(cfg.eval.steps)}"], output_dir=out))
     right = 0
     answers = []
     for sample, (shape, color) in zip(manifest["samples"], asked, strict=True):

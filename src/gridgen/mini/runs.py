@@ -60,7 +60,7 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
                  "export.frames=false"]
     if lora is not None:
         overrides.append(f"lora={lora}")
-    result = run_evaluation(compose("evaluate", overrides))
+    result = run_evaluation(compose("evaluate", overrides, output_dir=folder / "eval"))
     generated = folder / "eval" / "generated"
     manifest = json.loads((generated / "manifest.json").read_text())
     layout = GridLayout.parse(manifest["layout"]["name"], manifest["layout"]["cell_height"])
@@ -90,7 +90,7 @@ def run_variant(cfg: DictConfig, build: Path, tmp: Path, variant: list[str], see
 
     started = time.perf_counter()
     overrides = lora_overrides(build, list(variant), seed, list(cfg.runs.train))
-    train_metrics = train(compose("train", [*overrides, f"paths.output_dir={tmp / 'run'}"]))
+    train_metrics = train(compose("train", overrides, output_dir=tmp / "run"))
     train_s = time.perf_counter() - started
     metrics = evaluate_grids(cfg, build, tmp, seed, tmp / "run")
     record = {"overrides": overrides, "seed": seed, "train_s": round(train_s, 1),

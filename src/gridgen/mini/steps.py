@@ -19,12 +19,14 @@ log = logging.getLogger("gridgen.mini")
 DONE = "done.json"  # written last into every finished step folder
 
 
-def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+def compose(config_name: str, overrides: Sequence[str], output_dir: Path | None = None) -> DictConfig:
     """An entry point's config (``train``, ``cache``, ``evaluate``) with ``overrides``, as its command line would
-    compose it (inside :func:`hydra.initialize_config_dir`, opened by ``gridgen.mini``'s main)."""
+    compose it (inside :func:`hydra.initialize_config_dir`, opened by ``gridgen.mini``'s main). ``output_dir``
+    stands for the Hydra run folder (``paths.output_dir``), which a composed config has not got."""
     from hydra import compose as hydra_compose
 
-    return hydra_compose(config_name=config_name, overrides=list(overrides))
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
+    return hydra_compose(config_name=config_name, overrides=[*overrides, *extra])
 
 
 def is_done(folder: Path) -> bool:

@@ -232,8 +232,10 @@ class GridModule(L.LightningModule):
         return noise, torch.cat(times).to(x0.device)
 
     # ---- step -----------------------------------------------------------------------------------------
-    def compute_losses(self, batch: dict[str, Any], fixed_t: float | None = None) -> dict[str, Any]:
-        """Eqs. (1)-(7) on one batch. ``fixed_t``: validation at a fixed time with fixed noise."""
+    def compute_losses(self, batch: dict[str, Any], fixed_t: float | None = None,
+                       flow_pairs: str | None = None) -> dict[str, Any]:
+        """Eqs. (1)-(7) on one batch. ``fixed_t``: validation at a fixed time with fixed noise; ``flow_pairs``: the
+        neighbour pairs of L_flow (default: the run's ``loss.flow_pairs``)."""
         layout = GridLayout(**{k: int(v) for k, v in batch["layout"].items()})
         x0 = self._latents(batch)  # (B, N, 64)
         batch_size = x0.shape[0]
@@ -255,7 +257,7 @@ class GridModule(L.LightningModule):
             return_dict=False,
         )[0]  # (B, N, 64)
         loss_base = base_loss(pred, target)  # eq. (4)
-        loss_flow = temporal_flow_loss(pred, target, layout, self.flow_pairs)  # eq. (5)-(7)
+        loss_flow = temporal_flow_loss(pred, target, layout, flow_pairs or self.flow_pairs)  # eq. (5)-(7)
         return {"loss": loss_base + self.alpha * loss_flow, "loss_base": loss_base, "loss_flow": loss_flow,
                 "batch_size": batch_size, "image_tokens": x0.shape[1], "text_tokens": prompt_embeds.shape[1]}
 
@@ -283,11 +285,13 @@ class GridModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Held-out L_base and L_flow at fixed times with fixed noise: comparable across runs and ranks."""
+        """Held-out L_base and L_flow at fixed times with fixed noise: comparable across runs and ranks. L_flow here is
+        always the paper's film-strip one (eq. 7), whatever ``loss.flow_pairs`` the run trains with, so that runs of
+        either variant are compared on one measure."""
         times = [float(t) for t in self.loss_cfg.get("val_timesteps", (0.25, 0.5, 0.75))]
         base, flow = [], []
         for t in times:
-            out = self.compute_losses(batch, fixed_t=t)
+            out = self.compute_losses(batch, fixed_t=t, flow_pairs="filmstrip")
             kw = {"on_step": False, "on_epoch": True, "sync_dist": True, "batch_size": out["batch_size"]}
             self.log(f"val/loss_base_t{t:g}", out["loss_base"], **kw)
             self.log(f"val/loss_flow_t{t:g}", out["loss_flow"], **kw)
