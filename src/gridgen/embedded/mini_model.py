@@ -22,10 +22,13 @@ import torch
 from gridgen.embedded.flux_tiny import build_tiny_flux_pipeline
 from gridgen.embedded.tokenizers import caption_corpus, finalise_tokenizer_folders
 from gridgen.embedded.world import MINI_COLORS, MOTIONS, SHAPES, mini_caption, with_article
+from gridgen.runtime import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "gridgen_mini.json"
+BUILD_VERSION = 1  # bump when what `make mini`'s build makes changes, so stale caches are not reused
+DEFAULT_BUILD = f"mini-v{BUILD_VERSION}"  # the default build's folder under the cache (data=mini, model=flux_mini)
 
 # FLUX.1-dev's transformer (guidance embedding, rope over (t, y, x)), 2 + 4 blocks of width 128. The text widths
 # are the embedded encoders' (T5 d_model 32, CLIP hidden 32).
@@ -85,3 +88,15 @@ def build_mini_pipeline(vae: Any, out: str | Path, seed: int = 0, marker: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def mini_base_folder(cache_dir: str | Path | None = None) -> Path:
+    """The default build's base model (``model.pretrained=embedded:mini``); refused with one line until ``make mini``
+    has built it (it is never built implicitly: that takes about 20 minutes)."""
+    build = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / DEFAULT_BUILD
+    base = build / "base"
+    if not ((base / "done.json").is_file() and (base / "model_index.json").is_file()):
+        raise FileNotFoundError(f"model=flux_mini (embedded:mini) is the miniature's base model, not built yet at {base}: "
+                                "build it once with `make mini stop_after=build` (about 20 min on 2 CPU cores; "
+                                "`make mini` builds it too)")
+    return base

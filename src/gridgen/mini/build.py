@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from gridgen.embedded.mini_model import DEFAULT_BUILD
 from gridgen.files import config_hash
 from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder, write_done
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_VERSION = 1  # bump when what a build makes changes, so stale caches are not reused
 BUILD_STEPS = {"data": 2.0, "vae": 5.0, "init": 0.3, "cache_base": 1.5, "base_run": 10.0, "base": 0.2,
                "cache_clips": 2.0, "base_eval": 1.0}  # expected minutes: the ETA's weights
 
@@ -36,7 +36,7 @@ BUILD_STEPS = {"data": 2.0, "vae": 5.0, "init": 0.3, "cache_base": 1.5, "base_ru
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
     """``<cache>/mini-v1`` for the default build config, ``mini-v1-<hash>`` for any other."""
     mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
-    name = f"mini-v{BUILD_VERSION}"
+    name = DEFAULT_BUILD
     if mine != {"build": plain(default_build), "seed": 0}:
         name += f"-{config_hash(mine)[:8]}"
     return Path(str(cfg.paths.cache_dir)).expanduser() / name

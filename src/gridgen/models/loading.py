@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EMBEDDED_TINY_NAMES = ("embedded:tiny", "tiny")
+EMBEDDED_MINI = "embedded:mini"  # the miniature's base model (model=flux_mini), built by `make mini`
 _HINT = "set model.pretrained=<local FLUX.1-dev folder or hub id> (see README: Models)"
 # A hub id is "name" or "owner/name" made of these characters; anything else can only be a path.
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -56,12 +57,17 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_pretrained(name_or_path: str | Path) -> str:
-    """Map ``"embedded:tiny"`` / ``"tiny"`` to the cached tiny FLUX folder (built on first use); pass others through."""
+    """Map ``"embedded:tiny"`` / ``"tiny"`` to the cached tiny FLUX folder (built on first use), ``"embedded:mini"``
+    to the miniature's base model (refused until ``make mini`` built it); pass others through."""
     name = str(name_or_path).strip()
     if name.lower() in EMBEDDED_TINY_NAMES:
         from gridgen.embedded import ensure_tiny_flux  # the one seam from models/ into the embedded wing
 
         return str(ensure_tiny_flux())
+    if name.lower() == EMBEDDED_MINI:
+        from gridgen.embedded.mini_model import mini_base_folder  # built by `make mini`, never here
+
+        return str(mini_base_folder())
     return name
 
 

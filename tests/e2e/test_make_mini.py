@@ -1,0 +1,63 @@
+"""`make mini` end to end at a toy size (slow: about 3 min on 2 cores): the world's shards, a VAE, a base model
+trained in full, a grid LoRA per variant and the base without one, all evaluated, one report; the build is cached
+and reused, a finished report is never overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY = ["build.data_scale=0.03", "build.vae.steps=3", 'build.base=["trainer.max_steps=2","trainer.val_check_interval=2"]',
+       "build.base_eval_frames=1", "runs.seeds=[0]",
+       'runs.train=["trainer.max_steps=2","trainer.val_check_interval=2"]', "eval.steps=2"]
+
+
+def make_mini(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "ARGS"}
+    env.update(GRIDGEN_CACHE=str(tmp_path / "cache"), GRIDGEN_ROOT=str(tmp_path), WANDB_MODE="offline")
+    return subprocess.run(["make", "-s", "-C", str(ROOT), "mini", *args], capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_path):
+    first = make_mini(tmp_path, *TOY)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "outputs" / "mini"
+    report = (out / "report.md").read_text()
+    for variant in ("no_flow", "filmstrip", "within_row", "base_without_lora"):
+        assert f"| {variant} |" in report
+        grids = sorted((out / variant / "seed0" / "grids").glob("*.png"))
+        assert grids and all(g.with_suffix(".json").is_file() for g in grids)
+        labels = json.loads(grids[0].with_suffix(".json").read_text())
+        assert {"prompt", "shape", "color", "motion", "scores"} <= set(labels)
+        assert labels["prompt"] == f"a {labels['color']} {labels['shape']} moves {labels['motion']}"
+    assert (out / "report.png").is_file() and (out / "grids.png").is_file()
+    assert "[mini 1/12" in first.stdout and "eta" in first.stdout  # progress with an ETA
+    (build,) = (tmp_path / "cache").glob("mini-v1-*")
+    assert json.loads((build / "build.json").read_text())["vae"]["steps"] == 3
+    assert (build / "base" / "model_index.json").is_file()
+
+    # a finished report is never overwritten: one line, exit 2, every file as it was
+    before = digest(out)
+    again = make_mini(tmp_path, *TOY)
+    assert again.returncode == 2 and "never overwritten" in again.stderr.strip().splitlines()[-1]
+    assert digest(out) == before
+
+    # another output folder reuses the cached build: no build step runs again
+    second = make_mini(tmp_path, *TOY, "runs.variants={filmstrip:[callbacks.alpha.alpha_max=0.5]}",
+                       "runs.base_without_lora=false", f"out={tmp_path / 'second'}")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "build " not in second.stdout and "[mini 1/1 " in second.stdout
+    assert (tmp_path / "second" / "report.md").is_file()
