@@ -159,6 +159,9 @@ def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], reco
     if picture is not None:
         lines += ["First generated grids of seed 0 (prompts in `<variant>/seed0/grids/NNNN.json`):", "",
                   "![grids](grids.png)", ""]
+    from gridgen.eval.shapes import validate_detector
+
+    lines += ["## The detector behind the world metrics", "", validate_detector().markdown(), ""]
     lines += ["## Targets (the paper's settings: filmstrip)", ""]
     paper = table.get("filmstrip", {})
     for key, bound, text in TARGETS:
