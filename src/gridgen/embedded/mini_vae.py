@@ -20,24 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gridgen.embedded.flux_tiny import TINY_VAE_CONFIG
+
 log = logging.getLogger(__name__)
 
-# FLUX's VAE layout (4 blocks: factor 8; 16 latent channels; no quant convs), narrow.
-MINI_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (16, 32, 64, 64),
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 8,
-    "sample_size": 32,
-    "force_upcast": True,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+# FLUX's VAE layout (the tiny pipeline's: 4 blocks, factor 8; 16 latent channels; no quant convs), wider, for 32 px
+# frames; shift_factor/scaling_factor are set from the data by train_vae.
+MINI_VAE_CONFIG: dict[str, Any] = {**TINY_VAE_CONFIG, "block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8,
+                                   "sample_size": 32}
 
 
 def read_cells(shards: list[Path], cell: int) -> np.ndarray:
