@@ -352,8 +352,8 @@ def test_task_rows_share_one_schema():
     table = task_table()
     assert len({tuple(row) for row in table.values()}) == 1, {name: list(row) for name, row in table.items()}
     assert set(tasks_with("init")) == {"t2v", "t2v_64", "i2v", "interpolate", "t2mv", "i2mv", "edit", "style", "restore",
-                                       "mini"}
-    assert set(tasks_with("metrics")) == {"t2v", "t2v_64", "i2v", "interpolate", "t2mv", "i2mv", "mini"}
+                                       "mini", "t2i"}
+    assert set(tasks_with("metrics")) == {"t2v", "t2v_64", "i2v", "interpolate", "t2mv", "i2mv", "mini", "t2i"}
     for name, row in table.items():
         assert row.name == name and row.data_subset == row.kind
         if row.metrics is not None:
