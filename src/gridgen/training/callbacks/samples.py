@@ -40,6 +40,7 @@ class SampleGrids(L.Callback):
         self.kind, self.steps, self.guidance, self.seed, self.fps = kind, steps, guidance, seed, fps
         self.max_sequence_length = max_sequence_length
         self.enabled = enabled
+        self._said_off = False
 
     @torch.no_grad()
     def sample(self, pl_module: L.LightningModule) -> np.ndarray:
@@ -60,8 +61,13 @@ class SampleGrids(L.Callback):
         return grids
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled or not self.prompts or trainer.sanity_checking or pl_module.pipe is None \
-                or pl_module.pipe.vae is None or pl_module.pipe.text_encoder is None:
+        if not self.enabled or not self.prompts or trainer.sanity_checking:
+            return
+        if pl_module.pipe is None or pl_module.pipe.vae is None or pl_module.pipe.text_encoder is None:
+            if not self._said_off:  # said once: cached training loads no VAE or text encoders to sample with
+                log.info("validation samples off: the run loads no VAE / text encoders (data.cached=true); "
+                         "sample with `make generate lora=<run>`")
+                self._said_off = True
             return
         grids = self.sample(pl_module)  # every rank samples: FSDP forwards are collective
         if not trainer.is_global_zero:
