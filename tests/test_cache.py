@@ -31,7 +31,7 @@ from gridgen.embedded import ensure_tiny_flux, write_sample_shards
 from gridgen.layout import GridLayout
 from gridgen.models.flux import encode_images, encode_prompts
 from gridgen.train import train
-from test_training import make_cfg, run_cli
+from tests.helpers.train import make_cfg, run_cli
 
 TINY = {"name": "flux_tiny", "pretrained": "embedded:tiny", "revision": None, "variant": None,
         "max_sequence_length": 32}

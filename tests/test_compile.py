@@ -7,26 +7,16 @@ shared cores) is marked slow.
 
 import shutil
 
-import lightning as L
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from gridgen.train import train
-from test_training import make_cfg
+from tests.helpers.probes import StepProbe
+from tests.helpers.train import make_cfg
 
 COMMON = ["trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.lr=1e-2", "lora.rank=4",
-          "callbacks.checkpoint.every_n_train_steps=0", "+callbacks.probe._target_=test_compile.StepProbe"]
-
-
-class StepProbe(L.Callback):
-    """Per optimizer step: the loss and how many graphs Dynamo has compiled so far."""
-
-    steps: list[dict] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append({"loss": float(outputs["loss"]), "graphs": counters["stats"]["unique_graphs"],
-                           "compiled": pl_module.transformer.transformer_blocks[0]._compiled_call_impl is not None})
+          "callbacks.checkpoint.every_n_train_steps=0", "+callbacks.probe._target_=tests.helpers.probes.StepProbe"]
 
 
 def run(tmp_path, *overrides) -> list[dict]:
@@ -75,7 +65,7 @@ def test_regional_compile_on_a_bitsandbytes_base(tmp_path, scheme):
     from gridgen.embedded import ensure_tiny_flux
     from gridgen.models.loading import load_flux_pipeline
     from gridgen.training.module import GridModule
-    from test_quantization import transformer_inputs
+    from tests.helpers.flux import transformer_inputs
 
     torch._dynamo.reset()
     counters.clear()
@@ -109,7 +99,7 @@ def test_compiled_generation_equals_eager(tmp_path):
     from PIL import Image
 
     from gridgen.generate import generate
-    from test_inference import gen_cfg
+    from tests.helpers.generate import gen_cfg
 
     grids = {}
     for compiled in (False, True):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from gridgen.config import register_resolvers
 from gridgen.data.datamodule import GridDataModule
 from gridgen.embedded import sample_data as sample_mod
-from test_training import make_cfg
+from tests.helpers.train import make_cfg
 
 register_resolvers()
 

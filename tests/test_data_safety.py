@@ -156,7 +156,7 @@ def test_cells_flux_cannot_take_fail_in_setup(raw, tmp_path):
 
 
 def test_cells_flux_cannot_take_on_the_command_line(raw, tmp_path):
-    from test_training import run_cli
+    from tests.helpers.train import run_cli
 
     _write(tmp_path / "shards" / "train-000000.tar", [_grid_with_cells(s, 30) for s in raw])
     proc = run_cli("data=shards", f"data.train_shards={tmp_path / 'shards'}", "logger=csv", "trainer.max_steps=1",

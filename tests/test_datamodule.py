@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from gridgen.data.datamodule import GridDataModule, parse_sources
 from gridgen.embedded import write_sample_shards
 from gridgen.layout import GridLayout
-from test_training import make_cfg
+from tests.helpers.train import make_cfg
 
 KINDS = {"video": (4, 4), "multiview": (4, 6)}
 
@@ -142,7 +142,7 @@ def test_bad_source_configs_are_one_line_errors(kwargs, message):
 
 
 def test_bad_weights_on_the_command_line(tmp_path):
-    from test_training import run_cli
+    from tests.helpers.train import run_cli
 
     proc = run_cli("data=shards", f"data.train_shards=[{tmp_path},{tmp_path}]", "data.weights=[1]", "logger=none",
                    f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=120)

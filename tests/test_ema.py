@@ -1,6 +1,5 @@
 """EMA of the LoRA (callbacks.ema): a plain reference loop, exact resume, diffusers export, validation."""
 
-import lightning as L
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -11,7 +10,8 @@ from gridgen.models.lora import read_lora_file
 from gridgen.train import train
 from gridgen.training.callbacks.ema import EMA_FILE, LoraEMA
 from gridgen.training.module import GridModule
-from test_training import make_cfg
+from tests.helpers.probes import ValidationProbe
+from tests.helpers.train import make_cfg
 
 DECAY = 0.75
 COMMON = ["trainer.max_steps=4", "optim.lr=1e-2", "lora.rank=4", "callbacks.checkpoint.every_n_train_steps=1",
@@ -87,28 +87,11 @@ def test_export_loads_in_diffusers_and_holds_the_ema(ema_run):
         torch.testing.assert_close(loaded[key], ema[key], rtol=0, atol=0, msg=key)
 
 
-class ValidationProbe(L.Callback):
-    """Records the LoRA weights the module holds during validation and right after it."""
-
-    seen: list[dict[str, dict[str, torch.Tensor]]] = []
-
-    def _lora(self, pl_module):
-        return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-
-    def on_validation_epoch_end(self, trainer, pl_module):  # where SampleGrids samples
-        ema = next(c for c in trainer.callbacks if isinstance(c, LoraEMA))
-        self.seen.append({"during": self._lora(pl_module),
-                          "ema": {n: e.clone() for n, e in zip(ema.names, ema.ema, strict=True)}})
-
-    def on_validation_end(self, trainer, pl_module):  # runs after LoraEMA's (callbacks keep config order)
-        self.seen[-1]["after"] = self._lora(pl_module)
-
-
 def test_validation_uses_the_ema_weights(tmp_path):
     ValidationProbe.seen = []
     cfg = make_cfg(tmp_path, "trainer.max_steps=2", "optim.lr=1e-2", "lora.rank=4", f"callbacks.ema.decay={DECAY}",
                    "trainer.limit_val_batches=1", "trainer.val_check_interval=2", "~callbacks.samples",
-                   "+callbacks.probe._target_=test_ema.ValidationProbe")
+                   "+callbacks.probe._target_=tests.helpers.probes.ValidationProbe")
     train(cfg)
     assert len(ValidationProbe.seen) == 1
     seen = ValidationProbe.seen[0]

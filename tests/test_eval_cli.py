@@ -198,7 +198,7 @@ def test_bad_input_is_stated_or_refused(tmp_path):
 def test_generate_then_evaluate_one_sample_per_real_video(tmp_path):
     """eval.generate=true: the library's generate (embedded tiny FLUX, 2 steps, in this process) with each real
     video's caption and first frame as the i2v reference; the samples are paired back to their real videos by name."""
-    from test_eval_clip import make_tiny_clip
+    from tests.helpers.evaluate import make_tiny_clip
 
     for i in range(2):
         save_frames(tmp_path / "real" / f"clip{i}", clip_video(i, t=16))
@@ -221,7 +221,7 @@ def test_generate_then_evaluate_one_sample_per_real_video(tmp_path):
 
 # ---- the command line --------------------------------------------------------------------------------------
 def test_cli_i2v_with_clip_and_a_missing_fake_set(tmp_path):
-    from test_eval_clip import make_tiny_clip
+    from tests.helpers.evaluate import make_tiny_clip
 
     clip_dir = make_tiny_clip(tmp_path / "clip")
     videos = [clip_video(i, t=16) for i in range(3)]
@@ -342,7 +342,7 @@ def test_eval_metrics_logged_into_the_training_runs_wandb(tmp_path):
     """eval.wandb.run=<training run>: eval/<metric> lands in that run's (offline) W&B run, same run id."""
     import wandb
 
-    from wandb_offline import summarise
+    from tests.helpers.wandb_offline import summarise
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -10,7 +10,7 @@ import torch
 from gridgen.data.datamodule import GridDataModule
 from gridgen.training.module import GridModule
 from gridgen.training.optim import build_optimizer
-from test_training import make_cfg
+from tests.helpers.train import make_cfg
 
 
 def test_lora_overfits_one_batch(tmp_path):

@@ -42,7 +42,7 @@ from gridgen.models.lora import (
 DIM = TINY_FLUX_CONFIG["num_attention_heads"] * TINY_FLUX_CONFIG["attention_head_dim"]  # 64
 
 
-from test_inference import one_thread, tiny_pipe  # noqa: E402,F401 (one thread per test module, the tiny pipeline)
+from tests.helpers.flux import tiny_pipe  # noqa: E402
 
 
 def randomize_lora(transformer: torch.nn.Module, seed: int = 0) -> None:

@@ -6,7 +6,7 @@ import torch
 from gridgen.data.datamodule import GridDataModule
 from gridgen.models.flux import encode_images, encode_prompts
 from gridgen.training.module import GridModule
-from test_training import make_cfg
+from tests.helpers.train import make_cfg
 
 
 def build(tmp_path, *overrides):

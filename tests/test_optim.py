@@ -90,7 +90,7 @@ def test_schedule_matches_a_plain_formula():
 
 def test_config_selects_the_8bit_optimizer_for_the_lora(tmp_path):
     from gridgen.training.module import GridModule
-    from test_training import make_cfg
+    from tests.helpers.train import make_cfg
 
     cfg = make_cfg(tmp_path, "optim.name=adamw8bit", "lora.rank=4")
     assert make_cfg(tmp_path).optim.name == "adamw"  # the default stays torch's AdamW

@@ -16,7 +16,7 @@ from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import attach_lora, build_lora_config
 from gridgen.models.quantization import BITS, SCHEMES, QuantizationError, is_quantized, quantize_transformer
 from gridgen.training.module import GridModule
-from test_training import make_cfg
+from tests.helpers.train import make_cfg
 
 NEEDS = {"int8_weight_only": "torchao", "bnb_int8": "bitsandbytes", "bnb_nf4": "bitsandbytes"}
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.2", "proj_out"]

@@ -1,6 +1,6 @@
 """Every command of the README's ```bash blocks (and its ```python block) runs as printed.
 
-The commands are parsed from README.md at test time and classified by `tests/readme_commands.py` (`TABLE`): `run`
+The commands are parsed from README.md at test time and classified by `tests/helpers/readme_commands.py` (`TABLE`): `run`
 commands are executed by bash exactly as printed, in a temporary folder that is laid out like a checkout (symlinks
 to the repository's Makefile, pyproject.toml and .venv, and `../shared` beside it), so `make train` resolves
 `.venv` and writes `outputs/` there as it does in the repository root, with `GRIDGEN_ROOT` unset. `python -m`
@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_commands import (  # noqa: E402
+from tests.helpers.paths import HELPERS
+from tests.helpers.readme_commands import (
     README,
     RESUME,
     RESUME_STEP_ARGS,
@@ -51,7 +51,7 @@ def test_every_readme_command_is_classified():
     assert printed, f"no ```bash block found in {README}"
     unclassified = [c for c in printed if c not in BY_COMMAND]
     assert not unclassified, (
-        "README commands not in tests/readme_commands.py TABLE; add each as Entry(<command>, 'run' | 'compose' | "
+        "README commands not in tests/helpers/readme_commands.py TABLE; add each as Entry(<command>, 'run' | 'compose' | "
         "'skip', <why>) (run: executed as printed; compose: Hydra --cfg job; skip: a reason):\n  "
         + "\n  ".join(unclassified))
     stale = [e.command for e in TABLE if e.command not in printed]
@@ -358,7 +358,7 @@ def composed(workspace: Workspace) -> dict[str, list[dict]]:
             assert printed.returncode == 0, printed.stderr
             argvs.append(printed.stdout.split("\0")[:-1])
             owners.append(entry.command)
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("readme_commands.py")), "compose"],
+    proc = subprocess.run([sys.executable, str(HELPERS / "readme_commands.py"), "compose"],
                           input=json.dumps(argvs), cwd=workspace.cwd, env=workspace.env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -26,6 +26,7 @@ from gridgen.models.attention import (
 from gridgen.models.lora import read_lora_file
 from gridgen.train import train
 from gridgen.training.module import GridModule, NonFiniteError
+from tests.helpers.paths import HELPERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -353,7 +354,7 @@ def test_fsdp2_two_processes_match_one_process_with_clipping(tmp_path):
     """strategy=fsdp (FSDP2, gloo, 2 processes x batch 2) == 1 process x batch 4, with gradient clipping active
     (clip far below the gradient norm: a per-shard norm would clip each rank differently) and the LoRA
     gathered from both ranks' shards for the export."""
-    script = Path(__file__).with_name("ddp_equivalence.py")
+    script = HELPERS / "ddp_equivalence.py"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for devices, batch, name in ((2, 2, "fsdp"), (1, 4, "single")):
         proc = subprocess.run([sys.executable, str(script), str(devices), str(batch), str(tmp_path / name), "fsdp",

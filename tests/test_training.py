@@ -19,6 +19,7 @@ from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import FLUX_BLOCKS, read_lora_file
 from gridgen.train import train
 from gridgen.training.callbacks import AlphaSchedule, alpha_at
+from tests.helpers.paths import HELPERS
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES, TASKS, STRATEGIES = ("coarse", "fine"), ("t2v", "i2v", "multiview"), ("cpu", "gpu", "ddp", "fsdp")
@@ -189,7 +190,7 @@ def test_every_stage_runs_and_fine_starts_from_coarse_lora(tmp_path, task):
 
 # ---- the command line ----------------------------------------------------------------------------------
 def test_cli_default_run_with_offline_wandb(tmp_path):
-    from wandb_offline import summarise
+    from tests.helpers.wandb_offline import summarise
 
     proc = run_cli("trainer.max_steps=6", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run",
                    "data.val_shards=${data.train_shards}", "trainer.limit_val_batches=1", "trainer.val_check_interval=6",
@@ -217,7 +218,7 @@ def test_cli_multirun_sweep_over_rank(tmp_path):
         run = sweep / f"lora.rank={rank}"
         _, header = read_lora_file(run / "lora")
         assert header["gridgen_rank"] == str(rank)
-        from wandb_offline import summarise
+        from tests.helpers.wandb_offline import summarise
         assert summarise(next(run.glob("wandb/offline-run-*/run-*.wandb")))["group"] == "sweep"
     summary = (sweep / "sweep_summary.md").read_text()  # written by the SweepReport Hydra callback
     assert "| lora.rank=2 | 2 |" in summary and "| lora.rank=4 | 4 |" in summary
@@ -263,7 +264,7 @@ def test_known_added_keys_are_accepted(tmp_path):
 
 def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
     """strategy=ddp on CPU (gloo, 2 processes, batch 2 each) == 1 process with batch 4, same LoRA."""
-    script = Path(__file__).with_name("ddp_equivalence.py")
+    script = HELPERS / "ddp_equivalence.py"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for devices, batch, name in ((2, 2, "ddp"), (1, 4, "single")):
         proc = subprocess.run([sys.executable, str(script), str(devices), str(batch), str(tmp_path / name)],

@@ -1,10 +1,10 @@
-"""The README's shell commands, parsed at test time, and how `tests/test_readme_commands.py` runs each one."""
+"""The README's shell commands, parsed at test time, and how `tests/e2e/test_readme_commands.py` runs each one."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (this file also runs as a script)
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 
@@ -126,7 +126,7 @@ TABLE: list[Entry] = [
           "data=webvid model=flux_dev model.pretrained=/models/FLUX.1-dev", "compose",
           NO_FLUX_DEV + ", SLURM and WebVid shards"),
     Entry("torchrun --nproc-per-node 8 -m gridgen.cache data=webvid model=flux_dev "
-          "model.pretrained=/models/FLUX.1-dev", "skip", "needs 8 GPUs, FLUX.1-dev and WebVid shards (tests/test_cache.py "
+          "model.pretrained=/models/FLUX.1-dev", "skip", "needs 8 GPUs, FLUX.1-dev and WebVid shards (tests/e2e/test_cache.py "
           "runs 2 CPU processes under torchrun)"),
     Entry("make train data=webvid model=flux_dev data.cached=true "
           "data.train_shards=outputs/cache/webvid-video-flux_dev", "compose", NO_FLUX_DEV + " and a WebVid cache"),
@@ -145,7 +145,7 @@ TABLE: list[Entry] = [
     Entry("make test-slow", "skip", "the slow suite (this test's slow part is part of it)"),
     Entry("make test-gpu", "skip", "needs CUDA"),
     Entry("make lint", "skip", "ruff over the tree: a style check, not a user workflow"),
-    Entry("make bench", "skip", "takes minutes; tests/test_bench.py runs the benchmarks' checks"),
+    Entry("make bench", "skip", "takes minutes; tests/bench/ runs the benchmarks' checks"),
     Entry("make wheelhouse", "skip", "downloads about 230 MiB of wheels from PyPI"),
     Entry('make wheelhouse WHEEL_ONLY="diffusers hydra-core omegaconf antlr4-python3-runtime webdataset braceexpand av pytest pluggy iniconfig"',
           "skip", "downloads wheels from PyPI"),
@@ -210,7 +210,7 @@ def entry_module(command: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # `compose`: the argv that the shell would hand to Python (from `make -n` with ARGS="--cfg job", or the `python -m`
 # line), each run through the entry point's own `main` with Hydra's `--cfg job`, all in one process (one import of
-# torch instead of one per command). Run as `python tests/readme_commands.py compose < argv.json`.
+# torch instead of one per command). Run as `python tests/helpers/readme_commands.py compose < argv.json`.
 # ---------------------------------------------------------------------------------------------------------------
 def _compose_all(argvs: list[list[str]]) -> list[list[dict]]:
     """Per argv, one result per composed point (``rc``, ``stdout``, ``stderr``, ``mismatches``)."""
@@ -294,6 +294,6 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["compose"]:
-        raise SystemExit("usage: python tests/readme_commands.py compose < argv.json")
+        raise SystemExit("usage: python tests/helpers/readme_commands.py compose < argv.json")
     payload = json.load(sys.stdin)
     json.dump(_compose_all(payload), sys.__stdout__)

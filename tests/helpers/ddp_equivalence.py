@@ -1,6 +1,6 @@
 """Train the tiny model for a few steps on a fixed set of 4 grids and save the LoRA.
 
-    python tests/ddp_equivalence.py <devices> <per-process batch size> <out.safetensors-dir> [ddp|fsdp] [clip]
+    python tests/helpers/ddp_equivalence.py <devices> <per-process batch size> <out.safetensors-dir> [ddp|fsdp] [clip]
 
 With devices=2 Lightning's DDP strategy (gloo on CPU) re-launches this script once per process and each rank
 takes every other sample (DistributedSampler); with devices=1 one process takes all of them. Because noise and
