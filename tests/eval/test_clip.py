@@ -1,13 +1,11 @@
 """CLIP metrics on a tiny random CLIP built from transformers configs, saved and loaded back (no hub)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gridgen.embedded.tokenizers import caption_corpus, write_clip_tokenizer_files
 from gridgen.eval.clip import (
     ClipEmbedder,
     ClipModelNotFoundError,
@@ -16,26 +14,7 @@ from gridgen.eval.clip import (
     clip_orbit,
     clip_text_score,
 )
-
-
-def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    """A random CLIPModel (2 layers, width 32, 32 px images) with its image processor and a CLIP BPE tokenizer."""
-    import json
-
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    write_clip_tokenizer_files(folder, caption_corpus(), num_merges=40)  # gridgen's tiny-FLUX CLIP tokenizer
-    vocab = json.loads((folder / "vocab.json").read_text())
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(seed)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+from tests.helpers.evaluate import make_tiny_clip
 
 
 @pytest.fixture(scope="module")

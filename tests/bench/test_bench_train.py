@@ -1,16 +1,16 @@
 """Smoke runs of the training benchmark: `bench/bench_train.py --quick --no-write` reports finite ratios in every
 section, and a variant this machine cannot run is reported as skipped, not fatal."""
 
-import importlib.util
 import math
 import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.bench import load_bench
+from tests.helpers.paths import ROOT
+
 SECTIONS = ("# 1. Framework overhead", "# 2. L_flow cost", "# 3. Memory and LoRA checkpoint")
 
 
@@ -50,20 +50,8 @@ def test_bench_quick_smoke():
     assert mfu == "n/a"  # a CPU has no peak FLOP/s entry
 
 
-def load_bench_train():
-    sys.path.insert(0, str(ROOT / "bench"))  # as `python bench/bench_train.py` has it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_train"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-
-
 def test_a_variant_that_cannot_run_is_skipped(tmp_path, monkeypatch):
-    bench_train = load_bench_train()
+    bench_train = load_bench("bench_train")
     args = bench_train.parse_args(["--quick", "--no-write", "--sections", "variants", "--gradient-checkpointing",
                                    "--optim", "adamw8bit", "--steps", "2"])
     bench = bench_train.build_bench(args, tmp_path)

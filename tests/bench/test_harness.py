@@ -1,28 +1,13 @@
 """bench/harness.py, shared by every benchmark: a run writes only its own block of the shared bench/RESULTS.md;
 tables and PASS/FAIL verdicts read as written; statistics are the plain ones."""
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))  # as `python bench/<script>` has it
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+from tests.helpers.bench import load_bench
 
 
 def test_write_block_replaces_only_its_own_block(tmp_path):
-    h = load("harness")
+    h = load_bench("harness")
     path = tmp_path / "RESULTS.md"
     others = "# gridgen benchmarks\n\n<!-- bench:prepare:start -->\nprepare numbers\n<!-- bench:prepare:end -->\n"
     path.write_text(others)
@@ -44,7 +29,7 @@ def test_write_block_replaces_only_its_own_block(tmp_path):
 
 
 def test_table_verdict_and_statistics():
-    h = load("harness")
+    h = load_bench("harness")
     assert h.table(["a", "b"], [[1, "x"]], "lr") == ["| a | b |", "|---|---:|", "| 1 | x |"]
     assert h.verdict(1.04, 1.05) == "PASS" and h.verdict(1.06, 1.05) == "FAIL"
     assert h.verdict(0.8, 0.7, higher_is_better=True) == "PASS" and h.verdict(float("nan"), 1.0) == "FAIL"
@@ -58,7 +43,7 @@ def test_table_verdict_and_statistics():
 
 
 def test_interleaved_rotates_and_counts():
-    h = load("harness")
+    h = load_bench("harness")
     calls = []
     out = h.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, warmup=1,
                         calls=2)

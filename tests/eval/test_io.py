@@ -16,8 +16,7 @@ from PIL import Image
 from gridgen.embedded import ensure_sample_shards
 from gridgen.eval.io import list_videos, protocol_frames, read_video_file, write_video_file
 from gridgen.layout import GridLayout
-
-SHARED_MULTIVIEW = Path(__file__).resolve().parents[2] / "shared" / "data" / "grid_demo_multiview"
+from tests.helpers.paths import DEMO_MULTIVIEW
 
 
 def video(seed: int, t: int = 6, h: int = 16, w: int = 24) -> torch.Tensor:
@@ -192,9 +191,9 @@ def test_rgba_frames_are_composited(tmp_path):
     assert black[0, :, 4:].unique().tolist() == [0]
 
 
-@pytest.mark.skipif(not SHARED_MULTIVIEW.is_dir(), reason="shared multi-view demo data is absent")
+@pytest.mark.skipif(not DEMO_MULTIVIEW.is_dir(), reason="shared multi-view demo data is absent")
 def test_real_multiview_demo_folder_is_one_24_view_sequence():
-    items = list_videos(SHARED_MULTIVIEW)
+    items = list_videos(DEMO_MULTIVIEW)
     assert len(items) == 1
     views = items[0].frames()
     assert views.shape == (24, 3, 256, 256)

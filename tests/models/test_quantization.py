@@ -16,6 +16,7 @@ from gridgen.models.loading import load_flux_pipeline
 from gridgen.models.lora import attach_lora, build_lora_config
 from gridgen.models.quantization import BITS, SCHEMES, QuantizationError, is_quantized, quantize_transformer
 from gridgen.training.module import GridModule
+from tests.helpers.flux import transformer_inputs
 from tests.helpers.train import make_cfg
 
 NEEDS = {"int8_weight_only": "torchao", "bnb_int8": "bitsandbytes", "bnb_nf4": "bitsandbytes"}
@@ -29,14 +30,6 @@ def needs(scheme: str) -> None:
 @pytest.fixture(scope="module")
 def base():
     return load_flux_pipeline(ensure_tiny_flux(), load_vae=False, load_text_encoders=False).transformer.eval()
-
-
-def transformer_inputs(batch: int = 2) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(batch, 64, 64, generator=gen), timestep=torch.tensor([0.7, 0.3][:batch]),
-                guidance=torch.full((batch,), 3.5), pooled_projections=torch.randn(batch, 32, generator=gen),
-                encoder_hidden_states=torch.randn(batch, 8, 32, generator=gen), txt_ids=torch.zeros(8, 3),
-                img_ids=torch.zeros(64, 3), return_dict=False)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
