@@ -1,8 +1,9 @@
-"""model.compile: diffusers' regional compilation of the FLUX blocks gives eager's losses and compiles once.
+"""build_flux: a saved LoRA applied for generation or as the start of training, and model.compile (diffusers'
+regional compilation of the FLUX blocks) giving eager's losses and grids with no recompiles.
 
-The fast check uses the ``aot_eager`` backend (Dynamo capture + AOTAutograd, the part that decides graphs,
-guards and recompiles, no code generation); the inductor check (C++ code generation on CPU, ~1-2 min on two
-shared cores) is marked slow.
+The fast compile checks use the ``aot_eager`` backend (Dynamo capture + AOTAutograd, the part that decides
+graphs, guards and recompiles, no code generation); the inductor check (C++ code generation on CPU, ~1-2 min on
+two shared cores) is marked slow.
 """
 
 import shutil
