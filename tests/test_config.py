@@ -4,6 +4,7 @@ train config writes nothing."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from omegaconf import OmegaConf
 
 from gridgen.config import CONF_DIR, PAPER_TARGETS, register_resolvers
 from gridgen.embedded import sample_data as sample_mod
+from gridgen.inference import resolve_layout
 from gridgen.models.lora import read_lora_file
 from gridgen.train import train
+from tests.helpers.generate import gen_cfg
 from tests.helpers.train import PRESETS, STAGES, STRATEGIES, TASKS, make_cfg
 
 register_resolvers()
@@ -100,3 +103,49 @@ def test_default_make_train_validates_at_20_and_40():
     val_batches = -(-4 // cfg.data.batch_size)  # data_cards/sample.md: 4 held-out grids per subset
     assert cfg.trainer.limit_val_batches == val_batches  # all of them, nothing more
     assert cfg.data.val_shards == cfg.data.train_shards
+
+
+def test_old_spellings_are_refused_with_the_new_one():
+    """Nothing rewrites the command line: a key spelled the old way (when `task`/`lora` were rewritten) stops with one
+    line naming the new spelling, and the new spellings compose as typed."""
+    from gridgen.config import refuse_renamed_keys
+
+    for old, new in (("lora.scale=0", "write lora_scale=0"), ("lora.path=runs/x", "write lora=runs/x"),
+                     ("generate_task@task=i2v", "write task=i2v"), ("eval_task=i2v", "write task=i2v"),
+                     ("gen.lora=a,b", "write lora=a,b"), ("steps=2", "write generate.steps=2")):
+        with pytest.raises(ValueError, match=re.escape(new)) as info:
+            refuse_renamed_keys(["-m", "prompt=x", old])
+        assert "\n" not in str(info.value) and str(info.value).startswith(f"'{old}'")
+    refuse_renamed_keys(["task=i2v", "lora=runs/x", "lora_scale=0", "prompt='a, b'", "--cfg", "job"])  # no error
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("generate", overrides=["task=i2v", "lora=runs/x", "lora_scale=0",
+                                              "prompt='a dog\\'s tail, running'", "ref=[a.png,b.png]"])
+    assert (cfg.task.name, cfg.task.init, cfg.T, cfg.lora, cfg.lora_scale) == ("i2v", "expand", 0.9, "runs/x", 0)
+    assert cfg.prompt == "a dog's tail, running" and list(cfg.ref) == ["a.png", "b.png"]
+
+
+def test_task_rows_share_one_schema():
+    """conf/task is one table: every row has the same keys; the tasks that generate, evaluate and train are the ones
+    the README lists, and a row's evaluation and generation fields agree (frames = the layout's cells)."""
+    from gridgen.config import task_table, tasks_with
+
+    table = task_table()
+    assert len({tuple(row) for row in table.values()}) == 1, {name: list(row) for name, row in table.items()}
+    assert set(tasks_with("init")) == {"t2v", "t2v_64", "i2v", "interpolate", "t2mv", "i2mv", "edit", "style", "restore"}
+    assert set(tasks_with("metrics")) == {"t2v", "t2v_64", "i2v", "interpolate", "t2mv", "i2mv"}
+    for name, row in table.items():
+        assert row.name == name and row.data_subset == row.kind
+        if row.metrics is not None:
+            rows, cols = (int(x) for x in str(row.layout).split("x"))
+            assert row.frames == rows * cols, (name, row.frames, row.layout)
+
+
+def test_flux_dev_config_gives_the_papers_grid_sizes(tmp_path):
+    from omegaconf import OmegaConf
+
+    for task, layout, cell in (("t2v", "4x4", 256), ("t2v", "8x8", 128), ("t2mv", "4x6", 256), ("i2v", "4x8", 256)):
+        cfg = gen_cfg(tmp_path, "model=flux_dev", f"task={task}", f"layout={layout}")
+        plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves without a data group
+        assert plain["model"]["cached"] is False and plain["generate"]["max_sequence_length"] == 512
+        grid = resolve_layout(cfg.layout, cfg.generate.grid_heights[cfg.model.name])
+        assert (grid.cell_height, grid.cell_width, grid.height) == (cell, cell, 1024)

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from gridgen.data import count_samples
-from gridgen.embedded import ensure_sample_shards, write_sample_shards
+from gridgen.embedded import default_cache_dir, ensure_sample_shards, write_sample_shards
 from gridgen.embedded import sample_data as sample_mod
 from gridgen.embedded.world import BACKGROUND_COLORS
 from gridgen.layout import GridLayout
@@ -131,3 +131,11 @@ def test_ensure_sample_shards_caches_and_is_atomic(tmp_path, monkeypatch):
     stamp = (path / "manifest.json").stat().st_mtime_ns
     assert ensure_sample_shards(tmp_path, seed=0) == path  # cached: not rewritten
     assert (path / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_default_cache_dir_is_gridgen_cache_or_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRIDGEN_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("GRIDGEN_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == Path(tmp_path) / ".cache" / "gridgen"

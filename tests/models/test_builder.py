@@ -6,15 +6,45 @@ graphs, guards and recompiles, no code generation); the inductor check (C++ code
 two shared cores) is marked slow.
 """
 
+from __future__ import annotations
+
 import shutil
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils import set_peft_model_state_dict
 from torch._dynamo.utils import counters
 
+from gridgen.models.builder import FrozenLora, TrainableLora, build_flux
+from gridgen.models.lora import build_lora_config, lora_state_dict, save_lora
 from gridgen.train import train
+from tests.helpers.flux import tiny_pipe, transformer_output
+from tests.helpers.lora import tiny_lora
 from tests.helpers.probes import StepProbe
 from tests.helpers.train import make_cfg
+
+
+def test_build_flux_applies_a_saved_lora_as_generation_and_starts_training_from_it(tmp_path):
+    source = tiny_lora(seed=4)
+    save_lora(tmp_path, source)
+    cfg = {"pretrained": "embedded:tiny"}
+    pipe, built = build_flux(cfg, lora=FrozenLora(tmp_path, 0.5), load_encoders=False)
+    assert pipe.vae is None and built.lora["scale"] == 0.5 and built.lora["rank"] == 4 and built.num_trainable == 0
+    by_hand = tiny_pipe().transformer
+    by_hand.add_adapter(build_lora_config(4, 4, 0.0, "gaussian", ["attn.to_q", "attn.to_k"]))
+    set_peft_model_state_dict(by_hand, lora_state_dict(source))
+    for module in by_hand.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", 0.5)
+    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(by_hand.eval()), rtol=0, atol=0)
+
+    config = build_lora_config(4, 4, 0.0, "gaussian", ["attn.to_q", "attn.to_k"])
+    pipe, built = build_flux(cfg, lora=TrainableLora(config, seed=0, init=tmp_path), load_encoders=False)
+    trained, saved = lora_state_dict(pipe.transformer), lora_state_dict(source)
+    assert built.num_trainable == sum(v.numel() for v in saved.values()) and pipe.transformer.training
+    assert trained.keys() == saved.keys() and all(torch.equal(trained[k], saved[k]) for k in saved)
+
 
 COMMON = ["trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.lr=1e-2", "lora.rank=4",
           "callbacks.checkpoint.every_n_train_steps=0", "+callbacks.probe._target_=tests.helpers.probes.StepProbe"]

@@ -1,34 +1,27 @@
-"""LoRA files: kohya/ComfyUI export parity through diffusers, refusal of non-finite weights, corrupt or foreign
-LoRA files as one-line errors (library and command line), and the LoRA task-mismatch warning of generate."""
+"""LoRA files: diffusers and kohya/ComfyUI exports that load like each other, non-finite weights refused,
+crash-safe writes, one load_lora for files and checkpoints, corrupt or foreign files as one-line errors,
+apply_lora's scale."""
 
 from __future__ import annotations
 
-import logging
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
-from hydra import compose, initialize_config_dir
 from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
-from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from gridgen.config import CONF_DIR
 from gridgen.embedded import TINY_FLUX_CONFIG
 from gridgen.generate import generate
-from gridgen.models.builder import FrozenLora, TrainableLora, build_flux
+from gridgen.inference import GridSampler, resolve_layout
 from gridgen.models.lora import (
     KOHYA_LORA_FILE,
     LORA_FILE,
     LoraFileError,
     NonFiniteLoraError,
+    apply_lora,
     attach_lora,
     build_lora_config,
     kohya_state_dict,
@@ -38,46 +31,13 @@ from gridgen.models.lora import (
     read_lora_header,
     save_lora,
 )
+from tests.helpers.flux import MAX_SEQ, tiny_pipe, transformer_output
+from tests.helpers.generate import gen_cfg_grid_only
+from tests.helpers.lora import foreign_files, randomize_lora, tiny_lora
 
 DIM = TINY_FLUX_CONFIG["num_attention_heads"] * TINY_FLUX_CONFIG["attention_head_dim"]  # 64
 
 
-from tests.helpers.flux import tiny_pipe  # noqa: E402
-
-
-def randomize_lora(transformer: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero A and B everywhere (peft's init leaves B = 0, which would hide a wrong up/down mapping)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-
-
-def transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
-    """One FLUX forward on fixed inputs: 8x8 latent tokens, 6 text tokens, t = 0.7, guidance 3.5."""
-    gen = torch.Generator().manual_seed(1)
-    tokens, text = 64, 6
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"),
-                          dim=-1).reshape(tokens, 3)  # (1, 8, 8, 3) -> (N, 3)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(1, tokens, TINY_FLUX_CONFIG["in_channels"], generator=gen),
-            encoder_hidden_states=torch.randn(1, text, TINY_FLUX_CONFIG["joint_attention_dim"], generator=gen),
-            pooled_projections=torch.randn(1, TINY_FLUX_CONFIG["pooled_projection_dim"], generator=gen),
-            timestep=torch.tensor([0.7]), guidance=torch.tensor([3.5]),
-            img_ids=img_ids, txt_ids=torch.zeros(text, 3), return_dict=False,
-        )[0]
-
-
-def tiny_lora(rank: int = 4, targets: tuple[str, ...] = ("attn.to_q", "attn.to_k"), seed: int = 0):
-    transformer = FluxTransformer2DModel(**TINY_FLUX_CONFIG)
-    attach_lora(transformer, build_lora_config(rank, rank, 0.0, "gaussian", list(targets)))
-    randomize_lora(transformer, seed)
-    return transformer
-
-
-# ---- kohya / ComfyUI export ---------------------------------------------------------------------------------
 # Every block module diffusers' kohya converter maps, except the single blocks' fused linear1: for that one the
 # converter hard-codes FLUX.1-dev's widths (3072, 3072, 3072, 12288); test_kohya_linear1_* covers it at those
 # widths. attn.to_v is left out on purpose: img_attn_qkv then carries a zero block for it.
@@ -163,7 +123,6 @@ def test_kohya_refuses_modules_it_cannot_name():
         save_lora("unused", tiny_lora(), formats=["comfy"])
 
 
-# ---- non-finite weights -----------------------------------------------------------------------------------------
 def test_non_finite_lora_is_refused_and_nothing_is_written(tmp_path):
     transformer = tiny_lora()
     save_lora(tmp_path / "lora", transformer, formats=["diffusers", "kohya"])  # a previous, good export
@@ -200,7 +159,6 @@ def test_crash_while_writing_keeps_the_previous_export(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no partial or temporary file
 
 
-# ---- one reader, one save, one builder ---------------------------------------------------------------------------
 def test_save_lora_any_name_and_load_lora_reads_file_and_checkpoint_alike(tmp_path):
     source = tiny_lora(rank=4, seed=3)
     written = save_lora(tmp_path, source, {"gridgen_stage": "coarse"}, name="custom_name.safetensors")
@@ -222,28 +180,6 @@ def test_save_lora_any_name_and_load_lora_reads_file_and_checkpoint_alike(tmp_pa
     assert from_ckpt.state.keys() == expected.keys() and all(torch.equal(from_ckpt.state[k], expected[k]) for k in expected)
 
 
-def test_build_flux_applies_a_saved_lora_as_generation_and_starts_training_from_it(tmp_path):
-    source = tiny_lora(seed=4)
-    save_lora(tmp_path, source)
-    cfg = {"pretrained": "embedded:tiny"}
-    pipe, built = build_flux(cfg, lora=FrozenLora(tmp_path, 0.5), load_encoders=False)
-    assert pipe.vae is None and built.lora["scale"] == 0.5 and built.lora["rank"] == 4 and built.num_trainable == 0
-    by_hand = tiny_pipe().transformer
-    by_hand.add_adapter(build_lora_config(4, 4, 0.0, "gaussian", ["attn.to_q", "attn.to_k"]))
-    set_peft_model_state_dict(by_hand, lora_state_dict(source))
-    for module in by_hand.modules():
-        if isinstance(module, LoraLayer):
-            module.set_scale("default", 0.5)
-    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(by_hand.eval()), rtol=0, atol=0)
-
-    config = build_lora_config(4, 4, 0.0, "gaussian", ["attn.to_q", "attn.to_k"])
-    pipe, built = build_flux(cfg, lora=TrainableLora(config, seed=0, init=tmp_path), load_encoders=False)
-    trained, saved = lora_state_dict(pipe.transformer), lora_state_dict(source)
-    assert built.num_trainable == sum(v.numel() for v in saved.values()) and pipe.transformer.training
-    assert trained.keys() == saved.keys() and all(torch.equal(trained[k], saved[k]) for k in saved)
-
-
-# ---- corrupt or foreign files -------------------------------------------------------------------------------------
 def test_init_lora_garbage_kohya_and_foreign_files_are_one_line_errors(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"definitely not a safetensors file " * 8)
@@ -286,26 +222,6 @@ def test_init_lora_rank_and_targets_must_match_the_config(tmp_path):
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
-def gen_cfg(tmp: Path, *overrides: str):
-    args = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", f"generate.out={tmp}/out",
-            "generate.progress=false", "generate.steps=1", "export.mp4=false", "export.gif=false",
-            "export.frames=false", *overrides]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("generate", overrides=args)
-
-
-def foreign_files(tmp: Path) -> dict[str, Path]:
-    files = {"garbage.safetensors": b"\x00\x01 not a LoRA " * 20, "garbage.ckpt": b"e" * 130}
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    with zipfile.ZipFile(tmp / "notorch.ckpt", "w") as archive:  # a zip, but no torch archive
-        archive.writestr("readme.txt", "hello")
-    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp / "foreign.ckpt")  # a torch checkpoint of something else
-    save_file({"x_embedder.weight": torch.ones(2, 2)}, tmp / "model.safetensors")
-    save_lora(tmp / "kohya", tiny_lora(), formats=["kohya"])
-    return {p.name: p for p in [*tmp.iterdir(), tmp / "kohya" / KOHYA_LORA_FILE]}
-
-
 @pytest.mark.parametrize("name, message", [
     ("garbage.safetensors", r"LoRA file '.*garbage.safetensors' is not a readable safetensors file"),
     ("garbage.ckpt", r"checkpoint '.*garbage.ckpt' is not a PyTorch zip checkpoint; expected a gridgen training"),
@@ -317,37 +233,46 @@ def foreign_files(tmp: Path) -> dict[str, Path]:
 def test_generate_refuses_foreign_lora_files(tmp_path, name, message):
     path = foreign_files(tmp_path)[name]
     with pytest.raises(LoraFileError, match=message) as info:
-        generate(gen_cfg(tmp_path, "prompt=x", f"lora={path}"))
+        generate(gen_cfg_grid_only(tmp_path, "prompt=x", f"lora={path}"))
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("garbage.safetensors", "is not a readable safetensors file"),
-    ("garbage.ckpt", "is not a PyTorch zip checkpoint"),
-])
-def test_cli_garbage_lora_is_one_line_exit_2(tmp_path, name, message):
-    path = foreign_files(tmp_path)[name]
-    env = {**os.environ, "GRIDGEN_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gridgen.generate", "prompt=x", f"lora={path}"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("gridgen.generate: error:")]
-    assert len(errors) == 1 and message in errors[0] and str(path) in errors[0]
-    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("**/manifest.json"))
+def test_lora_changes_output_scale_zero_is_base_and_matches_diffusers(lora_run):
+    layout = resolve_layout("4x4", 128)
+    caption = layout.caption("a red circle moves from left to right")
+
+    def run(lora=None, scale=1.0):
+        pipe = tiny_pipe()
+        info = apply_lora(pipe.transformer, lora, scale) if lora else None
+        sampler = GridSampler(pipe, MAX_SEQ)
+        return sampler.sample(layout, sampler.encode_text([caption]), [0], steps=6), info
+
+    base, _ = run()
+    tuned, info = run(lora_run)  # a run folder -> its lora/ export
+    assert info["rank"] == 4 and info["gridgen_stage"] == "coarse" and info["path"].endswith("lora/pytorch_lora_weights.safetensors")
+    assert (tuned - base).abs().max() > 1e-3  # the trained LoRA changes the output
+    assert torch.equal(run(lora_run, scale=0.0)[0], base)  # lora_scale=0 is the base model
+    from_ckpt, ckpt_info = run(lora_run / "checkpoints" / "last.ckpt")
+    assert ckpt_info["path"].endswith(".ckpt") and torch.equal(from_ckpt, tuned)  # the checkpoint holds the same LoRA
+    half, _ = run(lora_run / "lora" / "pytorch_lora_weights.safetensors", scale=0.5)
+    assert 0 < (half - base).abs().max() < (tuned - base).abs().max()
+
+    pipe = tiny_pipe()
+    pipe.load_lora_weights(lora_run / "lora")  # diffusers' own loader on the same file
+    theirs = pipe(caption, height=128, width=128, num_inference_steps=6, guidance_scale=3.5,
+                  generator=torch.Generator().manual_seed(0), max_sequence_length=MAX_SEQ, output_type="latent").images
+    torch.testing.assert_close(tuned, theirs, rtol=0, atol=1e-6)
 
 
-# ---- task mismatch ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("lora_task, task, warned", [
-    ("multiview", "t2v", True), ("t2v", "t2mv", True), ("i2v", "t2v", False), ("multiview", "t2mv", False),
-])
-def test_generate_warns_when_the_lora_was_trained_for_the_other_kind(tmp_path, caplog, lora_task, task, warned):
-    save_lora(tmp_path / "lora", tiny_lora(), {"gridgen_task": lora_task})
-    with caplog.at_level(logging.WARNING, logger="gridgen.inference.pipeline"):
-        manifest = generate(gen_cfg(tmp_path, f"task={task}", "prompt=x", f"lora={tmp_path / 'lora'}"))
-    assert manifest["lora"]["gridgen_task"] == lora_task and len(manifest["samples"]) == 1
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "gridgen.inference.pipeline"]
-    if warned:
-        assert len(warnings) == 1 and warnings[0].startswith(f"LoRA was trained for task {lora_task}, generating {task}: ")
-        assert ("task=i2mv|t2mv" if lora_task == "multiview" else "task=edit|i2v|interpolate") in warnings[0]
-    else:
-        assert warnings == []
+def test_lora_for_another_model_names_the_key(tmp_path):
+    other = FluxTransformer2DModel(**{**TINY_FLUX_CONFIG, "num_layers": 3})  # one more double block
+    targets = ["attn.to_q", "attn.to_k"]
+    attach_lora(other, build_lora_config(4, 4, 0.0, "gaussian", targets))
+    save_lora(tmp_path / "other", other)
+    with pytest.raises(LoraFileError, match=r"trained for another model: the model has no 'transformer_blocks\.2\.attn\.to_"):
+        apply_lora(tiny_pipe().transformer, tmp_path / "other")
+    wider = FluxTransformer2DModel(**{**TINY_FLUX_CONFIG, "num_attention_heads": 8})  # width 128, not 64
+    attach_lora(wider, build_lora_config(4, 4, 0.0, "gaussian", targets))
+    save_lora(tmp_path / "wider", wider)
+    with pytest.raises(LoraFileError, match=r"'(single_)?transformer_blocks\.0\.attn\.to_[qk]\.lora_A\.weight' has shape \(4, 128\), this model's is \(4, 64\)"):
+        apply_lora(tiny_pipe().transformer, tmp_path / "wider")

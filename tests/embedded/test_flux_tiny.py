@@ -1,52 +1,20 @@
-"""Tests for the embedded tiny FLUX pipeline and the shared model loading path (CPU, offline, a few seconds)."""
+"""The embedded tiny FLUX pipeline: a diffusers FluxPipeline folder with FLUX.1-dev's shapes, built
+deterministically, cached, and never half-written."""
 
 from __future__ import annotations
 
-import os
+import json
+import time
+from pathlib import Path
 
-# Before anything imports huggingface_hub, which reads this once: nothing here may touch the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest
+import torch
+from safetensors.torch import load_file
 
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from gridgen.embedded import flux_tiny  # noqa: E402
-from gridgen.embedded.flux_tiny import (  # noqa: E402
-    TINY_FLUX_CONFIG,
-    build_tiny_flux,
-    ensure_tiny_flux,
-    tiny_flux_dirname,
-)
-from gridgen.models.loading import (  # noqa: E402
-    ModelNotFoundError,
-    load_flux_pipeline,
-    looks_local,
-    parse_dtype,
-    resolve_pretrained,
-)
-
-CAPTION = "A 16-frame sequence arranged in a 4x4 grid. A red circle moves right on a blue background."
-
-
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("gridgen_cache")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(cache_root: Path) -> Path:
-    """The tiny pipeline, built once for this module through the cache (seed 0)."""
-    return ensure_tiny_flux(cache_dir=cache_root, seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir: Path):
-    return load_flux_pipeline(tiny_dir)
+from gridgen.embedded import flux_tiny
+from gridgen.embedded.flux_tiny import TINY_FLUX_CONFIG, build_tiny_flux, ensure_tiny_flux, tiny_flux_dirname
+from gridgen.models.loading import resolve_pretrained
+from tests.helpers.flux import CAPTION
 
 
 def _state_dicts(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -54,9 +22,6 @@ def _state_dicts(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         sub: load_file(str(next((folder / sub).glob("*.safetensors"))))
         for sub in ("transformer", "vae", "text_encoder", "text_encoder_2")
     }
-
-
-# ----------------------------------------------------------------------------------------------- build + load
 
 
 def test_folder_is_a_diffusers_flux_pipeline(tiny_dir: Path) -> None:
@@ -141,18 +106,6 @@ def test_pipeline_runs_end_to_end(pipe) -> None:
     assert torch.isfinite(out.images).all()
 
 
-def test_load_skips_components_and_casts(tiny_dir: Path) -> None:
-    p = load_flux_pipeline(str(tiny_dir), dtype="bf16", load_vae=False, load_text_encoders=False)
-    assert p.vae is None and p.text_encoder is None and p.text_encoder_2 is None
-    assert p.tokenizer is None and p.tokenizer_2 is None
-    assert p.transformer.dtype == torch.bfloat16
-    encoders = load_flux_pipeline(str(tiny_dir), load_transformer=False)  # what `make cache` loads
-    assert encoders.transformer is None and encoders.vae is not None and encoders.text_encoder_2 is not None
-
-
-# ----------------------------------------------------------------------------------------------- determinism
-
-
 def test_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
     again = build_tiny_flux(tmp_path / "seed0", seed=0)
     other = build_tiny_flux(tmp_path / "seed1", seed=1)
@@ -165,72 +118,6 @@ def test_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
         assert (tiny_dir / tok / "tokenizer.json").read_bytes() == (
             again / tok / "tokenizer.json"
         ).read_bytes()
-
-
-# ----------------------------------------------------------------------------------------------- tokenizers
-
-
-def test_tokenizers_round_trip(pipe) -> None:
-    clip, t5 = pipe.tokenizer, pipe.tokenizer_2
-
-    ids = clip(CAPTION).input_ids
-    assert ids[0] == clip.bos_token_id and ids[-1] == clip.eos_token_id
-    assert clip.eos_token_id != 2  # CLIPTextModel would fall back to legacy argmax pooling
-    assert clip.decode(ids, skip_special_tokens=True).replace(" ", "") == CAPTION.lower().replace(" ", "")
-    words = [t for t in clip.convert_ids_to_tokens(ids[1:-1]) if t.endswith("</w>")]
-    assert {"grid</w>", "red</w>", "circle</w>", "background</w>"} <= set(words)  # learned whole words
-
-    ids = t5(CAPTION).input_ids
-    assert ids[-1] == t5.eos_token_id
-    assert t5.unk_token_id not in ids
-    assert t5.decode(ids, skip_special_tokens=True) == CAPTION
-    assert len(ids) < 30  # caption words are single pieces, not characters
-
-    unseen = "Zebra quokka xylophone 7x9!"  # out-of-corpus text falls back to characters, never unk
-    assert clip.unk_token_id not in clip(unseen).input_ids[1:-1]
-    assert t5.unk_token_id not in t5(unseen).input_ids
-
-
-# ----------------------------------------------------------------------------------------------- errors
-
-
-def test_missing_local_folder(tmp_path: Path) -> None:
-    missing = tmp_path / "nope" / "FLUX.1-dev"
-    with pytest.raises(ModelNotFoundError) as info:
-        load_flux_pipeline(missing)
-    msg = str(info.value)
-    assert str(missing) in msg and "does not exist" in msg and "model.pretrained=" in msg
-    assert "\n" not in msg
-    assert isinstance(info.value, FileNotFoundError)
-
-
-def test_local_folder_without_model_index(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="model_index.json"):
-        load_flux_pipeline(str(tmp_path))
-
-
-def test_missing_hub_id_offline() -> None:
-    repo = "gridgen-tests/not-a-cached-flux"  # never in any cache, unlike black-forest-labs/FLUX.1-dev may be
-    with pytest.raises(ModelNotFoundError) as info:
-        load_flux_pipeline(repo)
-    msg = str(info.value)
-    assert repo in msg and "offline" in msg and "hf download" in msg
-    assert "\n" not in msg
-
-
-def test_looks_local_and_parse_dtype() -> None:
-    for s in ("/abs/flux", "./flux", "../flux", "~/flux", "models/flux/dev", "."):
-        assert looks_local(s), s
-    for s in ("black-forest-labs/FLUX.1-dev", "flux-tiny"):
-        assert not looks_local(s), s
-    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("bfloat16") is torch.bfloat16
-    assert parse_dtype("fp16") is torch.float16 and parse_dtype("float32") is torch.float32
-    assert parse_dtype(torch.float16) is torch.float16
-    with pytest.raises(ValueError):
-        parse_dtype("int8")
-
-
-# ----------------------------------------------------------------------------------------------- cache
 
 
 def test_ensure_tiny_flux_is_cached(
