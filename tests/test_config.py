@@ -149,3 +149,31 @@ def test_flux_dev_config_gives_the_papers_grid_sizes(tmp_path):
         assert plain["model"]["cached"] is False and plain["generate"]["max_sequence_length"] == 512
         grid = resolve_layout(cfg.layout, cfg.generate.grid_heights[cfg.model.name])
         assert (grid.cell_height, grid.cell_width, grid.height) == (cell, cell, 1024)
+
+
+def test_sweep_folder_names_leave_out_the_constant_keys(tmp_path):
+    """SweepFolderNames (train and evaluate): at the start of a multirun the keys given one value join Hydra's
+    override_dirname exclude_keys; each job, composed with those Hydra overrides, is named by its swept keys only.
+    A multirun that sweeps nothing keeps Hydra's name of all its overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from gridgen.config import SweepFolderNames
+
+    def master(*task: str):
+        return OmegaConf.create({"hydra": {"overrides": {"task": list(task), "hydra": ["hydra.mode=MULTIRUN"]},
+                                           "job": {"config": {"override_dirname": {"exclude_keys": ["logger"]}}}}})
+
+    cfg = master("eval.real=/r", "eval.fake=a,b", "eval.metrics=[psnr,ssim]", "+x.y=1")
+    SweepFolderNames().on_multirun_start(cfg)
+    added = OverridesParser.create().parse_override(cfg.hydra.overrides.hydra[-1])
+    assert added.key_or_group == "hydra.job.config.override_dirname.exclude_keys"
+    assert added.value() == ["logger", "eval.real", "eval.metrics", "x.y"]  # [a,b] is a list, not a sweep
+    cfg = master("eval.real=/r", "eval.metrics=[psnr]")
+    SweepFolderNames().on_multirun_start(cfg)
+    assert list(cfg.hydra.overrides.hydra) == ["hydra.mode=MULTIRUN"]
+    # composed as a job is: Hydra's own override_dirname, the swept key only
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        job = compose("evaluate", overrides=["hydra.job.config.override_dirname.exclude_keys=[eval.real]",
+                                             "eval.real=/r", "eval.fake=runs/a"], return_hydra_config=True)
+    assert job.hydra.job.override_dirname == "eval.fake=runs/a"
