@@ -98,7 +98,8 @@ eval: $(VENV)/.installed ## FVD/IS/CLIP/PSNR/SSIM/time vs the paper: make eval t
 report: $(VENV)/.installed ## loss curves, alpha schedule, samples, sweep summary as PNG/Markdown: make report run=<folder>
 	$(PY) -m gridgen.report $(OVERRIDES) $(ARGS)
 
-# pytest-xdist: TEST_WORKERS processes (CI: 2 cores), each test file on one of them (its module fixtures built once)
+# pytest-xdist: TEST_WORKERS processes (CI: 2 cores), each test file on one of them (its module fixtures built once,
+# conftest.py's session fixtures once per process)
 TEST_WORKERS ?= 2
 PYTEST := WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: $(VENV)/.installed ## the CI suite (slow checks excluded; TEST_WORKERS=2 processes)

@@ -212,7 +212,7 @@ def main() -> None:
         "",
         f"**ratio C2 / C1 = {ratio('parts', 'parts_single'):.2f}** (speed-up of {args.parts} parts at once over one "
         f"process, wall clock, on {os.cpu_count()} shared cores; the parts write the same samples as one run, "
-        f"tests/test_prepare.py). Per process, B1 prepares {h.median(args.videos / t for _, t in runs['webvid (8 fps)']):.2f} "
+        f"tests/data/test_prepare.py). Per process, B1 prepares {h.median(args.videos / t for _, t in runs['webvid (8 fps)']):.2f} "
         f"clips/s of {args.frames} frames.",
     ]
     h.finish(args, "prepare", "\n".join(lines))

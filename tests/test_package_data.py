@@ -3,6 +3,7 @@ from an installed gridgen with no checkout around it (``pip install .`` without 
 
 The fast check builds the wheel from a copy of the sources and compares its file list with the tree; the slow one
 installs that wheel into a fresh venv outside the checkout and runs each console script with Hydra's ``--cfg job``.
+A source tree that was never pip-installed imports too (version ``0.1.0+src``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import ROOT
+
 PACKAGE = ROOT / "src" / "gridgen"
 DATA_DIRS = ("conf", "data_cards")
 # console script -> (its config, an override only that config knows, proving the right tree was composed)
@@ -117,3 +119,12 @@ def test_installed_wheel_composes_every_entry_point(wheel, tmp_path):
         key, _, value = override.partition("=")
         assert value in proc.stdout, f"{script} --cfg job {override}: {proc.stdout[:2000]}"
     assert not list(work.iterdir())  # --cfg job writes nothing
+
+
+def test_source_tree_import_without_pip_metadata(tmp_path):
+    (tmp_path / "src" / "gridgen").mkdir(parents=True)  # a source tree that was never pip-installed
+    for name in ("__init__.py", "_quiet.py"):
+        (tmp_path / "src" / "gridgen" / name).write_text((ROOT / "src" / "gridgen" / name).read_text())
+    code = "import sys; sys.path.insert(0, 'src'); import gridgen; print(gridgen.__version__)"
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0.1.0+src", proc.stderr

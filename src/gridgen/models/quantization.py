@@ -45,7 +45,7 @@ def check_scheme(scheme: str) -> str:
 def check_compile(scheme: str | None) -> None:
     """``model.compile=true`` with a quantized base: torch.compile cannot yet differentiate through torchao's
     int8 tensor subclass once LoRA wraps it (AOTAutograd refuses aliased subclass outputs); bitsandbytes'
-    layers compile (checked in tests/test_compile.py)."""
+    layers compile (checked in tests/models/test_builder.py)."""
     if scheme == "int8_weight_only":
         raise QuantizationError(
             "model.compile=true cannot train through torchao's int8 weights (torch.compile refuses aliased "

@@ -282,7 +282,7 @@ def build_loggers(cfg: DictConfig, resume: ResumePoint | None = None) -> list[An
             logger = instantiate(logger_cfg)
             # Lightning passes anonymous=None to wandb.init, which W&B >= 0.19 answers with "The anonymous setting
             # has no effect" on every run; not passing it is what W&B asks for. (A private field: if Lightning
-            # renames it, the warning returns and tests/test_run_safety.py says so; nothing breaks.)
+            # renames it, the warning returns and tests/e2e/test_train.py says so; nothing breaks.)
             getattr(logger, "_wandb_init", {}).pop("anonymous", None)
             # All train metrics share the optimizer-step axis.
             logger.experiment.define_metric("trainer/global_step")

@@ -1,0 +1,45 @@
+"""The miniature world's data (gridgen.embedded.mini_data): raw clips, frames and scenes through prepare."""
+
+
+import json
+import tarfile
+
+from gridgen.embedded.world import (
+    mini_combinations,
+)
+
+
+def _samples(shard):
+    samples = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+
+def test_mini_data_goes_through_prepare_with_its_card(mini_data):
+    from gridgen.data.cards import load_card
+
+    out, manifest = mini_data
+    card = load_card("mini")
+    for kind, splits in manifest["kinds"].items():
+        for split, count in splits.items():
+            assert count == max(1, round(card["expected"][kind][split] * 0.01))
+            assert json.loads((out / kind / "manifest.json").read_text())["splits"][split]["counts"]["samples"] == count
+    clips = _samples(out / "clips" / "test-000000.tar")
+    held_out = {f"{s} {c} {m.words}" for s, c, m in mini_combinations("test")}
+    for sample in clips.values():
+        caption = sample["txt"].decode()
+        assert caption.startswith("A 16-frame sequence arranged in a 4x4 grid. ")  # c_layout + c_content
+        meta = json.loads(sample["json"])
+        assert (meta["rows"], meta["cols"], meta["cell_height"]) == (4, 4, 32)
+        assert meta["frame_indices"] == list(range(16))  # the whole clip: the caption's motion over 16 frames
+        labels = meta["metadata"]
+        assert meta["c_content"] == f"a {labels['color']} {labels['shape']} moves {labels['motion']}"
+        assert f"{labels['shape']} {labels['color']} {labels['motion']}" in held_out
+    for kind in ("frames", "scenes"):  # text-to-image sets: no c_layout
+        for sample in _samples(out / kind / "train-000000.tar").values():
+            assert sample["txt"].decode().startswith(("a ", "an "))
+

@@ -1,0 +1,124 @@
+"""The sampler: FLUX's shifted schedule from T, parity with diffusers' FluxPipeline, the reference-cell mask
+(eqs. 9-11)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from safetensors.torch import load_file
+
+from gridgen.generate import generate
+from gridgen.inference import (
+    GridSampler,
+    TaskSpec,
+    flux_schedule,
+    initial_frames,
+    initial_noise,
+    keep_tokens,
+    resolve_layout,
+)
+from gridgen.inference.sampler import noised
+from gridgen.layout import GridLayout
+from tests.helpers.flux import MAX_SEQ, tiny_pipe
+from tests.helpers.generate import gen_cfg
+
+
+@pytest.mark.parametrize("num_tokens, steps", [(64, 20), (1024, 7), (4096, 3)])
+def test_schedule_is_fluxs_shifted_schedule_from_T(num_tokens, steps):
+    config = tiny_pipe().scheduler.config
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    mu = 0.5 + (num_tokens - 256) * (1.15 - 0.5) / (4096 - 256)  # FLUX's line through (256, 0.5), (4096, 1.15)
+    sigmas, timesteps = flux_schedule(scheduler, num_tokens, steps, T=1.0)
+    # written plainly: s_i = 1 - i/steps, sigma_i = e^mu / (e^mu + 1/s_i - 1), then 0
+    expected = [math.exp(mu) / (math.exp(mu) + 1 / (1 - i / steps) - 1) for i in range(steps)] + [0.0]
+    torch.testing.assert_close(sigmas, torch.tensor(expected), rtol=0, atol=1e-6)
+    torch.testing.assert_close(timesteps, sigmas[:-1] * 1000)
+    for T in (0.9, 0.5):
+        sigmas_T, _ = flux_schedule(scheduler, num_tokens, steps, T=T)
+        assert sigmas_T[0].item() == pytest.approx(T, abs=1e-6) and sigmas_T[-1] == 0
+        assert (sigmas_T.diff() < 0).all()
+        unshifted = 1 / (1 + math.exp(mu) * (1 / sigmas_T[:-1].double() - 1))  # inverse shift: equal steps
+        torch.testing.assert_close(unshifted.diff(), torch.full((steps - 1,), -unshifted[0].item() / steps,
+                                                                dtype=torch.float64), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"T must be in \(0, 1\]"):
+        flux_schedule(scheduler, num_tokens, steps, T=1.5)
+
+
+def test_t2v_equals_diffusers_flux_pipeline(tmp_path):
+    """T = 1, no mask: gridgen's latents and images are diffusers FluxPipeline's, per-sample seeds, a batch."""
+    layout = resolve_layout("4x4", 128)
+    prompts = ["a red circle moves from left to right", "a blue square falls"]
+    (tmp_path / "prompts.txt").write_text("# two samples\n" + "\n".join(prompts) + "\n")
+    manifest = generate(gen_cfg(tmp_path, f"prompts_file={tmp_path / 'prompts.txt'}", "seed=7",
+                                "generate.batch_size=2", "generate.steps=8", "export.latents=true",
+                                "export.mp4=false", "export.gif=false"))
+    captions = [s["caption"] for s in manifest["samples"]]
+    assert captions == [layout.caption(p) for p in prompts] and [s["seed"] for s in manifest["samples"]] == [7, 8]
+    ours = torch.stack([load_file(tmp_path / "out" / s["files"]["latents"])["latents"] for s in manifest["samples"]])
+
+    pipe = tiny_pipe()
+    kwargs = dict(height=128, width=128, num_inference_steps=8, guidance_scale=3.5, max_sequence_length=MAX_SEQ)
+    theirs = pipe(captions, generator=[torch.Generator().manual_seed(s) for s in (7, 8)], output_type="latent",
+                  **kwargs).images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    images = pipe(captions, generator=[torch.Generator().manual_seed(s) for s in (7, 8)], output_type="np",
+                  **kwargs).images  # (B, H, W, 3) in [0, 1]
+    for sample, image in zip(manifest["samples"], images, strict=True):
+        png = np.asarray(Image.open(tmp_path / "out" / sample["files"]["grid"]))
+        assert np.abs(png.astype(int) - (image * 255).round().astype(int)).max() == 0
+
+    # the tolerance catches a wrong shift or a wrong step count by orders of magnitude
+    sampler = GridSampler(pipe, MAX_SEQ)
+    text = sampler.encode_text(captions)
+    noise = initial_noise([7, 8], layout)
+    wrong_shift = FlowMatchEulerDiscreteScheduler.from_config({**pipe.scheduler.config, "max_shift": 0.5})
+    from gridgen.inference import sample_grid
+    for scheduler, steps in ((wrong_shift, 8), (pipe.scheduler, 9)):
+        other = sample_grid(pipe.transformer, scheduler, layout, text, noise, steps=steps)
+        assert (other - theirs).abs().max() > 1e-3
+
+
+def i2v_start(sampler: GridSampler, layout: GridLayout, seed: int = 0):
+    ref = torch.rand(1, 3, layout.cell_height, layout.cell_width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    frames, keep = initial_frames(TaskSpec("i2v", init="expand", reference="image", keep="reference"), layout, ref)
+    init = sampler.encode_grid(layout.tile(frames)[None])  # (1, N, 64)
+    return init, keep_tokens(layout, keep)
+
+
+@pytest.mark.parametrize("mode", ["noised", "clean"])
+def test_mask_keeps_reference_cells_exactly(mode):
+    pipe = tiny_pipe()
+    sampler, layout = GridSampler(pipe, MAX_SEQ), resolve_layout("4x4", 128)
+    init, keep = i2v_start(sampler, layout)
+    assert keep.sum().item() == layout.cell_tokens  # one cell: the reference
+    text = sampler.encode_text([layout.caption("a green circle bounces")])
+    noise = initial_noise([3], layout)
+    seen = []
+    out = sampler.sample(layout, text, [3], steps=6, T=0.9, init=init, keep=keep, mask_mode=mode,
+                         callback=lambda i, sigma, x: seen.append((sigma.item(), x.clone())))
+    k = keep.expand_as(out)
+    assert torch.equal(out[k], init[k])  # eq. (11): the reference cell ends as the encoded reference, exactly
+    assert (out[~k] - init[~k]).abs().mean() > 1e-2  # the other cells were generated
+    sigma0, x0 = seen[0]
+    assert sigma0 == pytest.approx(0.9, abs=1e-6)
+    # eq. (9): every token starts at (1 - T) init + T eps; kept tokens are the reference at sigma (noised) or clean
+    torch.testing.assert_close(x0[~k], ((1 - sigma0) * init + sigma0 * noise)[~k], rtol=0, atol=1e-6)
+    for sigma, x in seen:
+        target = noised(init, noise, sigma) if mode == "noised" else init
+        assert torch.equal(x[k], target[k])
+
+
+def test_mask_modes_differ_and_unmasked_i2v_drifts():
+    pipe = tiny_pipe()
+    sampler, layout = GridSampler(pipe, MAX_SEQ), resolve_layout("4x4", 128)
+    init, keep = i2v_start(sampler, layout)
+    text = sampler.encode_text([layout.caption("a green circle bounces")])
+    runs = {mode: sampler.sample(layout, text, [3], steps=4, T=0.9, init=init, keep=keep, mask_mode=mode)
+            for mode in ("noised", "clean")}
+    free = sampler.sample(layout, text, [3], steps=4, T=0.9, init=init)
+    k = keep.expand_as(free)
+    assert (runs["noised"] - runs["clean"]).abs().max() > 1e-3
+    assert (free[k] - init[k]).abs().max() > 1e-3  # without the mask the reference cell is not kept

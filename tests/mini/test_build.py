@@ -1,0 +1,29 @@
+"""The miniature's build (gridgen.mini.build): where a build goes."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+from gridgen.config import CONF_DIR, register_resolvers
+from gridgen.mini.build import build_folder
+from gridgen.mini.steps import compose
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
+        yield
+
+
+def test_the_default_build_has_the_presets_folder_and_any_other_its_own(hydra_conf, tmp_path):
+    default = compose("mini", [f"paths.cache_dir={tmp_path}"])
+    assert build_folder(default, default.build) == tmp_path / "mini-v1"  # what experiment=mini / data=mini read
+    preset = compose("train", ["experiment=mini", f"paths.cache_dir={tmp_path}", "paths.output_dir=x"])
+    assert OmegaConf.select(preset, "data.train_shards") == str(tmp_path / "mini-v1" / "data" / "clips")
+    other = compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=10"])
+    folder = build_folder(other, default.build)
+    assert folder.parent == tmp_path and folder.name.startswith("mini-v1-") and folder != build_folder(
+        compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=11"]), default.build)

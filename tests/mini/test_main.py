@@ -1,0 +1,52 @@
+"""`python -m gridgen.mini` (gridgen.mini.__main__): its refusals, and the presets' before a build. The whole pipeline at a toy size runs in tests/e2e/test_mini.py (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import initialize_config_dir
+
+from gridgen.config import CONF_DIR, register_resolvers
+from gridgen.mini.steps import compose
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
+        yield
+
+
+def test_a_finished_report_is_never_overwritten(hydra_conf, tmp_path):
+    from gridgen.mini.__main__ import run
+
+    (tmp_path / "report.md").write_text("done\n")
+    cfg = compose("mini", [f"out={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match="never overwritten; pass out=<new folder>"):
+        run(cfg, cfg.build)
+    assert (tmp_path / "report.md").read_text() == "done\n" and not (tmp_path / "cache").exists()
+    with pytest.raises(ValueError, match="stop_after must be one of"):
+        run(compose("mini", ["stop_after=all", f"out={tmp_path / 'new'}"]), cfg.build)
+
+
+def test_mini_refuses_a_bad_key_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gridgen.mini", "build.vae.stesp=3", f"out={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("gridgen.mini: error:") and "stesp" in err[-1], proc.stderr
+    assert not any(line.startswith("Traceback") for line in err) and not (tmp_path / "out").exists()
+
+
+def test_the_presets_refuse_a_missing_build_with_one_line(tmp_path):
+    """experiment=mini trains on the base model `make mini` builds; before that it says how to build it."""
+    env = {**os.environ, "GRIDGEN_CACHE": str(tmp_path / "cache"), "GRIDGEN_ROOT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "gridgen.train", "experiment=mini"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "not built yet" in last and "make mini stop_after=build" in last
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "cache").exists()
