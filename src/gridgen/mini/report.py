@@ -64,6 +64,7 @@ def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, t
 def markdown_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
     head = "| variant | " + " | ".join(f"{title} ({better})" for _, title, _, better in COLUMNS) + " |"
     lines = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
+    seeds = max((n for row in table.values() for _, _, n in row.values()), default=0)
     for variant, row in table.items():
         cells = []
         for key, _, fmt, _ in COLUMNS:
@@ -74,7 +75,7 @@ def markdown_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str
             cell = fmt.format(mean)
             if not math.isnan(half):
                 cell += " ± " + fmt.format(half)
-            cells.append(cell + ("" if n == len(row) or n > 1 else f" (n={n})"))
+            cells.append(cell + (f" (n={n} of {seeds} seeds)" if n < seeds else ""))  # undefined for the others
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
