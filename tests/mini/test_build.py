@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.mini.build import build_folder
 from gridgen.mini.steps import compose
-
-
-@pytest.fixture(scope="module")
-def hydra_conf():
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
-        yield
 
 
 def test_the_default_build_has_the_presets_folder_and_any_other_its_own(hydra_conf, tmp_path):

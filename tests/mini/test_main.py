@@ -7,17 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from hydra import initialize_config_dir
 
-from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.mini.steps import compose
-
-
-@pytest.fixture(scope="module")
-def hydra_conf():
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="test"):
-        yield
 
 
 def test_a_finished_report_is_never_overwritten(hydra_conf, tmp_path):
