@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import math
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from tests.helpers.paths import ROOT
 
 
+@pytest.mark.slow  # a benchmark's smoke: make bench / make test-slow
 def test_bench_prepare_quick_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_prepare.py"), "--quick", "--no-write"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -1,6 +1,7 @@
 """Smoke runs of the training benchmark: `bench/bench_train.py --quick --no-write` reports finite ratios in every
 section, and a variant this machine cannot run is reported as skipped, not fatal."""
 
+import pytest
 import math
 import os
 import re
@@ -28,6 +29,7 @@ def variant_rows(out: str) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows[1:]}  # past the header
 
 
+@pytest.mark.slow  # a benchmark's smoke: make bench / make test-slow
 def test_bench_quick_smoke():
     proc, elapsed = run_bench()
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,6 +73,7 @@ def test_a_variant_that_cannot_run_is_skipped(tmp_path, monkeypatch):
     assert len(result["times"]["gradient checkpointing"]) == args.repeats * args.steps
 
 
+@pytest.mark.slow  # a benchmark's usage (~12 s)
 def test_bad_variant_flag_is_a_usage_error():
     proc, _ = run_bench("--quantization", "int3")
     assert proc.returncode == 2 and "invalid choice: 'int3'" in proc.stderr, proc.stderr[-2000:]

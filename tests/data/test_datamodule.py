@@ -131,6 +131,7 @@ def test_validation_is_the_same_on_every_rank(root, monkeypatch):
     assert sorted(k for b in seen[0] for k in b) == sorted(f"{k}-val-{i:06d}" for k in KINDS for i in range(3))
 
 
+@pytest.mark.slow  # 3 processes (~20 s); the sharding rule is checked in process in CI
 def test_ddp_two_cpu_processes_uneven_shards_fixed_steps(tmp_path):
     write_shards(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 shared cores

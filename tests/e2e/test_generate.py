@@ -24,6 +24,7 @@ def test_a_failed_generate_leaves_no_folder(tmp_path):
     assert not (tmp_path / "outputs").exists(), sorted(tmp_path.rglob("*"))
 
 
+@pytest.mark.slow  # the README's i2v and LoRA generate commands run in CI
 def test_cli_i2v_with_lora_and_literal_prompt(tmp_path, refs, lora_run):
     prompt = "a dog's tail, wagging [fast]"  # quoted for Hydra as the README shows: prompt="'a dog\\'s tail, ...'"
     proc = run_cli("task=i2v", "prompt='a dog\\'s tail, wagging [fast]'", f"ref={refs}/img/ref_0.png", f"lora={lora_run}",
@@ -81,6 +82,7 @@ def test_cli_layout_hint_leads_to_the_large_refusal_not_a_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a multirun subprocess (~13 s); train's README sweep runs in CI
 def test_cli_multirun_with_the_default_sweep_folder(tmp_path):
     """`generate -m` as the README prints it: no hydra.sweep.dir, no GRIDGEN_ROOT; outputs land under <cwd>/outputs."""
     env = {k: v for k, v in os.environ.items() if k != "GRIDGEN_ROOT"}
@@ -94,7 +96,7 @@ def test_cli_multirun_with_the_default_sweep_folder(tmp_path):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("garbage.safetensors", "is not a readable safetensors file"),
+    pytest.param("garbage.safetensors", "is not a readable safetensors file", marks=pytest.mark.slow),  # ~13 s
     ("garbage.ckpt", "is not a PyTorch zip checkpoint"),
 ])
 def test_cli_garbage_lora_is_one_line_exit_2(tmp_path, name, message):

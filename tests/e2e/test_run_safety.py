@@ -40,7 +40,8 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated", "pickle"])
+@pytest.mark.parametrize("kind", [pytest.param("garbage", marks=pytest.mark.slow),  # ~14 s each: the pickle
+                                  pytest.param("truncated", marks=pytest.mark.slow), "pickle"])  # one in CI
 def test_bad_checkpoint_is_one_line_and_never_unpickled(tmp_path, kind):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "bad.ckpt"
@@ -162,6 +163,7 @@ def test_sigterm_marks_the_run_failed_with_a_reason(tmp_path):
     assert f"ckpt_path={run}" in text
 
 
+@pytest.mark.slow  # two subprocesses (~25 s); a failed generate/train leaving no folder stays in CI
 def test_a_run_that_never_trained_leaves_no_folder_and_no_wandb_run(tmp_path):
     for bad in ("model.pretrained=/no/such/model", "data.train_shards=/no/such/shards"):
         proc = run_cli("trainer.max_steps=2", bad, cwd=tmp_path)  # the default logger: W&B (offline)

@@ -13,6 +13,7 @@ from tests.helpers.shards import grid_with_cells, write_shard
 from tests.helpers.train import PRESETS, run_cli
 
 
+@pytest.mark.slow  # the README's `make train` runs the default with offline W&B in CI
 def test_cli_default_run_with_offline_wandb(tmp_path):
     from tests.helpers.wandb_offline import summarise
 
@@ -33,6 +34,7 @@ def test_cli_default_run_with_offline_wandb(tmp_path):
     assert "stage:coarse" in info["tags"]
 
 
+@pytest.mark.slow  # the README's `python -m gridgen.train -m lora.rank=4,8,16` runs in CI
 def test_cli_multirun_sweep_over_rank(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("-m", "lora.rank=2,4", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
@@ -48,15 +50,19 @@ def test_cli_multirun_sweep_over_rank(tmp_path):
     assert "| lora.rank=2 | 2 |" in summary and "| lora.rank=4 | 4 |" in summary
 
 
+# each a subprocess (~12 s): three kinds in CI (a gridgen value, a Hydra override, an unknown key), the rest slow
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("args, message", [
     (["lora.rank=0"], "lora.rank must be a positive integer, got 0"),
-    (["model.pretrained=/nonexistent/flux"], "'/nonexistent/flux' does not exist"),
-    (["stage=fine", "stage.init_lora=/nonexistent/lora"], "stage.init_lora '/nonexistent/lora' does not exist"),
-    (["data=shards", "data.train_shards=EMPTY"], "no shards"),
+    pytest.param(["model.pretrained=/nonexistent/flux"], "'/nonexistent/flux' does not exist", marks=SLOW),
+    pytest.param(["stage=fine", "stage.init_lora=/nonexistent/lora"], "stage.init_lora '/nonexistent/lora' does not exist", marks=SLOW),
+    pytest.param(["data=shards", "data.train_shards=EMPTY"], "no shards", marks=SLOW),
     (["lora.rnak=4"], "Could not override 'lora.rnak'"),
     (["+lora.rnak=4"], "'lora.rnak' is not a key gridgen knows, so it would be stored and ignored; did you mean lora.rank"),
-    (["+trainer.bogus=1"], "'trainer.bogus' is not a key gridgen knows"),
-    (["trainer.max_steps=4", "trainer.val_check_interval=10"], "would never validate"),
+    pytest.param(["+trainer.bogus=1"], "'trainer.bogus' is not a key gridgen knows", marks=SLOW),
+    pytest.param(["trainer.max_steps=4", "trainer.val_check_interval=10"], "would never validate", marks=SLOW),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -79,6 +85,7 @@ def test_known_added_keys_are_accepted(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # a subprocess (~15 s); bad-input lines stay in CI
 def test_unknown_experiment_lists_the_available_ones(tmp_path):
     proc = run_cli("experiment=nope", cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
@@ -87,6 +94,7 @@ def test_unknown_experiment_lists_the_available_ones(tmp_path):
         assert name in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess (~16 s); the key check runs in CI through test_cli_bad_input
 def test_sweep_over_a_key_that_does_not_exist(tmp_path):
     proc = run_cli("-m", "lora.rnk=4,8", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
@@ -133,6 +141,7 @@ def test_bad_weights_on_the_command_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the same refusal is checked in process in CI (tests/data/test_datamodule.py)
 def test_cells_flux_cannot_take_on_the_command_line(video_samples, tmp_path):
     from tests.helpers.train import run_cli
 

@@ -81,6 +81,35 @@ def test_t2v_equals_diffusers_flux_pipeline(tmp_path):
         assert (other - theirs).abs().max() > 1e-3
 
 
+def test_true_cfg_equals_flux_pipeline_true_cfg_scale(tmp_path):
+    """generate.true_cfg_scale with the empty negative prompt = FluxPipeline(true_cfg_scale=, negative_prompt=""):
+    gridgen batches both halves in one call, diffusers makes two; and the scale acts (1 = off, refused below)."""
+    layout = resolve_layout("4x4", 128)
+    args = ["prompt='a red circle moves from left to right'", "seed=5", "generate.steps=6", "export.latents=true",
+            "export.mp4=false", "export.gif=false", "generate.true_cfg_scale=4.0"]
+    manifest = generate(gen_cfg(tmp_path, *args))
+    sample = manifest["samples"][0]
+    assert manifest["true_cfg_scale"] == 4.0 and manifest["negative_prompt"] == ""
+    ours = load_file(tmp_path / "out" / sample["files"]["latents"])["latents"][None]  # (1, N, 64)
+
+    pipe = tiny_pipe()
+    kwargs = dict(height=128, width=128, num_inference_steps=6, guidance_scale=3.5, max_sequence_length=MAX_SEQ,
+                  output_type="latent")
+    theirs = pipe(sample["caption"], negative_prompt="", true_cfg_scale=4.0,
+                  generator=torch.Generator().manual_seed(5), **kwargs).images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    plain = pipe(sample["caption"], generator=torch.Generator().manual_seed(5), **kwargs).images
+    assert (plain - theirs).abs().max() > 1e-2  # CFG changed the sample
+    with pytest.raises(ValueError, match="true_cfg_scale must be >= 1"):
+        generate(gen_cfg(tmp_path / "bad", *args[:-1], "generate.true_cfg_scale=0.5"))
+    sampler = GridSampler(pipe, MAX_SEQ)
+    from gridgen.inference import sample_grid
+    with pytest.raises(ValueError, match="needs the negative prompt"):
+        sample_grid(pipe.transformer, pipe.scheduler, layout, sampler.encode_text(["x"]), initial_noise([0], layout),
+                    steps=2, true_cfg_scale=2.0)
+    assert layout.num_tokens == ours.shape[1]
+
+
 def i2v_start(sampler: GridSampler, layout: GridLayout, seed: int = 0):
     ref = torch.rand(1, 3, layout.cell_height, layout.cell_width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     frames, keep = initial_frames(TaskSpec("i2v", init="expand", reference="image", keep="reference"), layout, ref)

@@ -62,6 +62,33 @@ def test_cached_conditioning_equals_encoders(tmp_path, batch):
     assert raw["loss"].item() == pytest.approx((raw["loss_base"] + 0.5 * raw["loss_flow"]).item())
 
 
+def test_caption_dropout_trains_some_samples_on_the_empty_caption(tmp_path, batch):
+    """loss.caption_dropout: each training sample's loss is its caption's or the empty caption's (the unconditional
+    input of true CFG), keyed by sample (same draw twice); validation never drops; values outside [0, 1) refused."""
+    plain, cfg = build(tmp_path)
+    dropping, _ = build(tmp_path, "loss.caption_dropout=0.5")
+    one = {k: (v[:1] if k in ("pixel_values", "caption", "__key__") else v) for k, v in batch.items()}
+    empty = encode_prompts(plain.pipe, [""], cfg.model.max_sequence_length)[:2]  # (1, L, D), (1, D)
+    as_empty = {**one, "latents": encode_images(plain.pipe.vae, one["pixel_values"]), "prompt_embeds": empty[0],
+                "pooled_prompt_embeds": empty[1]}
+    dropped = 0
+    for k in range(16):
+        key = [f"sample-{k}"]
+        got = dropping.compute_losses({**one, "__key__": key})["loss_base"]
+        with_caption = plain.compute_losses({**one, "__key__": key})["loss_base"]
+        without = plain.compute_losses({**as_empty, "__key__": key})["loss_base"]
+        assert abs(with_caption - without) > 1e-4
+        is_dropped = abs(got - without) < 1e-6
+        assert is_dropped or abs(got - with_caption) < 1e-6, (got, with_caption, without)
+        dropped += int(is_dropped)
+        assert dropping.compute_losses({**one, "__key__": key})["loss_base"] == got
+        torch.testing.assert_close(dropping.compute_losses({**one, "__key__": key}, fixed_t=0.5)["loss_base"],
+                                   plain.compute_losses({**one, "__key__": key}, fixed_t=0.5)["loss_base"])
+    assert 3 <= dropped <= 13, dropped  # about half of 16
+    with pytest.raises(ValueError, match="caption_dropout must be in"):
+        build(tmp_path, "loss.caption_dropout=1.0")
+
+
 def test_gradient_checkpointing_same_gradients(tmp_path, batch):
     plain, _ = build(tmp_path)
     ckpt, _ = build(tmp_path, "model.gradient_checkpointing=true")
@@ -176,6 +203,7 @@ def test_nonfinite_skip_drops_that_update_only(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in lora.values())
 
 
+@pytest.mark.slow  # bf16 training is checked on CUDA by make test-gpu; bf16-true resume stays in CI
 def test_bf16_mixed_and_true_train_finite_and_close_to_fp32(tmp_path):
     """The GPU suite checks bf16 on CUDA; here the same configs on CPU: a bf16 frozen base with fp32 LoRA
     weights (bf16-true) and autocast (bf16-mixed) train to finite losses close to fp32's."""

@@ -73,8 +73,8 @@ def block_size(path: Path) -> int:
 
 
 def measure_grid_cost(sampler: Any, layout: GridLayout, caption: str, seed: int, guidance: float,
-                      export: Any, out: Path) -> GridCost:
-    """Sample one step of one grid, decode it, and write ``PROBE_FRAMES`` of its frames (as ``export`` asks) and
+                      export: Any, out: Path, **sample_kwargs: Any) -> GridCost:
+    """Sample one step of one grid (``sample_kwargs``: e.g. true CFG, which doubles the step), decode it, and write ``PROBE_FRAMES`` of its frames (as ``export`` asks) and
     its grid PNG into a temporary folder; frame costs are scaled to all ``layout.num_cells`` frames. Disk use
     counts whole blocks of the filesystem of ``out`` (10,000 small PNGs take more blocks than bytes)."""
     block = block_size(out)
@@ -84,7 +84,8 @@ def measure_grid_cost(sampler: Any, layout: GridLayout, caption: str, seed: int,
 
     text = sampler.encode_text([caption])
     started = time.perf_counter()
-    latents = sampler.sample(layout, text, [seed], steps=1, T=1.0, guidance=guidance)  # (1, N, 64): one forward
+    latents = sampler.sample(layout, text, [seed], steps=1, T=1.0, guidance=guidance,
+                             **sample_kwargs)  # (1, N, 64): one forward (two with true CFG)
     _synchronize(sampler.device)
     step_s = time.perf_counter() - started
     started = time.perf_counter()

@@ -22,7 +22,7 @@ from gridgen.cameras import camera_circle
 from gridgen.config import task_table, tasks_with
 from gridgen.inference.budget import ALLOW_KEY, measure_grid_cost, oversize, refusal
 from gridgen.inference.export import export_sample, to_uint8, write_manifest
-from gridgen.inference.sampler import MASK_MODES, GridSampler, check_strength
+from gridgen.inference.sampler import MASK_MODES, GridSampler, check_strength, check_true_cfg
 from gridgen.inference.tasks import (
     SampleRequest,
     TaskSpec,
@@ -60,6 +60,7 @@ def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
     if int(cfg.generate.steps) < 1 or int(cfg.generate.batch_size) < 1:
         raise ValueError(f"generate.steps and generate.batch_size must be >= 1, got {cfg.generate.steps} and "
                          f"{cfg.generate.batch_size}")
+    check_true_cfg(cfg.generate.get("true_cfg_scale", 1.0))
     if not 0 < float(cfg.ref_fit.min_kept) <= 1:
         raise ValueError(f"ref_fit.min_kept must be in (0, 1], got {cfg.ref_fit.min_kept}")
     if cfg.lora is not None and not isinstance(cfg.lora, str):
@@ -109,10 +110,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if lora and (mismatch := lora_task_mismatch(lora.get("gridgen_task"), spec)):
         log.warning(mismatch)
     sampler = GridSampler(pipe, int(gen.max_sequence_length))
+    true_cfg = check_true_cfg(gen.get("true_cfg_scale", 1.0))  # FluxPipeline's true CFG with generate.negative_prompt
+    guide = {"guidance": float(gen.guidance), "true_cfg_scale": true_cfg,
+             "negative": sampler.encode_text([str(gen.get("negative_prompt") or "")]) if true_cfg > 1 else None}
     if reasons := oversize(layout, gen.large):
         if not gen.allow_large:  # refused before anything is written, with what it would cost
             cost = measure_grid_cost(sampler, layout, spec.caption(layout, requests[0].prompt), requests[0].seed,
-                                     float(gen.guidance), cfg.export, Path(str(gen.out)))
+                                     export=cfg.export, out=Path(str(gen.out)), **guide)
             raise refusal(layout, reasons, cost, int(gen.steps), len(requests))
         log.info("large generation allowed (%s=true): %s", ALLOW_KEY, "; ".join(reasons))
     encoded = {key: (None if frames is None else sampler.encode_grid(layout.tile(frames)[None].to(dtype)),  # (1, N, 64)
@@ -131,7 +135,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "gridgen_version": gridgen.__version__,
         "task": spec.name, "kind": spec.kind, "layout": {"name": layout.name, **layout.to_dict(),
                                                          "height": layout.height, "width": layout.width},
-        "T": T, "steps": int(gen.steps), "guidance": float(gen.guidance),
+        "T": T, "steps": int(gen.steps), "guidance": float(gen.guidance), "true_cfg_scale": true_cfg,
+        "negative_prompt": str(gen.get("negative_prompt") or "") if true_cfg > 1 else None,
         "mask": cfg.mask.mode if spec.keep != "none" else None,
         "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained),
                   "transformer": None if cfg.model.get("transformer") is None else str(cfg.model.transformer),
@@ -155,7 +160,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         keep = None if starts_of_batch[0][1] is None else torch.cat([s[1] for s in starts_of_batch])  # (B, N, 1)
         text = sampler.encode_text(captions)
         latents = sampler.sample(layout, text, [r.seed for r in batch], steps=int(gen.steps), T=T,
-                                 guidance=float(gen.guidance), init=init, keep=keep, mask_mode=cfg.mask.mode)
+                                 init=init, keep=keep, mask_mode=cfg.mask.mode, **guide)
         grids = to_uint8(sampler.decode(latents, layout))  # (B, H, W, 3)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -48,6 +48,13 @@ def check_strength(T: float) -> float:
     return T
 
 
+def check_true_cfg(scale: float) -> float:
+    scale = float(scale)
+    if not scale >= 1.0:  # also refuses nan
+        raise ValueError(f"generate.true_cfg_scale must be >= 1 (1 = off; FluxPipeline's true_cfg_scale), got {scale}")
+    return scale
+
+
 def schedule_mu(scheduler: FlowMatchEulerDiscreteScheduler, num_tokens: int) -> float:
     """FLUX's resolution shift: mu grows linearly with the image's token count, exactly as FluxPipeline."""
     cfg = scheduler.config
@@ -131,6 +138,8 @@ def sample_grid(
     init: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     mask_mode: str = "noised",
+    true_cfg_scale: float = 1.0,
+    negative: TextConditioning | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample packed grid latents ``(B, N, 64)``.
@@ -143,6 +152,10 @@ def sample_grid(
             ``init`` after every step (eq. 11), so they end exactly equal to it.
         mask_mode: ``noised`` resets to ``init`` noised to the new sigma with the same eps (what inpainting
             pipelines do); ``clean`` resets to ``init`` itself.
+        true_cfg_scale, negative: classifier-free guidance as FluxPipeline's ``true_cfg_scale`` with a negative
+            prompt: above 1, ``v = v_neg + s (v - v_neg)`` with ``v_neg`` from ``negative`` (the text conditioning of
+            the negative prompt, e.g. the empty caption of a model trained with ``loss.caption_dropout``); both
+            halves in one transformer call of batch 2B.
         callback: called as ``callback(step, sigma, x)`` with the latents entering each step.
     """
     if mask_mode not in MASK_MODES:
@@ -151,6 +164,9 @@ def sample_grid(
     if init is None and (T < 1.0 or keep is not None):
         raise ValueError("T < 1 and masks need an initial grid (a reference): pass init latents")
     batch, num_tokens, _ = noise.shape
+    do_cfg = check_true_cfg(true_cfg_scale) > 1.0
+    if do_cfg and negative is None:
+        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs the negative prompt's text conditioning (negative=)")
     if num_tokens != layout.num_tokens:
         raise ValueError(f"noise has {num_tokens} tokens, layout {layout.name} has {layout.num_tokens}")
     device, dtype = noise.device, noise.dtype
@@ -168,20 +184,33 @@ def sample_grid(
     if getattr(transformer.config, "guidance_embeds", False):
         guidance_vec = torch.full([1], float(guidance), device=device, dtype=torch.float32).expand(batch)
     img_ids = layout.image_ids(device, dtype)  # (N, 3)
+    embeds, pooled, calls = text.prompt_embeds, text.pooled, batch
+    if do_cfg:  # conditional and negative halves in one call: (2B, L, D), (2B, D_clip)
+        if negative.prompt_embeds.shape[1:] != embeds.shape[1:]:
+            raise ValueError(f"negative prompt embeddings {tuple(negative.prompt_embeds.shape[1:])} differ from the "
+                             f"prompt's {tuple(embeds.shape[1:])}: encode both with the same max_sequence_length")
+        embeds = torch.cat([embeds, negative.prompt_embeds.expand(batch, -1, -1)])
+        pooled = torch.cat([pooled, negative.pooled.expand(batch, -1)])
+        calls = 2 * batch
+        if guidance_vec is not None:
+            guidance_vec = guidance_vec[:1].expand(calls)
     for i, t in enumerate(timesteps):
         if callback is not None:
             callback(i, sigmas[i], x)
         velocity = transformer(
-            hidden_states=x,
-            timestep=t.expand(batch).to(dtype) / 1000,  # FLUX takes t in [0, 1]; as FluxPipeline rounds it
+            hidden_states=torch.cat([x, x]) if do_cfg else x,
+            timestep=t.expand(calls).to(dtype) / 1000,  # FLUX takes t in [0, 1]; as FluxPipeline rounds it
             guidance=guidance_vec,
-            pooled_projections=text.pooled,
-            encoder_hidden_states=text.prompt_embeds,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
             txt_ids=text.text_ids,
             img_ids=img_ids,
             joint_attention_kwargs={},
             return_dict=False,
-        )[0]  # (B, N, 64)
+        )[0]  # (B, N, 64), or (2B, N, 64) with true CFG
+        if do_cfg:  # FluxPipeline: neg + true_cfg_scale * (cond - neg)
+            cond, neg = velocity.chunk(2)
+            velocity = neg + true_cfg_scale * (cond - neg)
         # Euler step in float32, cast back to the model's dtype (FlowMatchEulerDiscreteScheduler.step)
         x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
         x = reset(x, sigmas[i + 1])

@@ -86,6 +86,11 @@ class GridModule(L.LightningModule):
         self.attention_backend: str | None = None  # resolved in on_fit_start
         self.alpha = float(self.loss_cfg.get("alpha", 0.0))  # set every step by AlphaSchedule
         self.flow_pairs = str(self.loss_cfg.get("flow_pairs", "filmstrip"))
+        self.caption_dropout = float(self.loss_cfg.get("caption_dropout", 0.0))
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"loss.caption_dropout must be in [0, 1) (the share of captions trained as the empty "
+                             f"one, for true CFG; 0.1 is usual), got {self.caption_dropout}")
+        self._null_text: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.flow_pairs not in FLOW_PAIRS:
             raise ValueError(f"loss.flow_pairs must be one of {FLOW_PAIRS}, got {self.flow_pairs!r}")
         self.pipe = None
@@ -117,6 +122,19 @@ class GridModule(L.LightningModule):
         # DDP/FSDP); they follow the module's device in on_fit_start.
         self.pipe = pipe
         self.pipe.transformer = None
+
+    def _empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's ``(prompt_embeds (1, L, D), pooled (1, D))``: what ``loss.caption_dropout`` trains
+        in place of a caption and what true CFG samples as the negative prompt (``generate.negative_prompt=""``).
+        Cached runs load the text encoders once for it and let them go."""
+        from gridgen.data.cache import load_encoders
+
+        loaded = self.pipe is not None and self.pipe.text_encoder is not None
+        pipe = self.pipe if loaded else load_encoders(self.model_cfg)
+        with torch.no_grad():
+            embeds, pooled, _ = encode_prompts(pipe, [""], int(self.model_cfg["max_sequence_length"]),
+                                               device=pipe.text_encoder.device)
+        return embeds.cpu(), pooled.cpu()
 
     def _trainable(self) -> TrainableLora | TrainableFull:
         if self.mode == "full":
@@ -231,6 +249,22 @@ class GridModule(L.LightningModule):
         noise = torch.stack(noises).to(device=x0.device, dtype=x0.dtype)  # (B, N, 64)
         return noise, torch.cat(times).to(x0.device)
 
+    def _drop_captions(self, keys: list[str], stream: str, prompt_embeds: torch.Tensor, pooled: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's caption replaced by the empty one with probability ``loss.caption_dropout``, drawn from a
+        generator keyed by (seed, stream, sample key) like its noise: independent of ranks and exact on resume."""
+        drop = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(
+            zlib.crc32(f"{self.seed}/{stream}/caption/{key}".encode()))).item() < self.caption_dropout
+            for key in keys], device=prompt_embeds.device)  # (B,)
+        if not drop.any():
+            return prompt_embeds, pooled
+        if self._null_text is None:
+            self._null_text = self._empty_caption()
+        null_embeds, null_pooled = (t.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype) for t in self._null_text)
+        prompt_embeds = torch.where(drop[:, None, None], null_embeds, prompt_embeds)  # (B, L, D)
+        pooled = torch.where(drop[:, None], null_pooled.to(pooled.dtype), pooled)  # (B, D)
+        return prompt_embeds, pooled
+
     # ---- step -----------------------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any], fixed_t: float | None = None,
                        flow_pairs: str | None = None) -> dict[str, Any]:
@@ -244,6 +278,8 @@ class GridModule(L.LightningModule):
         noise, t = self._noise_and_times(keys, x0, layout, stream, fixed_t)
         x_t, target = add_noise(x0, noise, t)  # eq. (1)-(2)
         prompt_embeds, pooled, text_ids = self._text_conditioning(batch)
+        if fixed_t is None and self.caption_dropout > 0:  # training only; validation keeps every caption
+            prompt_embeds, pooled = self._drop_captions(keys, stream, prompt_embeds, pooled)
         dtype = next(self.transformer.parameters()).dtype
         guidance = torch.full((batch_size,), float(self.model_cfg.get("guidance_scale", 1.0)), device=self.device)
         pred = self.transformer(
