@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import math
 import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers.paths import ROOT
 

@@ -1,13 +1,14 @@
 """Smoke runs of the training benchmark: `bench/bench_train.py --quick --no-write` reports finite ratios in every
 section, and a variant this machine cannot run is reported as skipped, not fatal."""
 
-import pytest
 import math
 import os
 import re
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.helpers.bench import load_bench
 from tests.helpers.paths import ROOT

@@ -1,11 +1,11 @@
 """Distributed strategies on CPU (gloo, 2 processes): DDP and FSDP2 end with the LoRA of one process with the
 doubled batch."""
 
-import pytest
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from gridgen.models.lora import read_lora_file
