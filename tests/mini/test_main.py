@@ -23,6 +23,27 @@ def test_a_finished_report_is_never_overwritten(hydra_conf, tmp_path):
         run(compose("mini", ["stop_after=all", f"out={tmp_path / 'new'}"]), cfg.build)
 
 
+def test_a_continued_folder_with_other_run_settings_is_refused_before_the_build(hydra_conf, tmp_path, monkeypatch):
+    """A killed `make mini` continues only with the settings its folder's runs were made with: a changed runs.* or
+    eval.* is one line naming the key, before any build step, and settings.json stays as written."""
+    import gridgen.mini.__main__ as main_lib
+
+    monkeypatch.setattr(main_lib, "run_build", lambda *a: (_ for _ in ()).throw(RuntimeError("build reached")))
+    common = [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose("mini", common)
+    with pytest.raises(RuntimeError, match="build reached"):  # the first start records its settings
+        main_lib.run(cfg, cfg.build)
+    recorded = (tmp_path / "out" / "settings.json").read_text()
+    with pytest.raises(RuntimeError, match="build reached"):  # the same settings continue
+        main_lib.run(compose("mini", common), cfg.build)
+    for override, key in (('runs.train=["trainer.max_steps=50"]', "runs.train"), ("eval.true_cfg_scale=1.0",
+                                                                               "eval.true_cfg_scale"),
+                          ("runs.seeds=[0]", "runs.seeds"), ("build.vae.steps=10", "build")):
+        with pytest.raises(ValueError, match=rf"holds runs made with {key}=.*pass out=<new folder>"):
+            main_lib.run(compose("mini", [*common, override]), cfg.build)
+    assert (tmp_path / "out" / "settings.json").read_text() == recorded
+
+
 def test_mini_refuses_a_bad_key_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gridgen.mini", "build.vae.stesp=3", f"out={tmp_path / 'out'}"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -7,6 +7,7 @@ The config is ``conf/mini.yaml``; each stage composes an entry point's own confi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -19,11 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.mini.build import BUILD_STEPS, build_folder, run_build
-from gridgen.mini.steps import Progress, compose, is_done, read_done, step_folder
+from gridgen.files import write_text_atomic
+from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder
 
 log = logging.getLogger("gridgen.mini")
 
 STOPS = ("report", "build")  # stop_after=
+SETTINGS = "settings.json"  # <out>/settings.json: what every run of the folder was made with
 RUN_MINUTES, BASE_MINUTES = 3.5, 1.0  # the ETA's weights of one grid LoRA run (train + eval) and one base eval
 
 
@@ -47,17 +50,20 @@ def run(cfg: DictConfig, default_build: Any) -> Path:
     weights = {name: minutes for name, minutes in BUILD_STEPS.items()}
     weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
     progress = Progress(weights)
+    if cells:  # before the build: a continued folder with other settings is refused at once
+        check_out_settings(out, {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)})
     started = time.perf_counter()
     figures = run_build(cfg, build, progress)
     if cfg.stop_after == "build":
         log.info("built %s (VAE PSNR %.2f dB; base: shape and colour right in %.1f %% of frames)", build,
                  figures["vae"]["psnr_db"], 100 * figures["base_eval"]["right_fraction"])
         return build
+    for _, _, folder in cells:
+        if is_done(folder):
+            progress.skip(str(folder))  # before the first run, so that the ETA counts only what is left
     records: dict[str, list[dict[str, Any]]] = {}
     for name, seed, folder in cells:
-        if is_done(folder):
-            progress.skip(str(folder))
-        else:
+        if not is_done(folder):
             progress.start(str(folder), f"{'evaluate' if name == BASE else 'train + evaluate'} {name} seed {seed}")
             with step_folder(folder) as tmp:
                 if name == BASE:
@@ -69,6 +75,30 @@ def run(cfg: DictConfig, default_build: Any) -> Path:
     report = write_report(out, cfg, build, figures, records, machine(), time.perf_counter() - started)
     log.info("report: %s", report)
     return report
+
+
+def check_out_settings(out: Path, settings: dict[str, Any]) -> None:
+    """``<out>/settings.json`` records the build, ``runs`` and ``eval`` of the first ``make mini`` into ``out``; a
+    continued one must have the same, so that one report never mixes runs made with different settings."""
+    path = out / SETTINGS
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        return
+    before = json.loads(path.read_text())
+    if before != settings:
+        key, old, new = first_difference(before, settings)
+        raise ValueError(f"{out} holds runs made with {key}={old}, {new} now: continue it with the same settings, "
+                         "or pass out=<new folder> (the build is cached)")
+
+
+def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any]:
+    """The first dotted key whose value differs between two JSON-like values, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+    return key, json.dumps(a), json.dumps(b)
 
 
 def machine() -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The miniature's build: the world's shards, the VAE, the base model and the latent caches, made once and cached
-under ``paths.cache_dir/mini-v1`` (a non-default build config: ``mini-v1-<hash>``), each step in a folder that
+under ``paths.cache_dir/mini-v2`` (a non-default build config: ``mini-v2-<hash>``), each step in a folder that
 appears only when complete (a rerun reuses it, a killed one redoes only the unfinished step).
 
     <build>/data/        clips (4x4 grids: train, val, test), frames, scenes (1x1) shards    prepare
@@ -34,7 +34,7 @@ BUILD_STEPS = {"data": 2.0, "vae": 5.0, "init": 0.3, "cache_base": 1.5, "base_ru
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
-    """``<cache>/mini-v1`` for the default build config, ``mini-v1-<hash>`` for any other."""
+    """``<cache>/mini-v2`` for the default build config, ``mini-v2-<hash>`` for any other."""
     mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
     name = DEFAULT_BUILD
     if mine != {"build": plain(default_build), "seed": 0}:
@@ -173,7 +173,8 @@ def _base_eval(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
         "model=flux_mini", f"model.pretrained={build / 'base'}", "task=t2i", f"prompts_file={prompts}",
         f"generate.out={out}", "generate.height=32", "generate.batch_size=16", "generate.progress=false",
         "generate.device=cpu", "export.mp4=false", "export.gif=false", "export.frames=false",
-        f"generate.steps={int(cfg.eval.steps)}"], output_dir=out))
+        f"generate.steps={int(cfg.eval.steps)}", f"generate.true_cfg_scale={float(cfg.eval.true_cfg_scale)}"],
+        output_dir=out))
     right = 0
     answers = []
     for sample, (shape, color) in zip(manifest["samples"], asked, strict=True):

@@ -56,6 +56,7 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
                  f"eval.metrics=[{','.join(cfg.eval.metrics)}]", "eval.device=cpu",
                  f"eval.progress={str(bool(cfg.eval.progress)).lower()}", f"seed={seed * 1000}",
                  f"generate.steps={int(cfg.eval.steps)}", f"generate.batch_size={int(cfg.eval.batch_size)}",
+                 f"generate.true_cfg_scale={float(cfg.eval.true_cfg_scale)}",
                  "generate.device=cpu", "generate.progress=false", "export.mp4=false", "export.gif=false",
                  "export.frames=false"]
     if lora is not None:
