@@ -19,8 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
-from gridgen.mini.build import BUILD_STEPS, build_folder, run_build
 from gridgen.files import write_text_atomic
+from gridgen.mini.build import BUILD_STEPS, build_folder, run_build
 from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder
 
 log = logging.getLogger("gridgen.mini")
