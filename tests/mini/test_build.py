@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from gridgen.mini.build import build_folder
+from gridgen.mini.build import base_eval_folder, build_folder
 from gridgen.mini.steps import compose
 
 
@@ -17,3 +17,13 @@ def test_the_default_build_has_the_presets_folder_and_any_other_its_own(hydra_co
     folder = build_folder(other, default.build)
     assert folder.parent == tmp_path and folder.name.startswith("mini-v2-") and folder != build_folder(
         compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=11"]), default.build)
+
+
+def test_the_base_evaluation_is_cached_per_sampling_settings(hydra_conf):
+    """The build's base evaluation samples with eval.steps and eval.true_cfg_scale: other values get their own
+    folder (a cached one is never read for settings it was not made with); other eval keys do not matter."""
+    default = compose("mini", [])
+    assert base_eval_folder(default, default.eval) == "base_eval"
+    assert base_eval_folder(compose("mini", ["eval.batch_size=4"]), default.eval) == "base_eval"
+    names = {base_eval_folder(compose("mini", [o]), default.eval) for o in ("eval.steps=8", "eval.true_cfg_scale=1")}
+    assert len(names) == 2 and all(n.startswith("base_eval-") for n in names)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.files import write_text_atomic
-from gridgen.mini.build import BUILD_STEPS, build_folder, run_build
+from gridgen.mini.build import BUILD_STEPS, base_eval_folder, build_folder, run_build
 from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder
 
 log = logging.getLogger("gridgen.mini")
@@ -35,7 +35,7 @@ def variant_folders(cfg: DictConfig, out: Path) -> list[tuple[str, int, Path]]:
     return [(name, int(seed), out / name / f"seed{int(seed)}") for name in names for seed in cfg.runs.seeds]
 
 
-def run(cfg: DictConfig, default_build: Any) -> Path:
+def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     from gridgen.mini.report import write_report
     from gridgen.mini.runs import BASE, run_base, run_variant
 
@@ -53,7 +53,8 @@ def run(cfg: DictConfig, default_build: Any) -> Path:
     if cells:  # before the build: a continued folder with other settings is refused at once
         check_out_settings(out, {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)})
     started = time.perf_counter()
-    figures = run_build(cfg, build, progress)
+    base_eval = base_eval_folder(cfg, cfg.eval if default_eval is None else default_eval)
+    figures = run_build(cfg, build, progress, base_eval)
     if cfg.stop_after == "build":
         log.info("built %s (VAE PSNR %.2f dB; base: shape and colour right in %.1f %% of frames)", build,
                  figures["vae"]["psnr_db"], 100 * figures["base_eval"]["right_fraction"])
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         if show:
             print(OmegaConf.to_yaml(cfg), end="")
             return
-        run(cfg, default.build)
+        run(cfg, default.build, default.eval)
 
 
 if __name__ == "__main__":

@@ -42,17 +42,27 @@ def build_folder(cfg: DictConfig, default_build: Any) -> Path:
     return Path(str(cfg.paths.cache_dir)).expanduser() / name
 
 
-def run_build(cfg: DictConfig, folder: Path, progress: Progress) -> dict[str, Any]:
-    """Every build step not yet done; returns the build's figures (also ``<build>/build.json``)."""
+def base_eval_folder(cfg: DictConfig, default_eval: Any) -> str:
+    """The base model's evaluation samples with ``eval.steps`` and ``eval.true_cfg_scale``: ``base_eval`` for the
+    default ones, ``base_eval-<hash>`` for others, so that a cached evaluation is never read for other settings."""
+    keys = ("steps", "true_cfg_scale")
+    mine = {k: plain(cfg.eval)[k] for k in keys}
+    return "base_eval" if mine == {k: plain(default_eval)[k] for k in keys} else f"base_eval-{config_hash(mine)[:8]}"
+
+
+def run_build(cfg: DictConfig, folder: Path, progress: Progress, base_eval: str = "base_eval") -> dict[str, Any]:
+    """Every build step not yet done; returns the build's figures (also ``<build>/build.json``). ``base_eval``: the
+    folder of the base model's evaluation (:func:`base_eval_folder`)."""
     folder.mkdir(parents=True, exist_ok=True)
     steps = {"data": _data, "vae": _vae, "init": _init, "cache_base": _cache_base, "base_run": _base_run,
              "base": _base, "cache_clips": _cache_clips, "base_eval": _base_eval}
+    folders = {name: folder / (base_eval if name == "base_eval" else name) for name in steps}
     for name in steps:
-        if is_done(folder / name):
+        if is_done(folders[name]):
             progress.skip(name)
     figures: dict[str, Any] = {}
     for name, step in steps.items():
-        target = folder / name
+        target = folders[name]
         if not is_done(target):
             progress.start(name, f"build {name} -> {target}")
             with step_folder(target) as tmp:
@@ -185,4 +195,5 @@ def _base_eval(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
     (tmp / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
     log.info("base model: shape and colour right in %d of %d frames for held-out prompts (target >= 90 %%)",
              right, len(asked))
-    return {"frames": len(asked), "right": right, "right_fraction": right / len(asked), "pairs": len(pairs)}
+    return {"frames": len(asked), "right": right, "right_fraction": right / len(asked), "pairs": len(pairs),
+            "steps": int(cfg.eval.steps), "true_cfg_scale": float(cfg.eval.true_cfg_scale)}

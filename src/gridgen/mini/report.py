@@ -145,7 +145,8 @@ def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], reco
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), {machine['gpu']}.",
         f"Build: `{build}`; variants x seeds: {', '.join(records)} x {list(cfg.runs.seeds)}; "
-        f"{len(prompts)} held-out grids per run (one per test clip, the held-out combinations).", "",
+        f"{len(prompts)} held-out grids per run (one per test clip, the held-out combinations), each sampled with "
+        f"{int(cfg.eval.steps)} Euler steps and true CFG {float(cfg.eval.true_cfg_scale):g} (`eval.*`).", "",
         "## Build", "",
         f"- VAE: held-out PSNR **{figures['vae']['psnr_db']:.2f} dB** (target >= 28) on "
         f"{figures['vae']['held_out_cells']} frames of unseen combinations; {figures['vae']['seconds']:.0f} s.",
