@@ -74,9 +74,10 @@ def block_size(path: Path) -> int:
 
 def measure_grid_cost(sampler: Any, layout: GridLayout, caption: str, seed: int, guidance: float,
                       export: Any, out: Path, **sample_kwargs: Any) -> GridCost:
-    """Sample one step of one grid (``sample_kwargs``: e.g. true CFG, which doubles the step), decode it, and write ``PROBE_FRAMES`` of its frames (as ``export`` asks) and
-    its grid PNG into a temporary folder; frame costs are scaled to all ``layout.num_cells`` frames. Disk use
-    counts whole blocks of the filesystem of ``out`` (10,000 small PNGs take more blocks than bytes)."""
+    """Sample one step of one grid (``sample_kwargs``: e.g. true CFG, which doubles the step), decode it, and write
+    ``PROBE_FRAMES`` of its frames (as ``export`` asks) and its grid PNG into a temporary folder; frame costs are
+    scaled to all ``layout.num_cells`` frames. Disk use counts whole blocks of the filesystem of ``out`` (10,000
+    small PNGs take more blocks than bytes)."""
     block = block_size(out)
 
     def on_disk(paths: list[Path]) -> int:
