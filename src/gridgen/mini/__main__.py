@@ -51,7 +51,8 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
     progress = Progress(weights)
     if cells:  # before the build: a continued folder with other settings is refused at once
-        check_out_settings(out, {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)})
+        check_out_settings(out, {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)},
+                           finished=any(is_done(folder) for _, _, folder in cells))
     started = time.perf_counter()
     base_eval = base_eval_folder(cfg, cfg.eval if default_eval is None else default_eval)
     figures = run_build(cfg, build, progress, base_eval)
@@ -78,11 +79,12 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     return report
 
 
-def check_out_settings(out: Path, settings: dict[str, Any]) -> None:
-    """``<out>/settings.json`` records the build, ``runs`` and ``eval`` of the first ``make mini`` into ``out``; a
-    continued one must have the same, so that one report never mixes runs made with different settings."""
+def check_out_settings(out: Path, settings: dict[str, Any], finished: bool) -> None:
+    """``<out>/settings.json`` records the build, ``runs`` and ``eval`` that the runs of ``out`` are made with; once
+    one run there is ``finished``, a continued ``make mini`` must have the same, so that one report never mixes runs
+    made with different settings (before that, the settings of the latest start are recorded)."""
     path = out / SETTINGS
-    if not path.is_file():
+    if not finished or not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return
