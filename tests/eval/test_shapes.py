@@ -13,6 +13,7 @@ from gridgen.eval.shapes import (
     NoiseResult,
     area_factor,
     detect,
+    kept_identity,
     speck_area,
     validate_detector,
 )
@@ -142,3 +143,21 @@ def test_detect_refuses_what_is_not_an_rgb_cell():
         detect(np.zeros((32, 32, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="uint8 \\(H, W, 3\\)"):
         detect(np.zeros((32, 32), dtype=np.uint8))
+
+
+def test_kept_identity_counts_copies_that_read_as_their_original():
+    """Exact copies keep every identity; a copy with the colour swapped, a blank copy and a circle drawn as a square
+    do not; originals that are not one shape are left out; per shape and over all, by a plain count."""
+    size, radius = 32, MINI_RADIUS * 32
+
+    def frame(shape, color):
+        return draw_shapes((size, size), [(shape, color, 16.0, 16.0, radius)])
+
+    originals = np.stack([frame("circle", "red"), frame("circle", "blue"), frame("square", "green"),
+                          frame("triangle", "yellow"), np.full((size, size, 3), MINI_BACKGROUND, np.uint8)])
+    assert kept_identity(originals, originals) == {"all": 1.0, "cells": 4, "circle": 1.0, "square": 1.0,
+                                                   "triangle": 1.0}
+    copies = np.stack([frame("square", "red"), frame("circle", "blue"), frame("square", "cyan"),
+                       np.full((size, size, 3), MINI_BACKGROUND, np.uint8), frame("circle", "red")])
+    assert kept_identity(originals, copies) == {"all": 0.25, "cells": 4, "circle": 0.5, "square": 0.0,
+                                                "triangle": 0.0}

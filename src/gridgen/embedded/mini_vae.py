@@ -12,7 +12,7 @@ import logging
 import math
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +51,24 @@ def to_tensor(cells: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(cells).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def psnr(vae: Any, cells: np.ndarray, batch: int = 256) -> float:
-    """Reconstruction PSNR (dB, images in [0, 1], mean squared error over all pixels) through the posterior mode."""
-    errors = []
+def _reconstructions(vae: Any, cells: np.ndarray, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, recon)`` per batch of ``cells``, both ``(b, 3, h, w)`` in [-1, 1], through the posterior mode."""
     with torch.no_grad():
         for start in range(0, len(cells), batch):
             x = to_tensor(cells[start:start + batch])
-            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            errors.append(((recon - x) / 2).pow(2).flatten(1).mean(1))
+            yield x, vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+def psnr(vae: Any, cells: np.ndarray, batch: int = 256) -> float:
+    """Reconstruction PSNR (dB, images in [0, 1], mean squared error over all pixels) through the posterior mode."""
+    errors = [((recon - x) / 2).pow(2).flatten(1).mean(1) for x, recon in _reconstructions(vae, cells, batch)]
     return float(10 * math.log10(1.0 / torch.cat(errors).mean().item()))
+
+
+def reconstruct(vae: Any, cells: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The VAE's reconstructions of uint8 ``cells`` ``(N, h, w, 3)``, as uint8 ``(N, h, w, 3)``."""
+    return np.concatenate([((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                           for _, recon in _reconstructions(vae, cells, batch)])
 
 
 def train_vae(train: np.ndarray, held_out: np.ndarray, *, steps: int, batch_size: int = 32, lr: float = 2e-3,

@@ -280,6 +280,21 @@ def _one_right(blobs: list[Blob], shape: str, color: str) -> tuple[bool, bool, b
     return blobs[0].shape == shape and blobs[0].color == color, blobs[0].shape == shape, blobs[0].color == color
 
 
+def kept_identity(originals: np.ndarray, copies: np.ndarray) -> dict[str, float]:
+    """How often a copy (e.g. a VAE's reconstruction) of a one-shape cell still reads as the same shape and colour:
+    uint8 ``(N, H, W, 3)`` each, paired by index; cells where the original itself is not one blob are left out.
+    Returns the fraction over all and per shape (``all``, ``circle``, ...), and ``cells`` counted."""
+    kept: dict[str, list[bool]] = {}
+    for original, copy in zip(originals, copies, strict=True):
+        blobs = detect(original)
+        if len(blobs) != 1 or blobs[0].shape is None or blobs[0].color is None:
+            continue
+        kept.setdefault(blobs[0].shape, []).append(_one_right(detect(copy), blobs[0].shape, blobs[0].color)[0])
+    every = [k for values in kept.values() for k in values]
+    return {"all": sum(every) / max(len(every), 1), "cells": len(every),
+            **{shape: sum(values) / len(values) for shape, values in sorted(kept.items())}}
+
+
 def validate_detector(frame_size: int = 64, cell: int = 32, seed: int = 0, noise_count: int = 324
                       ) -> DetectorValidation:
     """Run the detector on one clip of every shape x colour x motion (324 clips, 16 frames each) drawn at

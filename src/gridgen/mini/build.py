@@ -1,5 +1,5 @@
 """The miniature's build: the world's shards, the VAE, the base model and the latent caches, made once and cached
-under ``paths.cache_dir/mini-v2`` (a non-default build config: ``mini-v2-<hash>``), each step in a folder that
+under ``paths.cache_dir/mini-v3`` (a non-default build config: ``mini-v3-<hash>``), each step in a folder that
 appears only when complete (a rerun reuses it, a killed one redoes only the unfinished step).
 
     <build>/data/        clips (4x4 grids: train, val, test), frames, scenes (1x1) shards    prepare
@@ -34,7 +34,7 @@ BUILD_STEPS = {"data": 2.0, "vae": 5.0, "init": 0.3, "cache_base": 1.5, "base_ru
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
-    """``<cache>/mini-v2`` for the default build config, ``mini-v2-<hash>`` for any other."""
+    """``<cache>/mini-v3`` for the default build config, ``mini-v3-<hash>`` for any other."""
     mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
     name = DEFAULT_BUILD
     if mine != {"build": plain(default_build), "seed": 0}:
@@ -85,7 +85,8 @@ def _data(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
 
 
 def _vae(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
-    from gridgen.embedded.mini_vae import read_cells, train_vae
+    from gridgen.embedded.mini_vae import read_cells, reconstruct, train_vae
+    from gridgen.eval.shapes import kept_identity
 
     data = build / "data"
     cell = 32
@@ -103,8 +104,12 @@ def _vae(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
                              lr=float(vae_cfg.lr), kl_weight=float(vae_cfg.kl_weight), seed=int(cfg.seed),
                              progress=report)
     vae.save_pretrained(str(tmp), safe_serialization=True)
-    log.info("vae: held-out PSNR %.2f dB (target >= 28) on %d frames of unseen combinations",
-             figures["psnr_db"], figures["held_out_cells"])
+    # PSNR alone misses what the world needs: whether a circle still reads as a circle after the VAE
+    figures["kept_identity"] = kept_identity(held_out, reconstruct(vae, held_out))
+    log.info("vae: held-out PSNR %.2f dB (target >= 28) on %d frames of unseen combinations; the detector reads "
+             "%.1f %% of their reconstructions as the same shape and colour (%s)", figures["psnr_db"],
+             figures["held_out_cells"], 100 * figures["kept_identity"]["all"],
+             ", ".join(f"{k} {100 * v:.0f} %" for k, v in figures["kept_identity"].items() if k not in ("all", "cells")))
     return figures
 
 

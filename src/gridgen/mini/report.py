@@ -129,6 +129,15 @@ def grids_picture(out: Path, variants: list[str], path: Path, count: int = 4) ->
     return path
 
 
+def kept_vae(vae: dict[str, Any]) -> str:
+    """The VAE's kept identity (:func:`gridgen.eval.shapes.kept_identity`) as text; builds before it: not measured."""
+    kept = vae.get("kept_identity")
+    if not kept:
+        return "its reconstructions were not read by the detector (a build made before that check)"
+    shapes = ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept.items() if k not in ("all", "cells"))
+    return f"the detector reads **{100 * kept['all']:.1f} %** of its reconstructions as the same shape and colour ({shapes})"
+
+
 def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], records: dict[str, list[dict[str, Any]]],
                  machine: dict[str, Any], seconds: float) -> Path:
     """``<out>/report.md`` (written last, atomically) with ``report.png`` and ``grids.png`` beside it."""
@@ -149,7 +158,8 @@ def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], reco
         f"{int(cfg.eval.steps)} Euler steps and true CFG {float(cfg.eval.true_cfg_scale):g} (`eval.*`).", "",
         "## Build", "",
         f"- VAE: held-out PSNR **{figures['vae']['psnr_db']:.2f} dB** (target >= 28) on "
-        f"{figures['vae']['held_out_cells']} frames of unseen combinations; {figures['vae']['seconds']:.0f} s.",
+        f"{figures['vae']['held_out_cells']} frames of unseen combinations; {figures['vae']['seconds']:.0f} s; "
+        f"{kept_vae(figures['vae'])}.",
         f"- Base model: shape and colour right in **{100 * figures['base_eval']['right_fraction']:.1f} %** of "
         f"{figures['base_eval']['frames']} frames drawn for held-out prompts (target >= 90 %); trained in "
         f"{figures['base_run']['seconds']:.0f} s.",
