@@ -11,14 +11,22 @@ import pytest
 from gridgen.mini.steps import compose
 
 
-def test_a_finished_report_is_never_overwritten(hydra_conf, tmp_path):
+def test_a_finished_report_is_never_overwritten(hydra_conf, tmp_path, monkeypatch):
+    import gridgen.mini.__main__ as main_lib
     from gridgen.mini.__main__ import run
+    from gridgen.mini.build import build_folder
 
     (tmp_path / "report.md").write_text("done\n")
     cfg = compose("mini", [f"out={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(ValueError, match="never overwritten; pass out=<new folder>"):
         run(cfg, cfg.build)
     assert (tmp_path / "report.md").read_text() == "done\n" and not (tmp_path / "cache").exists()
+    monkeypatch.setattr(main_lib, "run_build", lambda *a: {"vae": {"psnr_db": 30.0},
+                                                           "base_eval": {"right_fraction": 0.5}})
+    built = main_lib.run(compose("mini", [f"out={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
+                                          "stop_after=build"]), cfg.build)
+    assert built == build_folder(cfg, cfg.build)
+    assert (tmp_path / "report.md").read_text() == "done\n"  # only the build: the finished report is no obstacle
     with pytest.raises(ValueError, match="stop_after must be one of"):
         run(compose("mini", ["stop_after=all", f"out={tmp_path / 'new'}"]), cfg.build)
 

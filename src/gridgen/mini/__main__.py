@@ -42,7 +42,7 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     if cfg.stop_after not in STOPS:
         raise ValueError(f"stop_after must be one of {STOPS}, got {cfg.stop_after!r}")
     out = Path(str(cfg.out)).expanduser()
-    if (out / "report.md").exists():
+    if cfg.stop_after == "report" and (out / "report.md").exists():  # stop_after=build writes nothing into out
         raise ValueError(f"{out / 'report.md'} exists: a finished report is never overwritten; pass out=<new folder> "
                          "(the build is cached, only the runs are redone)")
     build = build_folder(cfg, default_build)
