@@ -39,6 +39,7 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "outputs" / "mini"
     report = (out / "report.md").read_text()
+    assert "of its reconstructions as the same shape and colour" in report  # the VAE's kept identity
     for variant in ("no_flow", "filmstrip", "within_row", "base_without_lora"):
         assert f"| {variant} |" in report
         grids = sorted((out / variant / "seed0" / "grids").glob("*.png"))

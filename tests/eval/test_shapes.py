@@ -12,6 +12,7 @@ from gridgen.eval.shapes import (
     DetectorValidation,
     NoiseResult,
     area_factor,
+    describe_kept,
     detect,
     kept_identity,
     speck_area,
@@ -159,5 +160,6 @@ def test_kept_identity_counts_copies_that_read_as_their_original():
                                                    "triangle": 1.0}
     copies = np.stack([frame("square", "red"), frame("circle", "blue"), frame("square", "cyan"),
                        np.full((size, size, 3), MINI_BACKGROUND, np.uint8), frame("circle", "red")])
-    assert kept_identity(originals, copies) == {"all": 0.25, "cells": 4, "circle": 0.5, "square": 0.0,
-                                                "triangle": 0.0}
+    kept = kept_identity(originals, copies)
+    assert kept == {"all": 0.25, "cells": 4, "circle": 0.5, "square": 0.0, "triangle": 0.0}
+    assert describe_kept(kept) == "25.0 % (circle 50 %, square 0 %, triangle 0 %)"

@@ -295,6 +295,12 @@ def kept_identity(originals: np.ndarray, copies: np.ndarray) -> dict[str, float]
             **{shape: sum(values) / len(values) for shape, values in sorted(kept.items())}}
 
 
+def describe_kept(kept: dict[str, float]) -> str:
+    """:func:`kept_identity`'s figures as text: ``92.1 % (circle 79 %, square 98 %, triangle 100 %)``."""
+    shapes = ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept.items() if k not in ("all", "cells"))
+    return f"{100 * kept['all']:.1f} % ({shapes})"
+
+
 def validate_detector(frame_size: int = 64, cell: int = 32, seed: int = 0, noise_count: int = 324
                       ) -> DetectorValidation:
     """Run the detector on one clip of every shape x colour x motion (324 clips, 16 frames each) drawn at

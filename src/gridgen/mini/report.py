@@ -131,11 +131,12 @@ def grids_picture(out: Path, variants: list[str], path: Path, count: int = 4) ->
 
 def kept_vae(vae: dict[str, Any]) -> str:
     """The VAE's kept identity (:func:`gridgen.eval.shapes.kept_identity`) as text; builds before it: not measured."""
+    from gridgen.eval.shapes import describe_kept
+
     kept = vae.get("kept_identity")
     if not kept:
         return "its reconstructions were not read by the detector (a build made before that check)"
-    shapes = ", ".join(f"{k} {100 * v:.0f} %" for k, v in kept.items() if k not in ("all", "cells"))
-    return f"the detector reads **{100 * kept['all']:.1f} %** of its reconstructions as the same shape and colour ({shapes})"
+    return f"the detector reads {describe_kept(kept)} of its reconstructions as the same shape and colour"
 
 
 def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], records: dict[str, list[dict[str, Any]]],
