@@ -33,21 +33,35 @@ def test_a_finished_report_is_never_overwritten(hydra_conf, tmp_path, monkeypatc
 
 def test_a_continued_folder_with_other_run_settings_is_refused_before_the_build(hydra_conf, tmp_path, monkeypatch):
     """A killed `make mini` continues only with the settings its folder's finished runs were made with: a changed
-    runs.* or eval.* is one line naming the key, before any build step, and settings.json stays as written."""
+    runs.* or eval.* is one line naming the key, before any build step, and settings.json stays as written; a failed
+    build leaves no output folder."""
     import gridgen.mini.__main__ as main_lib
+    import gridgen.mini.runs as runs_lib
 
-    monkeypatch.setattr(main_lib, "run_build", lambda *a: (_ for _ in ()).throw(RuntimeError("build reached")))
+    def failed_build(*args):
+        raise RuntimeError("build failed")
+
+    def runs_reached(*args):
+        raise RuntimeError("runs reached")
+
     common = [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     cfg = compose("mini", common)
-    with pytest.raises(RuntimeError, match="build reached"):  # no run finished yet: any settings, recorded
+    monkeypatch.setattr(main_lib, "run_build", failed_build)
+    with pytest.raises(RuntimeError, match="build failed"):
+        main_lib.run(cfg, cfg.build)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(main_lib, "run_build", lambda *a: {})
+    monkeypatch.setattr(runs_lib, "run_variant", runs_reached)
+    with pytest.raises(RuntimeError, match="runs reached"):  # no run finished yet: any settings, recorded
         main_lib.run(compose("mini", [*common, "eval.steps=8"]), cfg.build)
-    with pytest.raises(RuntimeError, match="build reached"):
+    with pytest.raises(RuntimeError, match="runs reached"):
         main_lib.run(cfg, cfg.build)
     recorded = (tmp_path / "out" / "settings.json").read_text()
     assert '"steps": 20' in recorded
     (tmp_path / "out" / "no_flow" / "seed0").mkdir(parents=True)  # one finished run
     (tmp_path / "out" / "no_flow" / "seed0" / "done.json").write_text("{}")
-    with pytest.raises(RuntimeError, match="build reached"):  # the same settings continue
+    monkeypatch.setattr(main_lib, "run_build", failed_build)
+    with pytest.raises(RuntimeError, match="build failed"):  # the same settings continue (to the build)
         main_lib.run(compose("mini", common), cfg.build)
     for override, key in (('runs.train=["trainer.max_steps=50"]', "runs.train"), ("eval.true_cfg_scale=1.0",
                                                                                "eval.true_cfg_scale"),

@@ -50,9 +50,9 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     weights = {name: minutes for name, minutes in BUILD_STEPS.items()}
     weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
     progress = Progress(weights)
+    settings = {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)}
     if cells:  # before the build: a continued folder with other settings is refused at once
-        check_out_settings(out, {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)},
-                           finished=any(is_done(folder) for _, _, folder in cells))
+        check_out_settings(out, settings, finished=any(is_done(folder) for _, _, folder in cells))
     started = time.perf_counter()
     base_eval = base_eval_folder(cfg, cfg.eval if default_eval is None else default_eval)
     figures = run_build(cfg, build, progress, base_eval)
@@ -60,6 +60,9 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
         log.info("built %s (VAE PSNR %.2f dB; base: shape and colour right in %.1f %% of frames)", build,
                  figures["vae"]["psnr_db"], 100 * figures["base_eval"]["right_fraction"])
         return build
+    if cells:  # recorded once the build stands, so a failed build leaves out as it was
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / SETTINGS, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     for _, _, folder in cells:
         if is_done(folder):
             progress.skip(str(folder))  # before the first run, so that the ETA counts only what is left
@@ -80,13 +83,11 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
 
 
 def check_out_settings(out: Path, settings: dict[str, Any], finished: bool) -> None:
-    """``<out>/settings.json`` records the build, ``runs`` and ``eval`` that the runs of ``out`` are made with; once
-    one run there is ``finished``, a continued ``make mini`` must have the same, so that one report never mixes runs
-    made with different settings (before that, the settings of the latest start are recorded)."""
+    """``<out>/settings.json`` records the build, ``runs`` and ``eval`` that the runs of ``out`` are made with (written
+    by :func:`run` once the build stands); once one run there is ``finished``, a continued ``make mini`` must have the
+    same, so that one report never mixes runs made with different settings."""
     path = out / SETTINGS
     if not finished or not path.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return
     before = json.loads(path.read_text())
     if before != settings:
