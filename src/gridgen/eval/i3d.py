@@ -330,9 +330,16 @@ def preprocess_fvd(videos: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
 class I3DFeatures:
     """Callable FVD feature extractor: uint8 videos ``(B, T, 3, H, W)`` -> float64 features ``(B, 400)``."""
 
-    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", resize: str = "tf1") -> None:
+    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", resize: str = "tf1",
+                 channels_last: bool | None = None) -> None:
+        """``channels_last``: run the 3-D convolutions in ``torch.channels_last_3d`` (None: on CPU only, where
+        bench/bench_eval.py measures it faster, features equal to 1e-4; the TorchScript model is left as loaded)."""
         self.device = torch.device(device)
         self.model = load_i3d(path, self.device)
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else bool(channels_last)
+        self.channels_last = self.channels_last and isinstance(self.model, InceptionI3d)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.resize = resize
         self.source = str(path or find_i3d_checkpoint())
 
@@ -345,4 +352,6 @@ class I3DFeatures:
                 raise ValueError(f"FVD needs at least {MIN_FRAMES} frames per video (reference protocol), "
                                  f"got {clip.shape[0]}")
         x = torch.cat([preprocess_fvd(clip.unsqueeze(0).to(self.device), self.resize) for clip in clips])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.model(x).double().cpu()
