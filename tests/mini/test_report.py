@@ -20,11 +20,12 @@ def test_interval_is_students_t_over_seeds():
 
 
 def test_summarise_reads_dotted_keys_and_scales_percentages():
-    runs = [{"metrics": {"world_identity_all": v, "fvd": 100.0 + 10 * k}, "held_out": {"val/loss_base": 0.5}}
-            for k, v in enumerate([0.5, 1.0])]
+    runs = [{"metrics": {"world_identity_all": v, "world_identity_cells": v / 10, "fvd": 100.0 + 10 * k},
+             "held_out": {"val/loss_base": 0.5}} for k, v in enumerate([0.5, 1.0])]
     assert dig(runs[0], "held_out.val/loss_base") == 0.5 and dig(runs[0], "metrics.missing") is None
     table = summarise({"filmstrip": runs})
     mean, half, n = table["filmstrip"]["metrics.world_identity_all"]
+    assert table["filmstrip"]["metrics.world_identity_cells"][0] == pytest.approx(7.5)  # fraction of cells -> %
     assert (mean, n) == (75.0, 2) and half == pytest.approx(stats.t.ppf(0.975, 1) * np.std([50, 100], ddof=1) / 2 ** 0.5)
     text = markdown_table(table)
     assert text.count("\n") == 2 and "| filmstrip | 75 ± " in text

@@ -21,6 +21,7 @@ from scipy import stats  # noqa: E402
 # (key in a run's figures, column title, format, which way is better); keys are dotted paths into done.json
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("metrics.world_identity_all", "identity consistent (% grids)", "{:.0f}", "higher"),
+    ("metrics.world_identity_cells", "cells with the prompted shape and colour (%)", "{:.1f}", "higher"),
     ("metrics.world_motion_all", "motion correct (% grids)", "{:.0f}", "higher"),
     ("metrics.world_smoothness_px", "smoothness residual (px)", "{:.2f}", "lower"),
     ("metrics.world_row_break", "row-break jump / within-row step", "{:.2f}", "closer to 1"),
@@ -28,7 +29,7 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("held_out.val/loss_base", "held-out L_base", "{:.4f}", "lower"),
     ("held_out.val/loss_flow", "held-out L_flow", "{:.4f}", "lower"),
 )
-PERCENT = {"metrics.world_identity_all", "metrics.world_motion_all"}
+PERCENT = {"metrics.world_identity_all", "metrics.world_identity_cells", "metrics.world_motion_all"}
 
 
 def dig(record: dict[str, Any], key: str) -> float | None:
