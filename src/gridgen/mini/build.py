@@ -29,8 +29,8 @@ from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, ste
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 2.0, "vae": 5.0, "init": 0.3, "cache_base": 1.5, "base_run": 10.0, "base": 0.2,
-               "cache_clips": 2.0, "base_eval": 1.0}  # expected minutes: the ETA's weights
+BUILD_STEPS = {"data": 0.7, "vae": 8.5, "init": 0.1, "cache_base": 0.9, "base_run": 16.8, "base": 0.1,
+               "cache_clips": 0.6, "base_eval": 0.2}  # expected minutes (mini-v4 on 2 cores): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:

@@ -1,0 +1,39 @@
+"""Where a `make mini` run's cells go wrong (RESULTS-3.md, "The structure is learned, the binding is not"): per
+variant, over every seed's generated grids, the share of cells holding exactly one shape and, among those, the
+shares with the prompted colour and shape (per shape asked), read by the world's detector.
+
+    python experiments/mini/analysis/cell_errors.py [<make mini output folder>, default outputs/mini]
+"""
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gridgen.eval.shapes import detect
+
+out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/mini")
+for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
+    count = collections.Counter()
+    for record in sorted(out.glob(f"{variant}/seed*/grids/*.json")):
+        meta = json.loads(record.read_text())
+        grid = np.asarray(Image.open(record.with_suffix(".png")).convert("RGB"))
+        cell = grid.shape[0] // 4
+        for r in range(4):
+            for c in range(4):
+                blobs = detect(grid[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell])
+                count["cells"] += 1
+                if len(blobs) == 1:
+                    count["one"] += 1
+                    count["colour"] += blobs[0].color == meta["color"]
+                    count["shape"] += blobs[0].shape == meta["shape"]
+                    count[meta["shape"]] += 1
+                    count[meta["shape"], "right"] += blobs[0].shape == meta["shape"]
+    if count["one"]:
+        shapes = ", ".join(f"{s} {count[s, 'right'] / count[s]:.0%}" for s in ("circle", "square", "triangle") if count[s])
+        print(f"{variant}: {count['one'] / count['cells']:.1%} of {count['cells']} cells hold one shape; of those "
+              f"colour right {count['colour'] / count['one']:.1%}, shape right {count['shape'] / count['one']:.1%} "
+              f"({shapes})")
