@@ -44,7 +44,6 @@ def test_mini_data_goes_through_prepare_with_its_card(mini_data):
             assert sample["txt"].decode().startswith(("a ", "an "))
 
 
-
 def test_fewer_clips_than_combinations_spread_over_all_of_them(tmp_path):
     """The val split has fewer clips (64) than seen combinations (290): they are spread over every shape and colour,
     not the first 64 combinations (circles only); a split with more clips holds every combination equally often."""
