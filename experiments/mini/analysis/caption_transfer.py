@@ -15,6 +15,7 @@ from diffusers import FluxPipeline
 
 from gridgen.embedded.world import MINI_COLORS, MOTIONS, SHAPES, mini_caption, with_article
 from gridgen.eval.shapes import detect
+from gridgen.layout import GridLayout
 
 build = Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache/gridgen/mini-v4")
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -25,7 +26,7 @@ motion = MOTIONS[4]  # one straight motion for every pair
 styles = {
     "base caption": lambda s, c: f"{with_article(c)} {s}",
     "grid content": lambda s, c: mini_caption(s, c, motion),
-    "whole grid caption": lambda s, c: "A 16-frame sequence arranged in a 4x4 grid. " + mini_caption(s, c, motion),
+    "whole grid caption": lambda s, c: GridLayout.parse("4x4", 32).caption(mini_caption(s, c, motion)),
 }
 for name, caption in styles.items():
     right = {"shape": 0, "colour": 0, "both": 0}

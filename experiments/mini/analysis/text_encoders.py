@@ -1,5 +1,5 @@
-"""How the miniature's text encoders place held-out captions (RESULTS-3.md, "Colour fails on the held-out
-combinations"): for each of the 34 held-out captions, does its nearest seen caption (cosine) share its colour,
+"""How the miniature's text encoders place held-out captions (RESULTS-3.md, "Colour is lost between the base's
+captions and the grid captions"), encoded as sampling encodes them (FluxPipeline.encode_prompt): for each of the 34 held-out captions, does its nearest seen caption (cosine) share its colour,
 shape and motion; and does a ridge probe fitted on the 290 seen captions read its colour and shape.
 
     python experiments/mini/analysis/text_encoders.py [<build folder>, default ~/.cache/gridgen/mini-v4]
@@ -9,27 +9,21 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from diffusers import FluxPipeline
 
 from gridgen.embedded.world import MINI_COLORS, SHAPES, mini_caption, mini_combinations
+from gridgen.layout import GridLayout
 
 build = Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache/gridgen/mini-v4")
-pipe = build / "base"
-clip_tok = CLIPTokenizer.from_pretrained(pipe, subfolder="tokenizer")
-clip = CLIPTextModel.from_pretrained(pipe, subfolder="text_encoder").eval()
-t5_tok = T5TokenizerFast.from_pretrained(pipe, subfolder="tokenizer_2")
-t5 = T5EncoderModel.from_pretrained(pipe, subfolder="text_encoder_2").eval()
-layout = "A 16-frame sequence arranged in a 4x4 grid. "  # the captions the grid LoRA trains and samples with
+pipe = FluxPipeline.from_pretrained(build / "base")  # its text encoders, as sampling uses them
+grid = GridLayout.parse("4x4", 32)  # the captions the grid LoRA trains and samples with: c_layout + c_content
 
 
 @torch.no_grad()
 def encode(combos):
-    captions = [layout + mini_caption(*c) for c in combos]
-    ids = clip_tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    pooled = clip(ids).pooler_output  # (N, 32)
-    ids = t5_tok(captions, padding="max_length", max_length=20, truncation=True, return_tensors="pt").input_ids
-    tokens = t5(ids).last_hidden_state.flatten(1)  # (N, 20, 32) -> (N, 640)
-    return {"CLIP pooled": pooled, "T5 tokens": tokens}
+    captions = [grid.caption(mini_caption(*c)) for c in combos]
+    tokens, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=20)  # (N, 20, 32), (N, 32)
+    return {"CLIP pooled": pooled, "T5 tokens": tokens.flatten(1)}  # (N, 20, 32) -> (N, 640)
 
 
 seen, held = mini_combinations("train"), mini_combinations("test")
