@@ -1,6 +1,7 @@
 """How the miniature's text encoders place held-out captions (RESULTS-3.md, "Colour is lost between the base's
-captions and the grid captions"), encoded as sampling encodes them (FluxPipeline.encode_prompt): for each of the 34 held-out captions, does its nearest seen caption (cosine) share its colour,
-shape and motion; and does a ridge probe fitted on the 290 seen captions read its colour and shape.
+captions and the grid captions"), encoded as sampling encodes them (FluxPipeline.encode_prompt): for each of the
+34 held-out captions, does its nearest seen caption (cosine) share its colour, shape and motion; and does a ridge
+probe fitted on the 290 seen captions read its colour and shape.
 
     python experiments/mini/analysis/text_encoders.py [<build folder>, default ~/.cache/gridgen/mini-v4]
 """
