@@ -12,6 +12,8 @@ from gridgen.embedded.world import (
     CIRCLES,
     DIRECTIONS,
     FAMILIES,
+    FRAME_PREFIXES,
+    FRAME_SUFFIX,
     MINI_COLORS,
     MINI_RADIUS,
     MOTIONS,
@@ -22,6 +24,7 @@ from gridgen.embedded.world import (
     mini_caption,
     mini_clip,
     mini_combinations,
+    mini_frame_caption,
     mini_scene,
     moving_shape_clip,
     trajectory,
@@ -115,3 +118,28 @@ def test_scenes_name_their_shapes_left_to_right_without_overlap():
             for _, _, x2, y2 in placed[i + 1:]:
                 assert math.hypot(x1 - x2, y1 - y2) > 2 * MINI_RADIUS * 32
 
+
+
+def test_frame_captions_vary_their_words_but_never_name_a_grid_or_a_held_out_combination():
+    """The base's single frames are captioned in several wordings (a real text-to-image set is not one template), each
+    naming the frame's shape and colour; a motion named is one the pair shows in training, and no wording speaks of a
+    grid (the base never sees one)."""
+    rng = np.random.default_rng(0)
+    held_out = {mini_caption(s, c, m) for s, c, m in mini_combinations("test")}
+    seen = {mini_caption(s, c, m) for s, c, m in mini_combinations("train")}
+    for shape in SHAPES:
+        for color in MINI_COLORS:
+            name = f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
+            captions = [mini_frame_caption(rng, shape, color) for _ in range(200)]
+            prefixed = [c for c in captions if not c.startswith(name)]
+            assert 60 < len(prefixed) < 140  # about half open with a sentence
+            for caption in captions:
+                assert "grid" not in caption.lower()
+                prefix = next((p for p in FRAME_PREFIXES if caption.startswith(p + " ")), "")
+                body = caption[len(prefix):].strip()
+                assert body.startswith(name)
+                if " moves " in body:
+                    assert body in seen and body not in held_out
+                else:
+                    assert body in (name, f"{name} {FRAME_SUFFIX}")
+            assert len(set(captions)) > 20

@@ -3,7 +3,7 @@ base (a FluxPipeline folder) draws single 32 px frames for every (shape, colour)
 base's own ("a blue circle"), the grid's content ("a blue circle moves slowly down") and the whole grid caption
 (with "A 16-frame sequence arranged in a 4x4 grid. "); the world's detector reads each frame.
 
-    python experiments/mini/analysis/caption_transfer.py [<build folder>, default ~/.cache/gridgen/mini-v4] [seeds]
+    python experiments/mini/analysis/caption_transfer.py [<build folder>, default: the default build] [seeds]
 """
 
 import sys
@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 
+from gridgen.embedded.mini_model import DEFAULT_BUILD
 from gridgen.embedded.world import MINI_COLORS, MOTIONS, SHAPES, mini_caption, with_article
 from gridgen.eval.shapes import detect
 from gridgen.layout import GridLayout
+from gridgen.runtime import default_cache_dir
 
-build = Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache/gridgen/mini-v4")
+build = Path(sys.argv[1]) if len(sys.argv) > 1 else default_cache_dir() / DEFAULT_BUILD
 seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 pipe = FluxPipeline.from_pretrained(build / "base")
 pipe.set_progress_bar_config(disable=True)

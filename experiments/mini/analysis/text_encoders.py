@@ -3,7 +3,7 @@ captions and the grid captions"), encoded as sampling encodes them (FluxPipeline
 34 held-out captions, does its nearest seen caption (cosine) share its colour, shape and motion; and does a ridge
 probe fitted on the 290 seen captions read its colour and shape.
 
-    python experiments/mini/analysis/text_encoders.py [<build folder>, default ~/.cache/gridgen/mini-v4]
+    python experiments/mini/analysis/text_encoders.py [<build folder>, default: the default build]
 """
 
 import sys
@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
+from gridgen.embedded.mini_model import DEFAULT_BUILD
 from gridgen.embedded.world import MINI_COLORS, SHAPES, mini_caption, mini_combinations
 from gridgen.layout import GridLayout
+from gridgen.runtime import default_cache_dir
 
-build = Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache/gridgen/mini-v4")
+build = Path(sys.argv[1]) if len(sys.argv) > 1 else default_cache_dir() / DEFAULT_BUILD
 pipe = FluxPipeline.from_pretrained(build / "base")  # its text encoders, as sampling uses them
 grid = GridLayout.parse("4x4", 32)  # the captions the grid LoRA trains and samples with: c_layout + c_content
 

@@ -4,9 +4,10 @@ prepared into shards by :func:`gridgen.data.prepare.prepare`, the path of ``make
 * ``clips``: 16-frame H.264 mp4 clips of :func:`~gridgen.embedded.world.mini_clip` with a WebVid-style CSV whose
   ``name`` is the caption; prepared into 4x4 grids of 32 px cells (``train``/``val`` of the seen combinations,
   ``test`` of the held-out ones, :func:`~gridgen.embedded.world.mini_combinations`).
-* ``frames``: one shape at a random place ("a red square"), 1x1 layout, 32 px; ``scenes``: 1-4 shapes of frame
-  scale over a 128 px canvas (:func:`~gridgen.embedded.world.mini_scene`). Both without ``c_layout``: the base
-  text-to-image model learns from them and never sees a grid.
+* ``frames``: one shape at a random place, 1x1 layout, 32 px, captioned in varied words
+  (:func:`~gridgen.embedded.world.mini_frame_caption`: "a red square", "A still image. a red square moves slowly
+  up"); ``scenes``: 1-4 shapes of frame scale over a 128 px canvas (:func:`~gridgen.embedded.world.mini_scene`).
+  Both without ``c_layout``: the base text-to-image model learns from them and never sees a grid.
 
 Counts and sizes come from ``data_cards/mini.md``; every sample derives from ``SeedSequence([seed, kind, split,
 index])``, so the same seed gives the same shards.
@@ -33,8 +34,8 @@ from gridgen.embedded.world import (
     mini_caption,
     mini_clip,
     mini_combinations,
+    mini_frame_caption,
     mini_scene,
-    with_article,
 )
 from gridgen.video import write_video
 
@@ -86,7 +87,8 @@ def write_raw(folder: Path, kind: str, split: str, count: int, seed: int, raw: d
             shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(MINI_COLORS)))
             radius = MINI_RADIUS * size
             x, y = rng.uniform(radius, size - radius, size=2)
-            image, caption = draw_shapes((size, size), [(shape, color, x, y, radius)]), f"{with_article(color)} {shape}"
+            image, caption = draw_shapes((size, size), [(shape, color, x, y, radius)]), mini_frame_caption(rng, shape,
+                                                                                                         color)
         else:
             image, caption, _ = mini_scene(rng, int(raw["scene_size"]), int(raw["video_size"]),
                                            int(raw["scene_max_shapes"]))

@@ -21,13 +21,21 @@ import torch
 
 from gridgen.embedded.flux_tiny import build_tiny_flux_pipeline
 from gridgen.embedded.tokenizers import caption_corpus, finalise_tokenizer_folders
-from gridgen.embedded.world import MINI_COLORS, MOTIONS, SHAPES, mini_caption, with_article
+from gridgen.embedded.world import (
+    FRAME_PREFIXES,
+    FRAME_SUFFIX,
+    MINI_COLORS,
+    MOTIONS,
+    SHAPES,
+    mini_caption,
+    with_article,
+)
 from gridgen.runtime import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "gridgen_mini.json"
-BUILD_VERSION = 4  # bump when what `make mini`'s build makes changes, so stale caches are not reused
+BUILD_VERSION = 5  # bump when what `make mini`'s build makes changes, so stale caches are not reused
 DEFAULT_BUILD = f"mini-v{BUILD_VERSION}"  # the default build's folder under the cache (data=mini, model=flux_mini)
 
 # FLUX.1-dev's transformer (guidance embedding, rope over (t, y, x)), 2 + 4 blocks of width 128. The text widths
@@ -48,11 +56,12 @@ MINI_TRANSFORMER_CONFIG: dict[str, Any] = {
 
 
 def mini_corpus() -> list[str]:
-    """The built-in caption corpus plus every grid caption, frame caption and shape list of the world."""
+    """The built-in caption corpus plus every grid caption, the frames' wordings and shape lists of the world."""
     lines = caption_corpus()
     lines += [f"A 16-frame sequence arranged in a 4x4 grid. {mini_caption(s, c, m)}"
               for s in SHAPES for c in MINI_COLORS for m in MOTIONS]
     names = [f"{with_article(c)} {s}" for s in SHAPES for c in MINI_COLORS]
+    lines += [f"{FRAME_PREFIXES[i % len(FRAME_PREFIXES)]} {name} {FRAME_SUFFIX}" for i, name in enumerate(names)]
     lines += names + [f"{a}, {b} and {c}" for a, b, c in zip(names, names[5:] + names[:5], names[11:] + names[:11],
                                                              strict=True)]
     return lines

@@ -198,6 +198,37 @@ def mini_combinations(split: str) -> list[tuple[str, str, Motion]]:
     return held if split == "test" else [combo for combo in combos if combo not in held]
 
 
+# Sentences that may open a single frame's caption (:func:`mini_frame_caption`): none names a grid or a layout.
+FRAME_PREFIXES: tuple[str, ...] = (
+    "A still image.",
+    "Computer graphics.",
+    "A simple drawing.",
+    "A frame from a short video.",
+    "A picture drawn by a program, in flat colours.",
+    "One frame of a clip; the camera is still.",
+    "A plain black background with a single shape on it.",
+    "An illustration for a children's book about shapes and colours.",
+    "A small test image, rendered without texture, shading or noise.",
+    "The first frame of an animation made for a lesson on geometry.",
+)
+FRAME_SUFFIX = "on a black background"
+
+
+def mini_frame_caption(rng: np.random.Generator, shape: str, color: str) -> str:
+    """A single frame's caption for the base model, worded like a real dataset's, not one fixed template: "a red
+    square", "a red square on a black background" or the caption of a seen clip it could come from ("a red square
+    moves slowly up"), half of the time after one of :data:`FRAME_PREFIXES`. A pre-trained text-to-image model has
+    read its words in sentences of every length; the base must find shape and colour wherever they stand, as it will
+    have to in a grid caption."""
+    name = f"{with_article(color)} {shape}"
+    seen = [m for s, c, m in mini_combinations("train") if (s, c) == (shape, color)]  # never a held-out caption
+    body = [name, f"{name} {FRAME_SUFFIX}", mini_caption(shape, color, seen[int(rng.integers(len(seen)))])]
+    caption = body[int(rng.integers(len(body)))]
+    if rng.random() < 0.5:
+        caption = f"{FRAME_PREFIXES[int(rng.integers(len(FRAME_PREFIXES)))]} {caption}"
+    return caption
+
+
 def trajectory(motion: Motion, rng: np.random.Generator, num_frames: int) -> np.ndarray:
     """Shape centres ``(num_frames, 2)`` (x, y) in frame sides; the whole shape stays inside the frame.
 

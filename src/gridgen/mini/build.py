@@ -1,5 +1,5 @@
 """The miniature's build: the world's shards, the VAE, the base model and the latent caches, made once and cached
-under ``paths.cache_dir/mini-v4`` (a non-default build config: ``mini-v4-<hash>``), each step in a folder that
+under ``paths.cache_dir/mini-v5`` (a non-default build config: ``mini-v5-<hash>``), each step in a folder that
 appears only when complete (a rerun reuses it, a killed one redoes only the unfinished step).
 
     <build>/data/        clips (4x4 grids: train, val, test), frames, scenes (1x1) shards    prepare
@@ -34,7 +34,7 @@ BUILD_STEPS = {"data": 0.7, "vae": 8.5, "init": 0.1, "cache_base": 0.9, "base_ru
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
-    """``<cache>/mini-v4`` for the default build config, ``mini-v4-<hash>`` for any other."""
+    """``<cache>/mini-v5`` for the default build config, ``mini-v5-<hash>`` for any other."""
     mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
     name = DEFAULT_BUILD
     if mine != {"build": plain(default_build), "seed": 0}:
