@@ -29,8 +29,8 @@ from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, ste
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 0.7, "vae": 8.5, "init": 0.1, "cache_base": 0.9, "base_run": 16.8, "base": 0.1,
-               "cache_clips": 0.6, "base_eval": 0.2}  # expected minutes (mini-v4 on 2 cores): the ETA's weights
+BUILD_STEPS = {"data": 0.8, "vae": 7.6, "init": 0.1, "cache_base": 0.7, "base_run": 13.5, "base": 0.1,
+               "cache_clips": 0.5, "base_eval": 0.1}  # expected minutes (mini-v5 on 2 cores): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
