@@ -19,6 +19,8 @@ def test_cards_are_complete_and_configs_read_them():
     for name in available_cards():
         card = read_card(name)
         assert set(REQUIRED_KEYS) <= set(card) and card["name"] == name and card["body"].strip()
+        # one sentence each: an unquoted "a: b" item would parse as a mapping
+        assert all(isinstance(issue, str) for issue in card["known_issues"]), (name, card["known_issues"])
     for name in DATA_CONFIGS:
         cfg = compose_prepare(f"data={name}", "prepare.src=/raw", "prepare.out=/out")
         data = cfg.data  # every interpolation resolves
