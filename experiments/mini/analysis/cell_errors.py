@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 from gridgen.eval.shapes import detect
+from gridgen.inference.export import grid_frames
+from gridgen.layout import GridLayout
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/mini")
 for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
@@ -21,17 +23,15 @@ for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
     for record in sorted(out.glob(f"{variant}/seed*/grids/*.json")):
         meta = json.loads(record.read_text())
         grid = np.asarray(Image.open(record.with_suffix(".png")).convert("RGB"))
-        cell = grid.shape[0] // 4
-        for r in range(4):
-            for c in range(4):
-                blobs = detect(grid[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell])
-                count["cells"] += 1
-                if len(blobs) == 1:
-                    count["one"] += 1
-                    count["colour"] += blobs[0].color == meta["color"]
-                    count["shape"] += blobs[0].shape == meta["shape"]
-                    count[meta["shape"]] += 1
-                    count[meta["shape"], "right"] += blobs[0].shape == meta["shape"]
+        for frame in grid_frames(grid, GridLayout.from_image_size(4, 4, *grid.shape[:2])):  # (16, h, w, 3)
+            blobs = detect(np.ascontiguousarray(frame))
+            count["cells"] += 1
+            if len(blobs) == 1:
+                count["one"] += 1
+                count["colour"] += blobs[0].color == meta["color"]
+                count["shape"] += blobs[0].shape == meta["shape"]
+                count[meta["shape"]] += 1
+                count[meta["shape"], "right"] += blobs[0].shape == meta["shape"]
     if count["one"]:
         shapes = ", ".join(f"{s} {count[s, 'right'] / count[s]:.0%}" for s in ("circle", "square", "triangle") if count[s])
         print(f"{variant}: {count['one'] / count['cells']:.1%} of {count['cells']} cells hold one shape; of those "
