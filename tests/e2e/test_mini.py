@@ -49,7 +49,7 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
         assert labels["prompt"] == f"a {labels['color']} {labels['shape']} moves {labels['motion']}"
     assert (out / "report.png").is_file() and (out / "grids.png").is_file()
     assert "[mini 1/12" in first.stdout and "eta" in first.stdout  # progress with an ETA
-    (build,) = (tmp_path / "cache").glob("mini-v5-*")
+    (build,) = (tmp_path / "cache").glob("mini-v6-*")
     vae = json.loads((build / "build.json").read_text())["vae"]
     assert vae["steps"] == 3 and 0 <= vae["kept_identity"]["all"] <= 1 and vae["kept_identity"]["cells"] > 0
     assert (build / "base" / "model_index.json").is_file()

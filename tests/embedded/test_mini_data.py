@@ -34,7 +34,7 @@ def test_mini_data_goes_through_prepare_with_its_card(mini_data):
         caption = sample["txt"].decode()
         assert caption.startswith("A 16-frame sequence arranged in a 4x4 grid. ")  # c_layout + c_content
         meta = json.loads(sample["json"])
-        assert (meta["rows"], meta["cols"], meta["cell_height"]) == (4, 4, 32)
+        assert (meta["rows"], meta["cols"], meta["cell_height"]) == (4, 4, card["preprocessing"]["clips"]["cell_height"])
         assert meta["frame_indices"] == list(range(16))  # the whole clip: the caption's motion over 16 frames
         labels = meta["metadata"]
         assert meta["c_content"] == f"a {labels['color']} {labels['shape']} moves {labels['motion']}"
@@ -64,3 +64,23 @@ def test_fewer_clips_than_combinations_spread_over_all_of_them(tmp_path):
     for row in rows:
         counts[row["shape"], row["color"], row["motion"]] = counts.get((row["shape"], row["color"], row["motion"]), 0) + 1
     assert len(counts) == len(combos) and set(counts.values()) == {2}
+
+
+def test_a_shape_has_one_size_in_px_in_grid_cells_frames_and_scenes(mini_data):
+    """The base learns shapes from frames and scenes and the grid LoRA draws them in cells: all three at one scale,
+    ``MINI_RADIUS`` of the card's frame cell, measured on the prepared shards (area of each detected shape)."""
+    import math
+
+    from gridgen.embedded.mini_data import cell_size
+    from gridgen.embedded.mini_vae import read_cells
+    from gridgen.embedded.world import MINI_RADIUS
+    from gridgen.eval.shapes import area_factor, detect
+
+    out, _ = mini_data
+    radius = MINI_RADIUS * cell_size("frames")
+    for kind in ("clips", "frames", "scenes"):
+        cells = read_cells(sorted((out / kind).glob("train-*.tar")), cell_size(kind))
+        found = [math.sqrt(blob.area / area_factor(blob.shape))
+                 for cell in cells for blob in detect(cell, radius=radius) if blob.shape is not None]
+        assert len(found) >= 10, kind
+        assert abs(float(sorted(found)[len(found) // 2]) / radius - 1) < 0.1, (kind, sorted(found))

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from gridgen.embedded.mini_data import cell_size
 from gridgen.embedded.world import MINI_BACKGROUND, MINI_COLORS, MINI_RADIUS, SHAPES, draw_shapes, mini_scene
 from gridgen.eval.shapes import (
     CHANCE,
@@ -31,7 +32,8 @@ def test_validation_meets_the_issue_thresholds(validation):
     assert validation.frames == 3 * 6 * 18 * 16
     assert validation.rate >= REAL_TARGET, validation.markdown()
     assert CHANCE == pytest.approx(1 / 18)
-    assert set(validation.noise) == {"uniform noise 32px", "blurred noise 32px", "patches noise 32px",
+    side = cell_size("clips")  # the mini card's cells, what `make mini` scores
+    assert set(validation.noise) == {f"uniform noise {side}px", f"blurred noise {side}px", f"patches noise {side}px",
                                      "mean real frame"}
     for kind, result in validation.noise.items():
         assert result.images >= 18 and result.right_rate <= CHANCE, (kind, validation.markdown())

@@ -1,5 +1,5 @@
 """Does the base keep a frame's colour and shape when its caption grows into the grid's (RESULTS-3.md)? The mini
-base (a FluxPipeline folder) draws single 32 px frames for every (shape, colour) pair under three captions: the
+base (a FluxPipeline folder) draws single frames (the mini card's frame size) for every (shape, colour) pair under three captions: the
 base's own ("a blue circle"), the grid's content ("a blue circle moves slowly down") and the whole grid caption
 (with "A 16-frame sequence arranged in a 4x4 grid. "); the world's detector reads each frame.
 
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 
+from gridgen.embedded.mini_data import cell_size
 from gridgen.embedded.mini_model import DEFAULT_BUILD
 from gridgen.embedded.world import MINI_COLORS, MOTIONS, SHAPES, mini_caption, with_article
 from gridgen.eval.shapes import detect
@@ -28,12 +29,12 @@ motion = MOTIONS[4]  # one straight motion for every pair
 styles = {
     "base caption": lambda s, c: f"{with_article(c)} {s}",
     "grid content": lambda s, c: mini_caption(s, c, motion),
-    "whole grid caption": lambda s, c: GridLayout.parse("4x4", 32).caption(mini_caption(s, c, motion)),
+    "whole grid caption": lambda s, c: GridLayout.parse("4x4", cell_size("clips")).caption(mini_caption(s, c, motion)),
 }
 for name, caption in styles.items():
     right = {"shape": 0, "colour": 0, "both": 0}
     for seed in range(seeds):
-        images = pipe([caption(s, c) for s, c in pairs], height=32, width=32, num_inference_steps=20,
+        images = pipe([caption(s, c) for s, c in pairs], height=cell_size("frames"), width=cell_size("frames"), num_inference_steps=20,
                       guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt=[""] * len(pairs),
                       max_sequence_length=20, generator=torch.Generator().manual_seed(seed), output_type="np").images
         for (shape, color), image in zip(pairs, images, strict=True):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
+from gridgen.embedded.mini_data import cell_size
 from gridgen.embedded.mini_model import DEFAULT_BUILD
 from gridgen.embedded.world import MINI_COLORS, SHAPES, mini_caption, mini_combinations
 from gridgen.layout import GridLayout
@@ -19,7 +20,7 @@ from gridgen.runtime import default_cache_dir
 
 build = Path(sys.argv[1]) if len(sys.argv) > 1 else default_cache_dir() / DEFAULT_BUILD
 pipe = FluxPipeline.from_pretrained(build / "base")  # its text encoders, as sampling uses them
-grid = GridLayout.parse("4x4", 32)  # the captions the grid LoRA trains and samples with: c_layout + c_content
+grid = GridLayout.parse("4x4", cell_size("clips"))  # the captions the grid LoRA trains and samples with: c_layout + c_content
 
 
 @torch.no_grad()

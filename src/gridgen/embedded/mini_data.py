@@ -2,9 +2,9 @@
 prepared into shards by :func:`gridgen.data.prepare.prepare`, the path of ``make prepare``.
 
 * ``clips``: 16-frame H.264 mp4 clips of :func:`~gridgen.embedded.world.mini_clip` with a WebVid-style CSV whose
-  ``name`` is the caption; prepared into 4x4 grids of 32 px cells (``train``/``val`` of the seen combinations,
+  ``name`` is the caption; prepared into 4x4 grids of 64 px cells (``train``/``val`` of the seen combinations,
   ``test`` of the held-out ones, :func:`~gridgen.embedded.world.mini_combinations`).
-* ``frames``: one shape at a random place, 1x1 layout, 32 px, captioned in varied words
+* ``frames``: one shape at a random place, 1x1 layout, 64 px, captioned in varied words
   (:func:`~gridgen.embedded.world.mini_frame_caption`: "a red square", "A still image. a red square moves slowly
   up"); ``scenes``: 1-4 shapes of frame scale over a 128 px canvas (:func:`~gridgen.embedded.world.mini_scene`).
   Both without ``c_layout``: the base text-to-image model learns from them and never sees a grid.
@@ -59,6 +59,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def cell_size(kind: str) -> int:
+    """The px side of one cell of ``kind`` (``clips``, ``frames``, ``scenes``) once prepared: the card's."""
+    pre = load_card(CARD)["preprocessing"][kind]
+    if int(pre["cell_height"]) != int(pre["cell_width"]):
+        raise ValueError(f"data_cards/{CARD}.md: {kind} cells must be square, got {pre['cell_height']}x"
+                         f"{pre['cell_width']}; set cell_height = cell_width")
+    return int(pre["cell_height"])
 
 
 def write_raw(folder: Path, kind: str, split: str, count: int, seed: int, raw: dict[str, Any]) -> Path:

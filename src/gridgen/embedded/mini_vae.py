@@ -1,5 +1,5 @@
 """The miniature world's VAE: a small diffusers ``AutoencoderKL`` with FLUX's layout (16 latent channels, spatial
-factor 8, no quant convs), trained on single 32 px frames, with the latent shift and scale computed from the data.
+factor 8, no quant convs), trained on single 64 px frames, with the latent shift and scale computed from the data.
 
 FLUX normalises latents as ``(z - shift_factor) * scaling_factor``; here both come from the encoded training
 frames (mean and ``1 / std`` over all latent values), as black-forest-labs derived FLUX's own.
@@ -24,10 +24,10 @@ from gridgen.embedded.flux_tiny import TINY_VAE_CONFIG
 
 log = logging.getLogger(__name__)
 
-# FLUX's VAE layout (the tiny pipeline's: 4 blocks, factor 8; 16 latent channels; no quant convs), wider, for 32 px
+# FLUX's VAE layout (the tiny pipeline's: 4 blocks, factor 8; 16 latent channels; no quant convs), wider, for 64 px
 # frames; shift_factor/scaling_factor are set from the data by train_vae.
 MINI_VAE_CONFIG: dict[str, Any] = {**TINY_VAE_CONFIG, "block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8,
-                                   "sample_size": 32}
+                                   "sample_size": 64}
 
 
 def read_cells(shards: list[Path], cell: int) -> np.ndarray:

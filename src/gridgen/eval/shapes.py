@@ -301,13 +301,20 @@ def describe_kept(kept: dict[str, float]) -> str:
     return f"{100 * kept['all']:.1f} % ({shapes})"
 
 
-def validate_detector(frame_size: int = 64, cell: int = 32, seed: int = 0, noise_count: int = 324
+def validate_detector(frame_size: int | None = None, cell: int | None = None, seed: int = 0, noise_count: int = 324
                       ) -> DetectorValidation:
     """Run the detector on one clip of every shape x colour x motion (324 clips, 16 frames each) drawn at
     ``frame_size`` px and brought to ``cell`` px through the data pipeline (:func:`pipeline_cells`), and on
     ``noise_count`` images of each :func:`noise_images` kind plus the mean real frame, each noise image asked for
-    the 18 (shape, colour) pairs in turn. The mp4s live in a temporary folder."""
+    the 18 (shape, colour) pairs in turn. The mp4s live in a temporary folder. Sizes default to the mini card's
+    (its raw clips and their prepared cells: what ``make mini`` scores)."""
     import tempfile
+
+    from gridgen.data.cards import load_card
+    from gridgen.embedded.mini_data import CARD, cell_size
+
+    frame_size = int(load_card(CARD)["raw"]["video_size"]) if frame_size is None else frame_size
+    cell = cell_size("clips") if cell is None else cell
 
     rng = np.random.default_rng(seed)
     right = shape_right = color_right = frames = 0

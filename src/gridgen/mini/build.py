@@ -1,5 +1,5 @@
 """The miniature's build: the world's shards, the VAE, the base model and the latent caches, made once and cached
-under ``paths.cache_dir/mini-v5`` (a non-default build config: ``mini-v5-<hash>``), each step in a folder that
+under ``paths.cache_dir/mini-v6`` (a non-default build config: ``mini-v6-<hash>``), each step in a folder that
 appears only when complete (a rerun reuses it, a killed one redoes only the unfinished step).
 
     <build>/data/        clips (4x4 grids: train, val, test), frames, scenes (1x1) shards    prepare
@@ -29,12 +29,12 @@ from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, ste
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 0.8, "vae": 7.6, "init": 0.1, "cache_base": 0.7, "base_run": 13.5, "base": 0.1,
-               "cache_clips": 0.5, "base_eval": 0.1}  # expected minutes (mini-v5 on 2 cores): the ETA's weights
+BUILD_STEPS = {"data": 1.0, "vae": 7.5, "init": 0.1, "cache_base": 1.0, "base_run": 15.0, "base": 0.1,
+               "cache_clips": 2.0, "base_eval": 0.3}  # expected minutes (mini-v6 on 2 cores): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
-    """``<cache>/mini-v5`` for the default build config, ``mini-v5-<hash>`` for any other."""
+    """``<cache>/mini-v6`` for the default build config, ``mini-v6-<hash>`` for any other."""
     mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
     name = DEFAULT_BUILD
     if mine != {"build": plain(default_build), "seed": 0}:
@@ -85,14 +85,14 @@ def _data(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
 
 
 def _vae(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
+    from gridgen.embedded.mini_data import cell_size
     from gridgen.embedded.mini_vae import read_cells, reconstruct, train_vae
     from gridgen.eval.shapes import describe_kept, kept_identity
 
     data = build / "data"
-    cell = 32
-    train = np.concatenate([read_cells(sorted((data / "clips").glob("train-*.tar")), cell),
-                            read_cells(sorted((data / "frames").glob("train-*.tar")), cell)])
-    held_out = read_cells(sorted((data / "clips").glob("test-*.tar")), cell)  # frames of unseen combinations
+    train = np.concatenate([read_cells(sorted((data / kind).glob("train-*.tar")), cell_size(kind))
+                            for kind in ("clips", "frames")])
+    held_out = read_cells(sorted((data / "clips").glob("test-*.tar")), cell_size("clips"))  # unseen combinations
     vae_cfg = cfg.build.vae
     every = max(1, int(vae_cfg.steps) // 10)
 
@@ -172,6 +172,7 @@ def _base_eval(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
     shape and colour (target: >= 90 % of frames)."""
     from PIL import Image
 
+    from gridgen.embedded.mini_data import cell_size
     from gridgen.embedded.world import mini_combinations, with_article
     from gridgen.eval.shapes import detect
     from gridgen.inference.pipeline import generate
@@ -185,7 +186,7 @@ def _base_eval(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
     out = tmp / "generated"
     manifest = generate(compose("generate", [
         "model=flux_mini", f"model.pretrained={build / 'base'}", "task=t2i", f"prompts_file={prompts}",
-        f"generate.out={out}", "generate.height=32", "generate.batch_size=16", "generate.progress=false",
+        f"generate.out={out}", f"generate.height={cell_size('frames')}", "generate.batch_size=16", "generate.progress=false",
         "generate.device=cpu", "export.mp4=false", "export.gif=false", "export.frames=false",
         f"generate.steps={int(cfg.eval.steps)}", f"generate.true_cfg_scale={float(cfg.eval.true_cfg_scale)}"],
         output_dir=out))
