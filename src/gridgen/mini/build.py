@@ -29,8 +29,8 @@ from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, ste
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 1.0, "vae": 7.5, "init": 0.1, "cache_base": 1.0, "base_run": 15.0, "base": 0.1,
-               "cache_clips": 2.0, "base_eval": 0.3}  # expected minutes (mini-v6 on 2 cores): the ETA's weights
+BUILD_STEPS = {"data": 0.8, "vae": 8.6, "init": 0.1, "cache_base": 0.7, "base_run": 16.5, "base": 0.1,
+               "cache_clips": 2.0, "base_eval": 0.1}  # expected minutes (mini-v6 on 2 cores): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
