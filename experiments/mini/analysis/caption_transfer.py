@@ -1,7 +1,7 @@
 """Does the base keep a frame's colour and shape when its caption grows into the grid's (RESULTS-3.md)? The mini
-base (a FluxPipeline folder) draws single frames (the mini card's frame size) for every (shape, colour) pair under three captions: the
-base's own ("a blue circle"), the grid's content ("a blue circle moves slowly down") and the whole grid caption
-(with "A 16-frame sequence arranged in a 4x4 grid. "); the world's detector reads each frame.
+base (a FluxPipeline folder) draws single frames (the mini card's frame size) for every (shape, colour) pair under
+three captions: the base's own ("a blue circle"), the grid's content ("a blue circle moves slowly down") and the
+whole grid caption (with "A 16-frame sequence arranged in a 4x4 grid. "); the world's detector reads each frame.
 
     python experiments/mini/analysis/caption_transfer.py [<build folder>, default: the default build] [seeds]
 """
@@ -34,7 +34,8 @@ styles = {
 for name, caption in styles.items():
     right = {"shape": 0, "colour": 0, "both": 0}
     for seed in range(seeds):
-        images = pipe([caption(s, c) for s, c in pairs], height=cell_size("frames"), width=cell_size("frames"), num_inference_steps=20,
+        side = cell_size("frames")
+        images = pipe([caption(s, c) for s, c in pairs], height=side, width=side, num_inference_steps=20,
                       guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt=[""] * len(pairs),
                       max_sequence_length=20, generator=torch.Generator().manual_seed(seed), output_type="np").images
         for (shape, color), image in zip(pairs, images, strict=True):

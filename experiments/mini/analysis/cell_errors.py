@@ -22,7 +22,7 @@ for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
     count = collections.Counter()
     for record in sorted(out.glob(f"{variant}/seed*/grids/*.json")):
         meta = json.loads(record.read_text())
-        grid = np.asarray(Image.open(record.with_suffix(".png")).convert("RGB"))
+        grid = np.array(Image.open(record.with_suffix(".png")).convert("RGB"))  # writable: torch views it
         for frame in grid_frames(grid, GridLayout.from_image_size(4, 4, *grid.shape[:2])):  # (16, h, w, 3)
             blobs = detect(np.ascontiguousarray(frame))
             count["cells"] += 1
@@ -33,7 +33,8 @@ for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
                 count[meta["shape"]] += 1
                 count[meta["shape"], "right"] += blobs[0].shape == meta["shape"]
     if count["one"]:
-        shapes = ", ".join(f"{s} {count[s, 'right'] / count[s]:.0%}" for s in ("circle", "square", "triangle") if count[s])
+        shapes = ", ".join(f"{s} {count[s, 'right'] / count[s]:.0%}"
+                           for s in ("circle", "square", "triangle") if count[s])
         print(f"{variant}: {count['one'] / count['cells']:.1%} of {count['cells']} cells hold one shape; of those "
               f"colour right {count['colour'] / count['one']:.1%}, shape right {count['shape'] / count['one']:.1%} "
               f"({shapes})")

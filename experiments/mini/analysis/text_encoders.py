@@ -20,7 +20,7 @@ from gridgen.runtime import default_cache_dir
 
 build = Path(sys.argv[1]) if len(sys.argv) > 1 else default_cache_dir() / DEFAULT_BUILD
 pipe = FluxPipeline.from_pretrained(build / "base")  # its text encoders, as sampling uses them
-grid = GridLayout.parse("4x4", cell_size("clips"))  # the captions the grid LoRA trains and samples with: c_layout + c_content
+grid = GridLayout.parse("4x4", cell_size("clips"))  # the captions the grid LoRA trains and samples with
 
 
 @torch.no_grad()
