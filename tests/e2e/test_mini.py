@@ -35,6 +35,11 @@ def digest(folder: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_path):
+    from PIL import Image
+
+    from gridgen.embedded.mini_data import clips_layout
+    from gridgen.embedded.mini_model import DEFAULT_BUILD
+
     first = make_mini(tmp_path, *TOY)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "outputs" / "mini"
@@ -44,12 +49,13 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
         assert f"| {variant} |" in report
         grids = sorted((out / variant / "seed0" / "grids").glob("*.png"))
         assert grids and all(g.with_suffix(".json").is_file() for g in grids)
+        assert Image.open(grids[0]).size == (clips_layout().width, clips_layout().height)  # the test clips' size
         labels = json.loads(grids[0].with_suffix(".json").read_text())
         assert {"prompt", "shape", "color", "motion", "scores"} <= set(labels)
         assert labels["prompt"] == f"a {labels['color']} {labels['shape']} moves {labels['motion']}"
     assert (out / "report.png").is_file() and (out / "grids.png").is_file()
     assert "[mini 1/12" in first.stdout and "eta" in first.stdout  # progress with an ETA
-    (build,) = (tmp_path / "cache").glob("mini-v6-*")
+    (build,) = (tmp_path / "cache").glob(f"{DEFAULT_BUILD}-*")
     vae = json.loads((build / "build.json").read_text())["vae"]
     assert vae["steps"] == 3 and 0 <= vae["kept_identity"]["all"] <= 1 and vae["kept_identity"]["cells"] > 0
     assert (build / "base" / "model_index.json").is_file()

@@ -9,47 +9,40 @@ across two cells (a clip of the world keeps its shape inside the frame: 0 %).
 A ``gridgen.evaluate`` / ``gridgen.generate`` output folder (``generated/*/grid.png``) is read as one variant.
 """
 
-import io
 import sys
-import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from gridgen.embedded.mini_data import clips_layout
 from gridgen.embedded.mini_model import DEFAULT_BUILD
+from gridgen.embedded.mini_vae import read_grids
 from gridgen.embedded.world import MINI_RADIUS
 from gridgen.eval.shapes import detect
 from gridgen.runtime import default_cache_dir
 
-ROWS = COLS = 4
+LAYOUT = clips_layout()  # the card's clips (4x4): the grids make mini generates
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/mini")
 build = Path(sys.argv[2]) if len(sys.argv) > 2 else default_cache_dir() / DEFAULT_BUILD
 
 
-def real_grids() -> Iterator[np.ndarray]:
-    for shard in sorted((build / "data" / "clips").glob("test-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".png"):
-                    yield np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
-
-
-def summary(grids: Iterator[np.ndarray]) -> str:
+def summary(grids: Iterable[np.ndarray]) -> str:
     count = shapes = across = 0
     for grid in grids:
-        side = grid.shape[0] // ROWS
+        side = grid.shape[0] // LAYOUT.rows  # square cells
         radius = MINI_RADIUS * side
         blobs = [b for b in detect(grid, radius=radius) if b.shape is not None]
-        inner = np.arange(1, COLS) * side  # (3,) px of the inner borders, the same for rows and columns
+        inner_x, inner_y = np.arange(1, LAYOUT.cols) * side, np.arange(1, LAYOUT.rows) * side  # inner borders, px
         count, shapes = count + 1, shapes + len(blobs)
-        across += sum(min(np.abs(inner - b.x).min(), np.abs(inner - b.y).min()) < 0.9 * radius for b in blobs)
-    return (f"{count} grids, {shapes / max(count, 1):.1f} shapes per grid (a film strip: 16), "
+        across += sum(min(np.abs(inner_x - b.x).min(), np.abs(inner_y - b.y).min()) < 0.9 * radius for b in blobs)
+    return (f"{count} grids, {shapes / max(count, 1):.1f} shapes per grid (a film strip: {LAYOUT.num_cells}), "
             f"{100 * across / max(shapes, 1):.1f} % of them across a cell border")
 
 
-print(f"real held-out grids ({build.name}): {summary(real_grids())}")
+real = read_grids(sorted((build / "data" / "clips").glob("test-*.tar")))
+print(f"real held-out grids ({build.name}): {summary(real)}")
 runs = {p.name: sorted(p.glob("seed*/grids/*.png")) for p in sorted(out.iterdir()) if p.is_dir()}
 if (out / "generated").is_dir():
     runs = {out.name: sorted((out / "generated").glob("*/grid.png"))}

@@ -37,6 +37,7 @@ from gridgen.embedded.world import (
     mini_frame_caption,
     mini_scene,
 )
+from gridgen.layout import GridLayout
 from gridgen.video import write_video
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ def cell_size(kind: str) -> int:
         raise ValueError(f"data_cards/{CARD}.md: {kind} cells must be square, got {pre['cell_height']}x"
                          f"{pre['cell_width']}; set cell_height = cell_width")
     return int(pre["cell_height"])
+
+
+def clips_layout() -> GridLayout:
+    """The layout of the prepared clips (the card's, e.g. 4x4 of 64 px cells): the grids ``make mini`` generates."""
+    return GridLayout.parse(str(load_card(CARD)["preprocessing"]["clips"]["layout"]), cell_size("clips"))
 
 
 def write_raw(folder: Path, kind: str, split: str, count: int, seed: int, raw: dict[str, Any]) -> Path:

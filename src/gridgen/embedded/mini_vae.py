@@ -30,19 +30,23 @@ MINI_VAE_CONFIG: dict[str, Any] = {**TINY_VAE_CONFIG, "block_out_channels": (16,
                                    "sample_size": 64}
 
 
-def read_cells(shards: list[Path], cell: int) -> np.ndarray:
-    """Every ``cell``-px cell of the PNG grids in ``shards`` (plain tar members, decoded by PIL): ``(N, cell, cell,
-    3)`` uint8. Frames of a 1x1 set are cells too."""
-    cells = []
+def read_grids(shards: list[Path]) -> Iterator[np.ndarray]:
+    """The PNG grids in ``shards`` (plain tar members, decoded by PIL), each uint8 ``(H, W, 3)``."""
     for shard in shards:
         with tarfile.open(shard) as tar:
             for member in tar:
-                if not member.name.endswith(".png"):
-                    continue
-                grid = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
-                rows, cols = grid.shape[0] // cell, grid.shape[1] // cell
-                # (rows*cell, cols*cell, 3) -> (rows, cell, cols, cell, 3) -> (rows*cols, cell, cell, 3)
-                cells.append(grid.reshape(rows, cell, cols, cell, 3).transpose(0, 2, 1, 3, 4).reshape(-1, cell, cell, 3))
+                if member.name.endswith(".png"):
+                    yield np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+
+
+def read_cells(shards: list[Path], cell: int) -> np.ndarray:
+    """Every ``cell``-px cell of the PNG grids in ``shards``: ``(N, cell, cell, 3)`` uint8. Frames of a 1x1 set are
+    cells too."""
+    cells = []
+    for grid in read_grids(shards):
+        rows, cols = grid.shape[0] // cell, grid.shape[1] // cell
+        # (rows*cell, cols*cell, 3) -> (rows, cell, cols, cell, 3) -> (rows*cols, cell, cell, 3)
+        cells.append(grid.reshape(rows, cell, cols, cell, 3).transpose(0, 2, 1, 3, 4).reshape(-1, cell, cell, 3))
     return np.concatenate(cells)
 
 

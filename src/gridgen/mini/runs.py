@@ -47,6 +47,7 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
     import numpy as np
     from PIL import Image
 
+    from gridgen.embedded.mini_data import clips_layout
     from gridgen.eval.pipeline import run_evaluation
     from gridgen.eval.world_metrics import score_grid
     from gridgen.layout import GridLayout
@@ -58,7 +59,7 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
                  f"generate.steps={int(cfg.eval.steps)}", f"generate.batch_size={int(cfg.eval.batch_size)}",
                  f"generate.true_cfg_scale={float(cfg.eval.true_cfg_scale)}",
                  "generate.device=cpu", "generate.progress=false", "export.mp4=false", "export.gif=false",
-                 "export.frames=false"]
+                 "export.frames=false", f"generate.height={clips_layout().height}"]  # the test clips' size
     if lora is not None:
         overrides.append(f"lora={lora}")
     result = run_evaluation(compose("evaluate", overrides, output_dir=folder / "eval"))
