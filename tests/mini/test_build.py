@@ -27,3 +27,17 @@ def test_the_base_evaluation_is_cached_per_sampling_settings(hydra_conf):
     assert base_eval_folder(compose("mini", ["eval.batch_size=4"]), default.eval) == "base_eval"
     names = {base_eval_folder(compose("mini", [o]), default.eval) for o in ("eval.steps=8", "eval.true_cfg_scale=1")}
     assert len(names) == 2 and all(n.startswith("base_eval-") for n in names)
+
+
+def test_the_grid_lora_preset_trains_mostly_at_high_noise(hydra_conf, tmp_path):
+    """experiment=mini draws t from FLUX's time shift 12 (timestep_shift_v6.md: with logit_normal the LoRAs scatter
+    the shapes over the grid): three quarters of the training steps at t > 0.8, where the grid's layout is decided."""
+    import torch
+
+    from gridgen.losses import sample_timesteps
+
+    preset = compose("train", ["experiment=mini", f"paths.cache_dir={tmp_path}", "paths.output_dir=x"])
+    t = sample_timesteps(20000, preset.loss.timestep_sampling, shift=float(preset.loss.timestep_shift),
+                         logit_mean=preset.loss.logit_mean, logit_std=preset.loss.logit_std,
+                         generator=torch.Generator().manual_seed(0))
+    assert abs(float((t > 0.8).float().mean()) - 0.75) < 0.02
