@@ -1,9 +1,11 @@
-"""The miniature's build (gridgen.mini.build): where a build goes."""
+"""The miniature's build (gridgen.mini.build): where a build goes; the grid LoRA preset it is built for."""
 
 from __future__ import annotations
 
+import torch
 from omegaconf import OmegaConf
 
+from gridgen.losses import sample_timesteps
 from gridgen.mini.build import base_eval_folder, build_folder
 from gridgen.mini.steps import compose
 
@@ -32,10 +34,6 @@ def test_the_base_evaluation_is_cached_per_sampling_settings(hydra_conf):
 def test_the_grid_lora_preset_trains_mostly_at_high_noise(hydra_conf, tmp_path):
     """experiment=mini draws t from FLUX's time shift 12 (timestep_shift_v6.md: with logit_normal the LoRAs scatter
     the shapes over the grid): three quarters of the training steps at t > 0.8, where the grid's layout is decided."""
-    import torch
-
-    from gridgen.losses import sample_timesteps
-
     preset = compose("train", ["experiment=mini", f"paths.cache_dir={tmp_path}", "paths.output_dir=x"])
     t = sample_timesteps(20000, preset.loss.timestep_sampling, shift=float(preset.loss.timestep_shift),
                          logit_mean=preset.loss.logit_mean, logit_std=preset.loss.logit_std,
