@@ -110,6 +110,35 @@ def test_true_cfg_equals_flux_pipeline_true_cfg_scale(tmp_path):
     assert layout.num_tokens == ours.shape[1]
 
 
+
+def test_time_shift_equals_flux_pipeline_with_a_fixed_shift_scheduler(tmp_path):
+    """generate.time_shift=s samples on sigma = s u / (1 + (s - 1) u) (written plainly here), and its grid is
+    FluxPipeline's with a scheduler configured use_dynamic_shifting=False, shift=s; bad values are refused."""
+    steps, shift = 6, 12.0
+    args = ["prompt='a red circle moves from left to right'", "seed=3", f"generate.steps={steps}",
+            "export.latents=true", "export.mp4=false", "export.gif=false"]
+    manifest = generate(gen_cfg(tmp_path, *args, f"generate.time_shift={shift}"))
+    sample = manifest["samples"][0]
+    assert manifest["time_shift"] == shift
+    ours = load_file(tmp_path / "out" / sample["files"]["latents"])["latents"][None]  # (1, N, 64)
+
+    pipe = tiny_pipe()
+    fixed = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False, shift=shift)
+    sigmas, _ = flux_schedule(pipe.scheduler, ours.shape[1], steps, time_shift=shift)
+    expected = [shift * u / (1 + (shift - 1) * u) for u in (1 - i / steps for i in range(steps))] + [0.0]
+    torch.testing.assert_close(sigmas, torch.tensor(expected), rtol=0, atol=1e-6)
+    kwargs = dict(height=128, width=128, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=MAX_SEQ,
+                  output_type="latent", generator=torch.Generator().manual_seed(3))
+    from diffusers import FluxPipeline
+    theirs = FluxPipeline(**{**pipe.components, "scheduler": fixed})(sample["caption"], **kwargs).images
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    kwargs["generator"] = torch.Generator().manual_seed(3)
+    assert (pipe(sample["caption"], **kwargs).images - theirs).abs().max() > 1e-3  # the shift acted
+    for bad in ("0", "-2", "nan"):
+        with pytest.raises(ValueError, match="generate.time_shift must be a number > 0"):
+            generate(gen_cfg(tmp_path / f"bad{bad}", *args, f"generate.time_shift={bad}"))
+
+
 def i2v_start(sampler: GridSampler, layout: GridLayout, seed: int = 0):
     ref = torch.rand(1, 3, layout.cell_height, layout.cell_width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     frames, keep = initial_frames(TaskSpec("i2v", init="expand", reference="image", keep="reference"), layout, ref)

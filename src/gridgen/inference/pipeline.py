@@ -22,7 +22,13 @@ from gridgen.cameras import camera_circle
 from gridgen.config import task_table, tasks_with
 from gridgen.inference.budget import ALLOW_KEY, measure_grid_cost, oversize, refusal
 from gridgen.inference.export import export_sample, to_uint8, write_manifest
-from gridgen.inference.sampler import MASK_MODES, GridSampler, check_strength, check_true_cfg
+from gridgen.inference.sampler import (
+    MASK_MODES,
+    GridSampler,
+    check_strength,
+    check_time_shift,
+    check_true_cfg,
+)
 from gridgen.inference.tasks import (
     SampleRequest,
     TaskSpec,
@@ -61,6 +67,7 @@ def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
         raise ValueError(f"generate.steps and generate.batch_size must be >= 1, got {cfg.generate.steps} and "
                          f"{cfg.generate.batch_size}")
     check_true_cfg(cfg.generate.get("true_cfg_scale", 1.0))
+    check_time_shift(cfg.generate.get("time_shift"))
     if not 0 < float(cfg.ref_fit.min_kept) <= 1:
         raise ValueError(f"ref_fit.min_kept must be in (0, 1], got {cfg.ref_fit.min_kept}")
     if cfg.lora is not None and not isinstance(cfg.lora, str):
@@ -111,7 +118,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         log.warning(mismatch)
     sampler = GridSampler(pipe, int(gen.max_sequence_length))
     true_cfg = check_true_cfg(gen.get("true_cfg_scale", 1.0))  # FluxPipeline's true CFG with generate.negative_prompt
-    guide = {"guidance": float(gen.guidance), "true_cfg_scale": true_cfg,
+    time_shift = check_time_shift(gen.get("time_shift"))  # None: FLUX's resolution shift
+    guide = {"guidance": float(gen.guidance), "true_cfg_scale": true_cfg, "time_shift": time_shift,
              "negative": sampler.encode_text([str(gen.get("negative_prompt") or "")]) if true_cfg > 1 else None}
     if reasons := oversize(layout, gen.large):
         if not gen.allow_large:  # refused before anything is written, with what it would cost
@@ -135,7 +143,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "gridgen_version": gridgen.__version__,
         "task": spec.name, "kind": spec.kind, "layout": {"name": layout.name, **layout.to_dict(),
                                                          "height": layout.height, "width": layout.width},
-        "T": T, "steps": int(gen.steps), "guidance": float(gen.guidance), "true_cfg_scale": true_cfg,
+        "T": T, "steps": int(gen.steps), "time_shift": time_shift, "guidance": float(gen.guidance),
+        "true_cfg_scale": true_cfg,
         "negative_prompt": str(gen.get("negative_prompt") or "") if true_cfg > 1 else None,
         "mask": cfg.mask.mode if spec.keep != "none" else None,
         "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained),

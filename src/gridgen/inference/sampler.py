@@ -2,7 +2,8 @@
 
 A grid is one FLUX image, so sampling is FLUX sampling over ``N = token_rows * token_cols`` packed tokens:
 
-    sigma_0 = T > sigma_1 > ... > sigma_S = 0      FLUX's exponential time shift, mu from N (calculate_shift)
+    sigma_0 = T > sigma_1 > ... > sigma_S = 0      FLUX's exponential time shift, mu from N (calculate_shift),
+                                                   or a fixed shift s (generate.time_shift)
     x_{sigma_0} = (1 - T) x_init + T eps           eq. (9); x_init = 0 terms vanish at T = 1 (pure noise)
     x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i, text, guidance)          Euler on eq. (2)'s field
     x_{i+1} = (1 - M) * ref_{i+1} + M * x_{i+1}    eqs. (10)-(11); ref_{i+1} is the reference noised to
@@ -75,17 +76,36 @@ def unshifted_time(scheduler: FlowMatchEulerDiscreteScheduler, mu: float, sigma:
     return sigma / (shift - (shift - 1.0) * sigma)
 
 
+def check_time_shift(shift: float | None) -> float | None:
+    """``generate.time_shift``: None (FLUX's resolution shift) or a finite number > 0."""
+    if shift is None:
+        return None
+    value = float(shift)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"generate.time_shift must be a number > 0 (the fixed shift s of sigma = s u / (1 + (s - 1) u),"
+                         f" e.g. the loss.timestep_shift a LoRA trained with) or null (FLUX's resolution shift), "
+                         f"got {shift!r}")
+    return value
+
+
 def flux_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_tokens: int, steps: int, T: float = 1.0,
-                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device | str | None = None, time_shift: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sigmas (steps + 1,), timesteps (steps,))`` from T down to 0, as FluxPipeline builds them for T = 1.
 
-    The scheduler passed in is not modified (a copy is configured).
+    ``time_shift``: None keeps the scheduler's shift (FLUX: exponential, mu from the token count); a number s
+    samples with the fixed shift ``sigma = s u / (1 + (s - 1) u)`` instead, as a scheduler configured with
+    ``use_dynamic_shifting=False, shift=s`` does (the shift ``loss.timestep_shift`` trains with). The scheduler
+    passed in is not modified (a copy is configured).
     """
     T = check_strength(T)
     if int(steps) < 1:
         raise ValueError(f"generate.steps must be >= 1, got {steps}")
     steps = int(steps)
-    mu = schedule_mu(scheduler, num_tokens)
+    if (time_shift := check_time_shift(time_shift)) is not None:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, use_dynamic_shifting=False,
+                                                                shift=time_shift)
+    mu = schedule_mu(scheduler, num_tokens)  # unused by a fixed shift
     start = unshifted_time(scheduler, mu, T)
     sigmas = np.linspace(start, start / steps, steps)  # FluxPipeline: np.linspace(1.0, 1 / steps, steps)
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
@@ -140,6 +160,7 @@ def sample_grid(
     mask_mode: str = "noised",
     true_cfg_scale: float = 1.0,
     negative: TextConditioning | None = None,
+    time_shift: float | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample packed grid latents ``(B, N, 64)``.
@@ -156,6 +177,7 @@ def sample_grid(
             prompt: above 1, ``v = v_neg + s (v - v_neg)`` with ``v_neg`` from ``negative`` (the text conditioning of
             the negative prompt, e.g. the empty caption of a model trained with ``loss.caption_dropout``); both
             halves in one transformer call of batch 2B.
+        time_shift: None (FLUX's resolution shift) or a fixed shift of the schedule (:func:`flux_schedule`).
         callback: called as ``callback(step, sigma, x)`` with the latents entering each step.
     """
     if mask_mode not in MASK_MODES:
@@ -170,7 +192,7 @@ def sample_grid(
     if num_tokens != layout.num_tokens:
         raise ValueError(f"noise has {num_tokens} tokens, layout {layout.name} has {layout.num_tokens}")
     device, dtype = noise.device, noise.dtype
-    sigmas, timesteps = flux_schedule(scheduler, layout.num_tokens, steps, T, device=device)
+    sigmas, timesteps = flux_schedule(scheduler, layout.num_tokens, steps, T, device=device, time_shift=time_shift)
 
     def reset(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # eq. (11)
         if keep is None:
