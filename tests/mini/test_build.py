@@ -12,12 +12,12 @@ from gridgen.mini.steps import compose
 
 def test_the_default_build_has_the_presets_folder_and_any_other_its_own(hydra_conf, tmp_path):
     default = compose("mini", [f"paths.cache_dir={tmp_path}"])
-    assert build_folder(default, default.build) == tmp_path / "mini-v6"  # what experiment=mini / data=mini read
+    assert build_folder(default, default.build) == tmp_path / "mini-v7"  # what experiment=mini / data=mini read
     preset = compose("train", ["experiment=mini", f"paths.cache_dir={tmp_path}", "paths.output_dir=x"])
-    assert OmegaConf.select(preset, "data.train_shards") == str(tmp_path / "mini-v6" / "data" / "clips")
+    assert OmegaConf.select(preset, "data.train_shards") == str(tmp_path / "mini-v7" / "data" / "clips")
     other = compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=10"])
     folder = build_folder(other, default.build)
-    assert folder.parent == tmp_path and folder.name.startswith("mini-v6-") and folder != build_folder(
+    assert folder.parent == tmp_path and folder.name.startswith("mini-v7-") and folder != build_folder(
         compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=11"]), default.build)
 
 

@@ -1,5 +1,5 @@
 """The miniature's build: the world's shards, the VAE, the base model and the latent caches, made once and cached
-under ``paths.cache_dir/mini-v6`` (a non-default build config: ``mini-v6-<hash>``), each step in a folder that
+under ``paths.cache_dir/mini-v7`` (a non-default build config: ``mini-v7-<hash>``), each step in a folder that
 appears only when complete (a rerun reuses it, a killed one redoes only the unfinished step).
 
     <build>/data/        clips (4x4 grids: train, val, test), frames, scenes (1x1) shards    prepare
@@ -29,12 +29,12 @@ from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, ste
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 0.8, "vae": 8.6, "init": 0.1, "cache_base": 0.7, "base_run": 16.5, "base": 0.1,
-               "cache_clips": 2.0, "base_eval": 0.1}  # expected minutes (mini-v6 on 2 cores): the ETA's weights
+BUILD_STEPS = {"data": 0.8, "vae": 8.6, "init": 0.1, "cache_base": 0.7, "base_run": 33.0, "base": 0.1,
+               "cache_clips": 2.0, "base_eval": 0.1}  # expected minutes (mini-v7 on 2 cores): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
-    """``<cache>/mini-v6`` for the default build config, ``mini-v6-<hash>`` for any other."""
+    """``<cache>/mini-v7`` for the default build config, ``mini-v7-<hash>`` for any other."""
     mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
     name = DEFAULT_BUILD
     if mine != {"build": plain(default_build), "seed": 0}:
