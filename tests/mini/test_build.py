@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from omegaconf import OmegaConf
 
+from gridgen.embedded.mini_model import BUILD_VERSION
+from gridgen.files import config_hash
 from gridgen.losses import sample_timesteps
-from gridgen.mini.build import base_eval_folder, build_folder
+from gridgen.mini.build import base_eval_folder, base_overrides, build_folder
 from gridgen.mini.steps import compose
 
 
@@ -19,6 +23,24 @@ def test_the_default_build_has_the_presets_folder_and_any_other_its_own(hydra_co
     folder = build_folder(other, default.build)
     assert folder.parent == tmp_path and folder.name.startswith("mini-v7-") and folder != build_folder(
         compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=11"]), default.build)
+
+
+# The base model's training as the build composes it (experiment=mini_base and every default under it), per build
+# version. A cached build is reused by its folder name alone, so a changed recipe must come with a new BUILD_VERSION.
+BASE_RECIPES = {7: "fee09133fe4a2630"}
+
+
+def test_a_changed_base_recipe_comes_with_a_new_build_version(hydra_conf, tmp_path):
+    """Fails when the base's composed training config changes while BUILD_VERSION stays: a `make mini` would reuse a
+    base built with the old recipe as if it were the new one (build 6 -> 7 changed max_steps 3000 -> 6000)."""
+    cfg = compose("train", [*base_overrides(tmp_path / "build"), "seed=0", f"paths.cache_dir={tmp_path}",
+                            f"paths.output_dir={tmp_path / 'run'}"])
+    recipe = OmegaConf.to_container(cfg, resolve=True)
+    del recipe["paths"]  # the machine's folders; the build's own ones are replaced below
+    digest = config_hash(json.loads(json.dumps(recipe).replace(str(tmp_path), "<tmp>")))[:16]
+    assert BASE_RECIPES.get(BUILD_VERSION) == digest, (
+        f"the mini base's training recipe changed ({digest}): bump BUILD_VERSION in gridgen/embedded/mini_model.py "
+        f"and set BASE_RECIPES[{BUILD_VERSION + 1}] = {digest!r} here")
 
 
 def test_the_base_evaluation_is_cached_per_sampling_settings(hydra_conf):
