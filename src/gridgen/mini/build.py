@@ -29,8 +29,8 @@ from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, ste
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 0.8, "vae": 8.6, "init": 0.1, "cache_base": 0.7, "base_run": 33.0, "base": 0.1,
-               "cache_clips": 2.0, "base_eval": 0.1}  # expected minutes (mini-v7 on 2 cores): the ETA's weights
+BUILD_STEPS = {"data": 0.6, "vae": 5.8, "init": 0.1, "cache_base": 0.6, "base_run": 27.1, "base": 0.1,
+               "cache_clips": 2.0, "base_eval": 0.1}  # minutes of mini-v7 on 2 cores (RESULTS-7): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
