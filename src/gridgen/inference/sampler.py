@@ -80,7 +80,10 @@ def check_time_shift(shift: float | None) -> float | None:
     """``generate.time_shift``: None (FLUX's resolution shift) or a finite number > 0."""
     if shift is None:
         return None
-    value = float(shift)
+    try:
+        value = float(shift)
+    except (TypeError, ValueError):
+        value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"generate.time_shift must be a number > 0 (the fixed shift s of sigma = s u / (1 + (s - 1) u),"
                          f" e.g. the loss.timestep_shift a LoRA trained with) or null (FLUX's resolution shift), "
