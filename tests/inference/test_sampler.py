@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -110,7 +110,6 @@ def test_true_cfg_equals_flux_pipeline_true_cfg_scale(tmp_path):
     assert layout.num_tokens == ours.shape[1]
 
 
-
 def test_time_shift_equals_flux_pipeline_with_a_fixed_shift_scheduler(tmp_path):
     """generate.time_shift=s samples on sigma = s u / (1 + (s - 1) u) (written plainly here), and its grid is
     FluxPipeline's with a scheduler configured use_dynamic_shifting=False, shift=s; bad values are refused."""
@@ -129,7 +128,6 @@ def test_time_shift_equals_flux_pipeline_with_a_fixed_shift_scheduler(tmp_path):
     torch.testing.assert_close(sigmas, torch.tensor(expected), rtol=0, atol=1e-6)
     kwargs = dict(height=128, width=128, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=MAX_SEQ,
                   output_type="latent", generator=torch.Generator().manual_seed(3))
-    from diffusers import FluxPipeline
     theirs = FluxPipeline(**{**pipe.components, "scheduler": fixed})(sample["caption"], **kwargs).images
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     kwargs["generator"] = torch.Generator().manual_seed(3)
