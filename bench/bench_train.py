@@ -13,7 +13,10 @@ batches carry cached latents and random text embeddings, so the VAE and text enc
   1024 tokens, 32 text tokens (``--quick``: the embedded tiny transformer on a 2x2 grid of 64 px = 64 tokens);
 - ``dev-random``: FLUX.1-dev's transformer (19 double + 38 single blocks, 24 heads x 128), bf16, on a 4x4 grid
   of 256 px cells = 1024x1024 px = 4096 image tokens + 512 text tokens (a GPU run, ~24 GB of weights);
-- ``small-random``: the dev-random code path on a 2 + 2 block transformer (a CPU check of it).
+- ``small-random``: the dev-random code path on a 2 + 2 block transformer (a CPU check of it);
+- ``mini``: the miniature's transformer (``MINI_TRANSFORMER_CONFIG``: 2 double + 4 single blocks, 4 heads x 32) with
+  ``experiment=mini``'s LoRA, loss and alpha, on its 4x4 grid of 64 px cells = 256 tokens, 20 text tokens (what a
+  `make mini` run steps; pass ``--batch-size 8``, the preset's batch).
 
 Sections (``--sections``; default all for tiny, ``variants`` for the others):
 
@@ -67,6 +70,7 @@ from omegaconf import OmegaConf
 import gridgen.training.module as module_lib
 from gridgen.config import CONF_DIR, register_resolvers
 from gridgen.embedded import TINY_FLUX_CONFIG
+from gridgen.embedded.mini_model import MINI_TRANSFORMER_CONFIG
 from gridgen.layout import GridLayout
 from gridgen.losses import base_loss, temporal_flow_loss
 from gridgen.models.lora import LORA_FILE, save_lora
@@ -85,6 +89,8 @@ MODELS: dict[str, dict[str, Any]] = {  # flux config, layout, text tokens (full 
     "dev-random": {"config": h.DEV_FLUX_CONFIG, "quick_config": h.SMALL_FLUX_CONFIG,
                    "layout": GridLayout(4, 4, 256, 256), "quick_layout": GridLayout(2, 2, 64, 64),
                    "text": 512, "quick_text": 32},
+    "mini": {"config": MINI_TRANSFORMER_CONFIG, "quick_config": TINY_FLUX_CONFIG, "layout": GridLayout(4, 4, 64, 64),
+             "quick_layout": GridLayout(2, 2, 64, 64), "text": 20, "quick_text": 32, "overrides": ["experiment=mini"]},
 }
 SECTIONS = ("framework", "flow", "memory", "hot", "variants")
 RUN_CALLBACKS = ("step_timer", "alpha", "throughput", "summary")  # conf/callbacks acting on every step (no checkpoints)
@@ -148,7 +154,8 @@ def build_bench(args: argparse.Namespace, tmp: Path) -> Bench:
     layout = spec["quick_layout" if args.quick else "layout"]
     text_tokens = spec["quick_text" if args.quick else "text"]
     register_resolvers()  # the real configs, as gridgen.train composes them; the weights are built here
-    overrides = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", "logger=none", "model=flux_tiny",
+    overrides = [*spec.get("overrides", ["model=flux_tiny"]), f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run",
+                 "logger=none",
                  f"strategy={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.enable_progress_bar=false",
                  f"trainer.max_steps={args.warmup + args.steps + 1}", f"model.max_sequence_length={text_tokens}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
