@@ -81,7 +81,7 @@ class GridScore:
         return asdict(self)
 
 
-def _velocity_fit(track: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def velocity_fit(track: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares constant velocity: ``v`` (px / frame) and the residuals ``(F, 2)``."""
     k = np.arange(len(track), dtype=np.float64)
     design = np.stack([np.ones_like(k), k], axis=1)  # (F, 2): offset, slope
@@ -126,7 +126,7 @@ def _motion(track: np.ndarray, motion: Motion, side: float) -> tuple[bool, bool 
         turn, radius = _turn(track)
         correct = (np.sign(turn) == sign and abs(turn) >= MIN_TURN * 2 * math.pi and radius >= MIN_ORBIT * side)
         return bool(correct), None, _rms(_circle_fit(track, sign * 2 * math.pi / frames))
-    velocity, residuals = _velocity_fit(track)
+    velocity, residuals = velocity_fit(track)
     displacement = float(np.linalg.norm(velocity)) * (frames - 1)
     direction = np.asarray(DIRECTIONS[motion.family])
     cosine = float(velocity @ direction) / max(float(np.linalg.norm(velocity)), 1e-12)
