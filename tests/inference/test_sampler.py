@@ -20,7 +20,8 @@ from gridgen.inference import (
     keep_tokens,
     resolve_layout,
 )
-from gridgen.inference.sampler import noised
+from gridgen.inference.pipeline import check_config
+from gridgen.inference.sampler import GUIDERS, noised
 from gridgen.layout import GridLayout
 from tests.helpers.flux import MAX_SEQ, tiny_pipe
 from tests.helpers.generate import gen_cfg
@@ -135,6 +136,114 @@ def test_time_shift_equals_flux_pipeline_with_a_fixed_shift_scheduler(tmp_path):
     for bad in ("0", "-2", "nan", "fast"):
         with pytest.raises(ValueError, match="generate.time_shift must be a number > 0"):
             generate(gen_cfg(tmp_path / f"bad{bad}", *args, f"generate.time_shift={bad}"))
+
+
+def test_guider_interval_equals_a_plain_reference_loop(tmp_path):
+    """generate.guider={name: ClassifierFreeGuidance, stop: 0.5}: true CFG on the first half of the steps, the prompt
+    alone after (one transformer call of batch 1 there), as the plain Euler loop written here computes it; the guider
+    without an interval is FluxPipeline's true CFG; APG starts every trajectory afresh; the manifest records it."""
+    from gridgen.inference import sample_grid
+
+    pipe, layout, steps, scale = tiny_pipe(), resolve_layout("4x4", 128), 4, 3.0
+    sampler = GridSampler(pipe, MAX_SEQ)
+    text, negative = sampler.encode_text([layout.caption("a red circle")]), sampler.encode_text([""])
+    noise = initial_noise([2], layout)
+    batches = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, out: batches.append(kw["hidden_states"].shape[0]),
+                                                  with_kwargs=True)
+    ours = sample_grid(pipe.transformer, pipe.scheduler, layout, text, noise, steps=steps, true_cfg_scale=scale,
+                       negative=negative, guider={"name": "ClassifierFreeGuidance", "stop": 0.5})
+    hook.remove()
+    assert batches == [2, 2, 1, 1]  # the negative half only where the guider guides
+
+    sigmas, timesteps = flux_schedule(pipe.scheduler, layout.num_tokens, steps)
+    guidance, ids = torch.full([1], 3.5), layout.image_ids("cpu", torch.float32)
+
+    def velocity(x, t, cond):
+        return pipe.transformer(hidden_states=x, timestep=t.expand(1) / 1000, guidance=guidance,
+                                pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
+                                txt_ids=cond.text_ids, img_ids=ids, return_dict=False)[0]
+
+    x = noise
+    for i, t in enumerate(timesteps):
+        v = velocity(x, t, text)
+        if i < steps // 2:
+            v_neg = velocity(x, t, negative)
+            v = v_neg + scale * (v - v_neg)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-5)
+    everywhere = sample_grid(pipe.transformer, pipe.scheduler, layout, text, noise, steps=steps, true_cfg_scale=scale,
+                             negative=negative)
+    assert (everywhere - ours).abs().max() > 1e-3  # the interval acted
+    same = sample_grid(pipe.transformer, pipe.scheduler, layout, text, noise, steps=steps, true_cfg_scale=scale,
+                       negative=negative, guider={"name": "ClassifierFreeGuidance"})
+    torch.testing.assert_close(same, everywhere, rtol=0, atol=1e-6)
+    apg = {"name": "AdaptiveProjectedGuidance", "eta": 0.0, "adaptive_projected_guidance_momentum": -0.5}
+    first, second = (sample_grid(pipe.transformer, pipe.scheduler, layout, text, noise, steps=steps,
+                                 true_cfg_scale=scale, negative=negative, guider=apg) for _ in range(2))
+    assert torch.equal(first, second)  # a new guider per trajectory: the second does not start from the first's momentum
+
+    manifest = generate(gen_cfg(tmp_path, "prompt='a red circle'", "generate.steps=2", "export.mp4=false",
+                                "export.gif=false", "generate.true_cfg_scale=3.0",
+                                "generate.guider={name:ClassifierFreeGuidance,stop:0.5}"))
+    assert manifest["guider"] == {"name": "ClassifierFreeGuidance", "stop": 0.5}
+
+
+@pytest.mark.parametrize("name", GUIDERS)
+def test_every_allowed_guider_samples_packed_grids_with_an_interval(name):
+    """Each guider gridgen allows works on packed latents (B, N, 64), with an interval (the conditional half alone on
+    the unguided steps) and guidance_rescale, and gives finite grids unlike true CFG's; APG's momentum acts."""
+    from gridgen.inference import sample_grid
+
+    pipe, layout = tiny_pipe(), resolve_layout("4x4", 128)
+    sampler = GridSampler(pipe, MAX_SEQ)
+    text, negative = sampler.encode_text([layout.caption("a red circle")] * 2), sampler.encode_text([""])
+    noise = initial_noise([2, 3], layout)
+    batches = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, out: batches.append(kw["hidden_states"].shape[0]),
+                                                  with_kwargs=True)
+    extra = {"zero_init_steps": 0} if name == "ClassifierFreeZeroStarGuidance" else {}
+    out = sample_grid(pipe.transformer, pipe.scheduler, layout, text, noise, steps=4, true_cfg_scale=3.0,
+                      negative=negative, guider={"name": name, "stop": 0.5, "guidance_rescale": 0.5, **extra})
+    hook.remove()
+    assert batches == [4, 4, 2, 2] and out.shape == noise.shape and torch.isfinite(out).all()
+    plain = sample_grid(pipe.transformer, pipe.scheduler, layout, text, noise, steps=4, true_cfg_scale=3.0,
+                        negative=negative)
+    assert (out - plain).abs().max() > 1e-3
+    if name == "AdaptiveProjectedGuidance":
+        apg = {"name": name, "eta": 0.0}
+        runs = [sample_grid(pipe.transformer, pipe.scheduler, layout, text, noise, steps=4, true_cfg_scale=3.0,
+                            negative=negative, guider={**apg, **m}) for m in
+                ({}, {"adaptive_projected_guidance_momentum": -0.5})]
+        assert (runs[0] - runs[1]).abs().max() > 1e-4  # the momentum carries from step to step
+
+
+def test_non_finite_samples_are_refused_not_written(tmp_path, monkeypatch):
+    """A sample that comes out NaN (e.g. a guider's arithmetic) ends the command with one line; no grid is written."""
+    real = GridSampler.sample
+    monkeypatch.setattr(GridSampler, "sample", lambda self, *a, **kw: real(self, *a, **kw) * float("nan"))
+    with pytest.raises(ValueError, match=r"non-finite latents \(NaN/inf\) for \['a red circle'\]"):
+        generate(gen_cfg(tmp_path, "prompt='a red circle'", "generate.steps=1", "export.mp4=false",
+                         "export.gif=false"))
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["generate.guider={name:ClassifierFreeGuidance}"], "set generate.true_cfg_scale > 1"),
+    (["generate.true_cfg_scale=3", "generate.guider={name:PerturbedAttentionGuidance}"],
+     "generate.guider.name must be one of"),
+    (["generate.true_cfg_scale=3", "generate.guider={name:ClassifierFreeGuidance,guidance_scale:5}"],
+     "takes its scale from generate.true_cfg_scale"),
+    (["generate.true_cfg_scale=3", "generate.guider={name:ClassifierFreeGuidance,stpo:0.5}"], r"does not take \['stpo'\]"),
+    (["generate.true_cfg_scale=3", "generate.guider=cfg"], "generate.guider takes {name: <guider>"),
+    (["generate.true_cfg_scale=3", "generate.guider={name:ClassifierFreeZeroStarGuidance,guidance_rescale:0.7}"],
+     "set zero_init_steps: 0 or drop guidance_rescale"),
+    (["generate.true_cfg_scale=3", "generate.guider={name:ClassifierFreeGuidance,stop:fast}"],
+     "ClassifierFreeGuidance refused"),
+])
+def test_guider_refusals_name_the_value_before_loading(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(gen_cfg(tmp_path, "prompt=x", *overrides))
 
 
 def i2v_start(sampler: GridSampler, layout: GridLayout, seed: int = 0):

@@ -11,7 +11,7 @@ from gridgen.embedded.mini_model import BUILD_VERSION
 from gridgen.files import config_hash
 from gridgen.losses import sample_timesteps
 from gridgen.mini.build import base_eval_folder, base_overrides, build_folder
-from gridgen.mini.steps import compose
+from gridgen.mini.steps import compose, guider_overrides
 
 
 def test_the_default_build_has_the_presets_folder_and_any_other_its_own(hydra_conf, tmp_path):
@@ -44,13 +44,18 @@ def test_a_changed_base_recipe_comes_with_a_new_build_version(hydra_conf, tmp_pa
 
 
 def test_the_base_evaluation_is_cached_per_sampling_settings(hydra_conf):
-    """The build's base evaluation samples with eval.steps and eval.true_cfg_scale: other values get their own
-    folder (a cached one is never read for settings it was not made with); other eval keys do not matter."""
+    """The build's base evaluation samples with eval.steps, eval.true_cfg_scale and eval.guider: other values get
+    their own folder (a cached one is never read for settings it was not made with); other eval keys do not matter.
+    eval.guider reaches every sampling as the generate.guider it names."""
     default = compose("mini", [])
-    assert base_eval_folder(default, default.eval) == "base_eval"
+    assert base_eval_folder(default, default.eval) == "base_eval" and guider_overrides(default.eval) == []
     assert base_eval_folder(compose("mini", ["eval.batch_size=4"]), default.eval) == "base_eval"
-    names = {base_eval_folder(compose("mini", [o]), default.eval) for o in ("eval.steps=8", "eval.true_cfg_scale=1")}
-    assert len(names) == 2 and all(n.startswith("base_eval-") for n in names)
+    interval = "eval.guider={name:ClassifierFreeGuidance,stop:0.5}"
+    names = {base_eval_folder(compose("mini", [o]), default.eval)
+             for o in ("eval.steps=8", "eval.true_cfg_scale=1", interval)}
+    assert len(names) == 3 and all(n.startswith("base_eval-") for n in names)
+    generate_cfg = compose("generate", guider_overrides(compose("mini", [interval]).eval))
+    assert OmegaConf.to_container(generate_cfg.generate.guider) == {"name": "ClassifierFreeGuidance", "stop": 0.5}
 
 
 def test_the_grid_lora_preset_trains_mostly_at_high_noise(hydra_conf, tmp_path):

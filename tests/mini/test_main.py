@@ -65,10 +65,22 @@ def test_a_continued_folder_with_other_run_settings_is_refused_before_the_build(
         main_lib.run(compose("mini", common), cfg.build)
     for override, key in (('runs.train=["trainer.max_steps=50"]', "runs.train"), ("eval.true_cfg_scale=1.0",
                                                                                "eval.true_cfg_scale"),
-                          ("runs.seeds=[0]", "runs.seeds"), ("build.vae.steps=10", "build")):
+                          ("runs.seeds=[0]", "runs.seeds"), ("build.vae.steps=10", "build"),
+                          ("eval.guider={name:ClassifierFreeGuidance,stop:0.5}", "eval.guider")):
         with pytest.raises(ValueError, match=rf"holds runs made with {key}=.*pass out=<new folder>"):
             main_lib.run(compose("mini", [*common, override]), cfg.build)
     assert (tmp_path / "out" / "settings.json").read_text() == recorded
+
+
+def test_mini_refuses_a_bad_guider_before_any_work(tmp_path, hydra_conf):
+    """eval.guider is checked before the build and the runs (it acts only at their evaluations, hours later)."""
+    import gridgen.mini.__main__ as main_lib
+
+    cfg = compose("mini", [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                           "eval.guider={name:ClassifierFreeGuidance,stpo:0.5}"])
+    with pytest.raises(ValueError, match=r"does not take \['stpo'\]"):
+        main_lib.run(cfg, cfg.build)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_mini_refuses_a_bad_key_with_one_line(tmp_path):

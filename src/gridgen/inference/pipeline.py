@@ -28,6 +28,7 @@ from gridgen.inference.sampler import (
     check_strength,
     check_time_shift,
     check_true_cfg,
+    make_guider,
 )
 from gridgen.inference.tasks import (
     SampleRequest,
@@ -67,6 +68,7 @@ def check_config(cfg: DictConfig) -> tuple[TaskSpec, float]:
         raise ValueError(f"generate.steps and generate.batch_size must be >= 1, got {cfg.generate.steps} and "
                          f"{cfg.generate.batch_size}")
     check_true_cfg(cfg.generate.get("true_cfg_scale", 1.0))
+    make_guider(_plain(cfg.generate.get("guider")), cfg.generate.get("true_cfg_scale", 1.0))  # refusals, before loading
     check_time_shift(cfg.generate.get("time_shift"))
     if not 0 < float(cfg.ref_fit.min_kept) <= 1:
         raise ValueError(f"ref_fit.min_kept must be in (0, 1], got {cfg.ref_fit.min_kept}")
@@ -119,12 +121,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     sampler = GridSampler(pipe, int(gen.max_sequence_length))
     true_cfg = check_true_cfg(gen.get("true_cfg_scale", 1.0))  # FluxPipeline's true CFG with generate.negative_prompt
     time_shift = check_time_shift(gen.get("time_shift"))  # None: FLUX's resolution shift
-    guide = {"guidance": float(gen.guidance), "true_cfg_scale": true_cfg, "time_shift": time_shift,
+    guider = _plain(gen.get("guider"))  # None: FluxPipeline's true CFG; else a diffusers guider (make_guider)
+    guide = {"guidance": float(gen.guidance), "true_cfg_scale": true_cfg, "time_shift": time_shift, "guider": guider,
              "negative": sampler.encode_text([str(gen.get("negative_prompt") or "")]) if true_cfg > 1 else None}
     if reasons := oversize(layout, gen.large):
         if not gen.allow_large:  # refused before anything is written, with what it would cost
             cost = measure_grid_cost(sampler, layout, spec.caption(layout, requests[0].prompt), requests[0].seed,
-                                     export=cfg.export, out=Path(str(gen.out)), **guide)
+                                     export=cfg.export, out=Path(str(gen.out)),
+                                     **{**guide, "guider": None})  # both halves: a guider's interval costs at most that
             raise refusal(layout, reasons, cost, int(gen.steps), len(requests))
         log.info("large generation allowed (%s=true): %s", ALLOW_KEY, "; ".join(reasons))
     encoded = {key: (None if frames is None else sampler.encode_grid(layout.tile(frames)[None].to(dtype)),  # (1, N, 64)
@@ -144,7 +148,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "task": spec.name, "kind": spec.kind, "layout": {"name": layout.name, **layout.to_dict(),
                                                          "height": layout.height, "width": layout.width},
         "T": T, "steps": int(gen.steps), "time_shift": time_shift, "guidance": float(gen.guidance),
-        "true_cfg_scale": true_cfg,
+        "true_cfg_scale": true_cfg, "guider": guider,
         "negative_prompt": str(gen.get("negative_prompt") or "") if true_cfg > 1 else None,
         "mask": cfg.mask.mode if spec.keep != "none" else None,
         "model": {"name": cfg.model.name, "pretrained": str(cfg.model.pretrained),
@@ -170,6 +174,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         text = sampler.encode_text(captions)
         latents = sampler.sample(layout, text, [r.seed for r in batch], steps=int(gen.steps), T=T,
                                  init=init, keep=keep, mask_mode=cfg.mask.mode, **guide)
+        if not (finite := torch.isfinite(latents).flatten(1).all(1)).all():  # a NaN would decode to a grid-like PNG
+            bad = [r.prompt for r, ok in zip(batch, finite.tolist(), strict=True) if not ok]
+            raise ValueError(f"sampling gave non-finite latents (NaN/inf) for {bad}; nothing is written for them: "
+                             f"lower generate.true_cfg_scale ({true_cfg:g}) or change generate.guider ({guider}), "
+                             f"or sample in float32 (model.dtype={cfg.model.dtype})")
         grids = to_uint8(sampler.decode(latents, layout))  # (B, H, W, 3)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -8,6 +8,8 @@ A grid is one FLUX image, so sampling is FLUX sampling over ``N = token_rows * t
     x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i, text, guidance)          Euler on eq. (2)'s field
     x_{i+1} = (1 - M) * ref_{i+1} + M * x_{i+1}    eqs. (10)-(11); ref_{i+1} is the reference noised to
                                                    sigma_{i+1} with the same eps (default) or the clean one
+    v = v_neg + s (v - v_neg)                      true CFG (FluxPipeline's true_cfg_scale), or a diffusers guider
+                                                   (generate.guider: a guidance interval, APG, CFG-Zero*, ...)
 
 With T = 1, no mask and the noise drawn as ``FluxPipeline.prepare_latents`` draws it, every operation is the
 one diffusers' ``FluxPipeline.__call__`` performs, in the same order and dtype, so the two agree to the bit.
@@ -17,9 +19,10 @@ T < 1 keeps FLUX's schedule shape: ``steps`` points equally spaced in unshifted 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ from gridgen.models.flux import decode_tokens, encode_images, encode_prompts, pa
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
+    from diffusers.guiders import BaseGuidance
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,49 @@ def check_true_cfg(scale: float) -> float:
     if not scale >= 1.0:  # also refuses nan
         raise ValueError(f"generate.true_cfg_scale must be >= 1 (1 = off; FluxPipeline's true_cfg_scale), got {scale}")
     return scale
+
+
+# diffusers.guiders that combine the conditional and negative predictions alone (no model hooks, any tensor shape)
+GUIDERS = ("ClassifierFreeGuidance", "AdaptiveProjectedGuidance", "ClassifierFreeZeroStarGuidance",
+           "TangentialClassifierFreeGuidance", "MagnitudeAwareGuidance")
+
+
+def make_guider(spec: Mapping[str, Any] | None, true_cfg_scale: float) -> BaseGuidance | None:
+    """``generate.guider`` (``{name: <diffusers guider>, <its arguments>}``) -> a new diffusers guider whose scale is
+    ``true_cfg_scale``, or None for FluxPipeline's true CFG. A new one per trajectory: APG's momentum is its state."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"generate.guider takes {{name: <guider>, <its arguments>}}, e.g. "
+                         f"'generate.guider={{name:ClassifierFreeGuidance,stop:0.5}}', got {spec!r}")
+    kwargs = dict(spec)
+    name = kwargs.pop("name", None)
+    if name not in GUIDERS:
+        raise ValueError(f"generate.guider.name must be one of {list(GUIDERS)} (diffusers.guiders), got {name!r}")
+    if "guidance_scale" in kwargs:
+        raise ValueError("generate.guider takes its scale from generate.true_cfg_scale: remove "
+                         f"generate.guider.guidance_scale={kwargs['guidance_scale']!r}")
+    if (scale := check_true_cfg(true_cfg_scale)) <= 1.0:
+        raise ValueError(f"generate.guider={name} guides with the negative prompt at generate.true_cfg_scale, which "
+                         f"is {scale:g} (off): set generate.true_cfg_scale > 1, or generate.guider=null")
+    if name == "ClassifierFreeZeroStarGuidance" and kwargs.get("guidance_rescale", 0) and \
+            kwargs.get("zero_init_steps", 1) > 0:  # rescaling its zeroed first steps divides by their std, 0: NaN
+        raise ValueError("generate.guider: ClassifierFreeZeroStarGuidance's zero_init_steps (default 1) output 0, "
+                         "which guidance_rescale cannot rescale (NaN): set zero_init_steps: 0 or drop guidance_rescale")
+    import diffusers
+    import diffusers.guiders
+
+    if not hasattr(diffusers.guiders, name):
+        raise ValueError(f"generate.guider.name={name} is not in the installed diffusers {diffusers.__version__}")
+    guider_class = getattr(diffusers.guiders, name)
+    taken = set(inspect.signature(guider_class.__init__).parameters) - {"self", "guidance_scale"}
+    if unknown := sorted(set(kwargs) - taken):
+        raise ValueError(f"generate.guider: {name} does not take {unknown}; it takes {sorted(taken)} "
+                         f"(diffusers.guiders.{name})")
+    try:
+        return guider_class(guidance_scale=scale, **kwargs)
+    except (TypeError, ValueError) as err:  # a value of the wrong type or range
+        raise ValueError(f"generate.guider: {name} refused {kwargs}: {err}") from None
 
 
 def schedule_mu(scheduler: FlowMatchEulerDiscreteScheduler, num_tokens: int) -> float:
@@ -164,6 +211,7 @@ def sample_grid(
     true_cfg_scale: float = 1.0,
     negative: TextConditioning | None = None,
     time_shift: float | None = None,
+    guider: Mapping[str, Any] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample packed grid latents ``(B, N, 64)``.
@@ -181,6 +229,9 @@ def sample_grid(
             the negative prompt, e.g. the empty caption of a model trained with ``loss.caption_dropout``); both
             halves in one transformer call of batch 2B.
         time_shift: None (FLUX's resolution shift) or a fixed shift of the schedule (:func:`flux_schedule`).
+        guider: None (true CFG as above) or ``{name: <diffusers guider>, <its arguments>}`` (:func:`make_guider`),
+            which combines the two halves instead, with ``true_cfg_scale`` as its scale; on a step where it does not
+            guide (outside its ``start``/``stop`` fraction of the steps) the transformer runs the conditional half only.
         callback: called as ``callback(step, sigma, x)`` with the latents entering each step.
     """
     if mask_mode not in MASK_MODES:
@@ -192,6 +243,7 @@ def sample_grid(
     do_cfg = check_true_cfg(true_cfg_scale) > 1.0
     if do_cfg and negative is None:
         raise ValueError(f"true_cfg_scale={true_cfg_scale} needs the negative prompt's text conditioning (negative=)")
+    guide = make_guider(guider, true_cfg_scale)
     if num_tokens != layout.num_tokens:
         raise ValueError(f"noise has {num_tokens} tokens, layout {layout.name} has {layout.num_tokens}")
     device, dtype = noise.device, noise.dtype
@@ -209,31 +261,38 @@ def sample_grid(
     if getattr(transformer.config, "guidance_embeds", False):
         guidance_vec = torch.full([1], float(guidance), device=device, dtype=torch.float32).expand(batch)
     img_ids = layout.image_ids(device, dtype)  # (N, 3)
-    embeds, pooled, calls = text.prompt_embeds, text.pooled, batch
+    embeds, pooled = text.prompt_embeds, text.pooled
     if do_cfg:  # conditional and negative halves in one call: (2B, L, D), (2B, D_clip)
         if negative.prompt_embeds.shape[1:] != embeds.shape[1:]:
             raise ValueError(f"negative prompt embeddings {tuple(negative.prompt_embeds.shape[1:])} differ from the "
                              f"prompt's {tuple(embeds.shape[1:])}: encode both with the same max_sequence_length")
         embeds = torch.cat([embeds, negative.prompt_embeds.expand(batch, -1, -1)])
         pooled = torch.cat([pooled, negative.pooled.expand(batch, -1)])
-        calls = 2 * batch
         if guidance_vec is not None:
-            guidance_vec = guidance_vec[:1].expand(calls)
+            guidance_vec = guidance_vec[:1].expand(2 * batch)
     for i, t in enumerate(timesteps):
         if callback is not None:
             callback(i, sigmas[i], x)
+        both = do_cfg
+        if guide is not None:  # the guider's own protocol: its state, then how many predictions it wants
+            guide.set_state(i, len(timesteps), t)
+            both = len(guide.prepare_inputs({})) == 2
+        calls = 2 * batch if both else batch  # the conditional half first: embeds[:batch] is the prompt's
         velocity = transformer(
-            hidden_states=torch.cat([x, x]) if do_cfg else x,
+            hidden_states=torch.cat([x, x]) if both else x,
             timestep=t.expand(calls).to(dtype) / 1000,  # FLUX takes t in [0, 1]; as FluxPipeline rounds it
-            guidance=guidance_vec,
-            pooled_projections=pooled,
-            encoder_hidden_states=embeds,
+            guidance=None if guidance_vec is None else guidance_vec[:calls],
+            pooled_projections=pooled[:calls],
+            encoder_hidden_states=embeds[:calls],
             txt_ids=text.text_ids,
             img_ids=img_ids,
             joint_attention_kwargs={},
             return_dict=False,
-        )[0]  # (B, N, 64), or (2B, N, 64) with true CFG
-        if do_cfg:  # FluxPipeline: neg + true_cfg_scale * (cond - neg)
+        )[0]  # (B, N, 64), or (2B, N, 64) with both halves
+        if guide is not None:
+            cond, neg = velocity.chunk(2) if both else (velocity, None)
+            velocity = guide.forward(cond, neg).pred
+        elif do_cfg:  # FluxPipeline: neg + true_cfg_scale * (cond - neg)
             cond, neg = velocity.chunk(2)
             velocity = neg + true_cfg_scale * (cond - neg)
         # Euler step in float32, cast back to the model's dtype (FlowMatchEulerDiscreteScheduler.step)

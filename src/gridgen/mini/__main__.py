@@ -36,6 +36,7 @@ def variant_folders(cfg: DictConfig, out: Path) -> list[tuple[str, int, Path]]:
 
 
 def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
+    from gridgen.inference.sampler import make_guider
     from gridgen.mini.report import write_report
     from gridgen.mini.runs import BASE, run_base, run_variant
 
@@ -45,12 +46,15 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     if cfg.stop_after == "report" and (out / "report.md").exists():  # stop_after=build writes nothing into out
         raise ValueError(f"{out / 'report.md'} exists: a finished report is never overwritten; pass out=<new folder> "
                          "(the build is cached, only the runs are redone)")
+    make_guider(plain(cfg.eval).get("guider"), cfg.eval.true_cfg_scale)  # a bad eval.guider: refused before any work
     build = build_folder(cfg, default_build)
     cells = variant_folders(cfg, out) if cfg.stop_after == "report" else []
     weights = {name: minutes for name, minutes in BUILD_STEPS.items()}
     weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
     progress = Progress(weights)
-    settings = {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)}
+    # eval.guider recorded only when set, so that folders from before it existed continue
+    evaluation = {k: v for k, v in plain(cfg.eval).items() if k != "guider" or v is not None}
+    settings = {"build": str(build), "runs": plain(cfg.runs), "eval": evaluation}
     if cells:  # before the build: a continued folder with other settings is refused at once
         check_out_settings(out, settings, finished=any(is_done(folder) for _, _, folder in cells))
     started = time.perf_counter()

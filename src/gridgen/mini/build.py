@@ -25,7 +25,16 @@ from omegaconf import DictConfig
 
 from gridgen.embedded.mini_model import DEFAULT_BUILD
 from gridgen.files import config_hash
-from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder, write_done
+from gridgen.mini.steps import (
+    Progress,
+    compose,
+    guider_overrides,
+    is_done,
+    plain,
+    read_done,
+    step_folder,
+    write_done,
+)
 
 log = logging.getLogger("gridgen.mini")
 
@@ -43,11 +52,12 @@ def build_folder(cfg: DictConfig, default_build: Any) -> Path:
 
 
 def base_eval_folder(cfg: DictConfig, default_eval: Any) -> str:
-    """The base model's evaluation samples with ``eval.steps`` and ``eval.true_cfg_scale``: ``base_eval`` for the
-    default ones, ``base_eval-<hash>`` for others, so that a cached evaluation is never read for other settings."""
-    keys = ("steps", "true_cfg_scale")
-    mine = {k: plain(cfg.eval)[k] for k in keys}
-    return "base_eval" if mine == {k: plain(default_eval)[k] for k in keys} else f"base_eval-{config_hash(mine)[:8]}"
+    """The base model's evaluation samples with ``eval.steps``, ``eval.true_cfg_scale`` and ``eval.guider``:
+    ``base_eval`` for the default ones, ``base_eval-<hash>`` for others, so that a cached evaluation is never read for
+    other settings."""
+    keys = ("steps", "true_cfg_scale", "guider")  # guider only when set: the folders made before it keep their names
+    mine, default = ({k: plain(c).get(k) for k in keys if plain(c).get(k) is not None} for c in (cfg.eval, default_eval))
+    return "base_eval" if mine == default else f"base_eval-{config_hash(mine)[:8]}"
 
 
 def run_build(cfg: DictConfig, folder: Path, progress: Progress, base_eval: str = "base_eval") -> dict[str, Any]:
@@ -188,8 +198,8 @@ def _base_eval(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
         "model=flux_mini", f"model.pretrained={build / 'base'}", "task=t2i", f"prompts_file={prompts}",
         f"generate.out={out}", f"generate.height={cell_size('frames')}", "generate.batch_size=16", "generate.progress=false",
         "generate.device=cpu", "export.mp4=false", "export.gif=false", "export.frames=false",
-        f"generate.steps={int(cfg.eval.steps)}", f"generate.true_cfg_scale={float(cfg.eval.true_cfg_scale)}"],
-        output_dir=out))
+        f"generate.steps={int(cfg.eval.steps)}", f"generate.true_cfg_scale={float(cfg.eval.true_cfg_scale)}",
+        *guider_overrides(cfg.eval)], output_dir=out))
     right = 0
     answers = []
     for sample, (shape, color) in zip(manifest["samples"], asked, strict=True):

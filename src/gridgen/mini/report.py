@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from gridgen.mini.steps import plain  # noqa: E402
+
 # (key in a run's figures, column title, format, which way is better); keys are dotted paths into done.json
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("metrics.world_identity_all", "identity consistent (% grids)", "{:.0f}", "higher"),
@@ -130,6 +132,15 @@ def grids_picture(out: Path, variants: list[str], path: Path, count: int = 4) ->
     return path
 
 
+def guider_words(eval_cfg: Any) -> str:
+    """`` through diffusers' <guider> (<its arguments>)`` for an ``eval.guider``, nothing for true CFG on every step."""
+    guider = dict(plain(eval_cfg).get("guider") or {})
+    if not guider:
+        return ""
+    name = guider.pop("name")
+    return f" through diffusers' {name}" + (f" ({', '.join(f'{k}={v}' for k, v in guider.items())})" if guider else "")
+
+
 def kept_vae(vae: dict[str, Any]) -> str:
     """The VAE's kept identity (:func:`gridgen.eval.shapes.kept_identity`) as text; builds before it: not measured."""
     from gridgen.eval.shapes import describe_kept
@@ -157,7 +168,8 @@ def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], reco
         f"({machine['torch_threads']} threads), {machine['gpu']}.",
         f"Build: `{build}`; variants x seeds: {', '.join(records)} x {list(cfg.runs.seeds)}; "
         f"{len(prompts)} held-out grids per run (one per test clip, the held-out combinations), each sampled with "
-        f"{int(cfg.eval.steps)} Euler steps and true CFG {float(cfg.eval.true_cfg_scale):g} (`eval.*`).", "",
+        f"{int(cfg.eval.steps)} Euler steps and true CFG {float(cfg.eval.true_cfg_scale):g}"
+        f"{guider_words(cfg.eval)} (`eval.*`).", "",
         "## Build", "",
         f"- VAE: held-out PSNR **{figures['vae']['psnr_db']:.2f} dB** (target >= 28) on "
         f"{figures['vae']['held_out_cells']} frames of unseen combinations; {figures['vae']['seconds']:.0f} s; "

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from gridgen.mini.steps import compose, write_done
+from gridgen.mini.steps import compose, guider_overrides, write_done
 
 log = logging.getLogger("gridgen.mini")
 
@@ -60,6 +60,7 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
                  f"generate.true_cfg_scale={float(cfg.eval.true_cfg_scale)}",
                  "generate.device=cpu", "generate.progress=false", "export.mp4=false", "export.gif=false",
                  "export.frames=false", f"generate.height={clips_layout().height}"]  # the test clips' size
+    overrides += guider_overrides(cfg.eval)
     if lora is not None:
         overrides.append(f"lora={lora}")
     result = run_evaluation(compose("evaluate", overrides, output_dir=folder / "eval"))

@@ -91,3 +91,11 @@ class Progress:
         if self._current is not None:
             self.done[self._current] = took
         return took
+
+
+def guider_overrides(eval_cfg: Any) -> list[str]:
+    """``eval.guider`` as the ``generate.guider`` override of every sampling `make mini` does (none when null)."""
+    guider = plain(eval_cfg).get("guider")
+    if guider is None:
+        return []
+    return ["generate.guider={" + ",".join(f"{k}:{json.dumps(v)}" for k, v in guider.items()) + "}"]
