@@ -19,7 +19,7 @@ _HARMLESS: dict[str, tuple[str, ...]] = {
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
     "transformers.utils.import_utils": ("requires torchvision (not installed)",),
     # printed for every guider made (one per sampled batch with generate.guider); pyproject pins diffusers' range
-    # and tests/inference/test_sampler.py checks the guiders gridgen allows against a plain loop
+    # and tests/inference/test_sampler.py runs every guider gridgen allows (the interval against a plain Euler loop)
     "diffusers.guiders.guider_utils": ("Guiders are currently an experimental feature",),
     # an advertisement printed by every Trainer without a LitLogger; TPUs, which FLUX training never runs on
     "lightning.pytorch.utilities.rank_zero": ("try installing [litlogger]", "TPU available:"),
