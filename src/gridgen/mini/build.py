@@ -38,8 +38,8 @@ from gridgen.mini.steps import (
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 0.6, "vae": 5.8, "init": 0.1, "cache_base": 0.6, "base_run": 27.1, "base": 0.1,
-               "cache_clips": 2.0, "base_eval": 0.1}  # minutes of mini-v7 on 2 cores (RESULTS-7): the ETA's weights
+BUILD_STEPS = {"data": 0.5, "vae": 4.4, "init": 0.1, "cache_base": 0.5, "base_run": 14.7, "base": 0.1,
+               "cache_clips": 1.3, "base_eval": 0.1}  # minutes of mini-v7 on 2 cores (RESULTS-9): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
