@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def test_a_continued_folder_with_other_run_settings_is_refused_before_the_build(
         with pytest.raises(ValueError, match=rf"holds runs made with {key}=.*pass out=<new folder>"):
             main_lib.run(compose("mini", [*common, override]), cfg.build)
     assert (tmp_path / "out" / "settings.json").read_text() == recorded
+    # a folder recorded before eval.guider existed (no such key) continues with the default, null
+    older = json.loads(recorded)
+    del older["eval"]["guider"]
+    (tmp_path / "out" / "settings.json").write_text(json.dumps(older))
+    with pytest.raises(RuntimeError, match="build failed"):
+        main_lib.run(compose("mini", common), cfg.build)
 
 
 def test_mini_refuses_a_bad_guider_before_any_work(tmp_path, hydra_conf):
@@ -78,7 +85,7 @@ def test_mini_refuses_a_bad_guider_before_any_work(tmp_path, hydra_conf):
 
     cfg = compose("mini", [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
                            "eval.guider={name:ClassifierFreeGuidance,stpo:0.5}"])
-    with pytest.raises(ValueError, match=r"does not take \['stpo'\]"):
+    with pytest.raises(ValueError, match=r"^eval.guider: ClassifierFreeGuidance does not take \['stpo'\]"):
         main_lib.run(cfg, cfg.build)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gridgen.mini.report import COLUMNS, dig, interval, markdown_table, summarise
+from gridgen.mini.report import COLUMNS, dig, guider_words, interval, markdown_table, summarise
 
 
 def test_interval_is_students_t_over_seeds():
@@ -30,3 +30,11 @@ def test_summarise_reads_dotted_keys_and_scales_percentages():
     text = markdown_table(table)
     assert text.count("\n") == 2 and "| filmstrip | 75 ± " in text
     assert len(text.splitlines()[0].split("|")) == len(COLUMNS) + 3
+
+
+def test_the_report_names_the_guider_it_sampled_with():
+    """The report's sampling sentence says nothing more for true CFG on every step, and names an eval.guider."""
+    assert guider_words({"true_cfg_scale": 4.0, "guider": None}) == ""
+    words = guider_words({"guider": {"name": "ClassifierFreeGuidance", "stop": 0.5}})
+    assert words == " through diffusers' ClassifierFreeGuidance (stop=0.5)"
+    assert guider_words({"guider": {"name": "AdaptiveProjectedGuidance"}}) == " through diffusers' AdaptiveProjectedGuidance"

@@ -65,42 +65,44 @@ GUIDERS = ("ClassifierFreeGuidance", "AdaptiveProjectedGuidance", "ClassifierFre
            "TangentialClassifierFreeGuidance", "MagnitudeAwareGuidance")
 
 
-def make_guider(spec: Mapping[str, Any] | None, true_cfg_scale: float) -> BaseGuidance | None:
+def make_guider(spec: Mapping[str, Any] | None, true_cfg_scale: float, section: str = "generate"
+                ) -> BaseGuidance | None:
     """``generate.guider`` (``{name: <diffusers guider>, <its arguments>}``) -> a new diffusers guider whose scale is
-    ``true_cfg_scale``, or None for FluxPipeline's true CFG. A new one per trajectory: APG's momentum is its state."""
+    ``true_cfg_scale``, or None for FluxPipeline's true CFG. A new one per trajectory: APG's momentum is its state.
+    ``section``: the config group the refusals name (``eval`` for `make mini`'s ``eval.guider``)."""
     if spec is None:
         return None
+    key, scale_key = f"{section}.guider", f"{section}.true_cfg_scale"
     if not isinstance(spec, Mapping):
-        raise ValueError(f"generate.guider takes {{name: <guider>, <its arguments>}}, e.g. "
-                         f"'generate.guider={{name:ClassifierFreeGuidance,stop:0.5}}', got {spec!r}")
+        raise ValueError(f"{key} takes {{name: <guider>, <its arguments>}}, e.g. "
+                         f"'{key}={{name:ClassifierFreeGuidance,stop:0.5}}', got {spec!r}")
     kwargs = dict(spec)
     name = kwargs.pop("name", None)
     if name not in GUIDERS:
-        raise ValueError(f"generate.guider.name must be one of {list(GUIDERS)} (diffusers.guiders), got {name!r}")
+        raise ValueError(f"{key}.name must be one of {list(GUIDERS)} (diffusers.guiders), got {name!r}")
     if "guidance_scale" in kwargs:
-        raise ValueError("generate.guider takes its scale from generate.true_cfg_scale: remove "
-                         f"generate.guider.guidance_scale={kwargs['guidance_scale']!r}")
+        raise ValueError(f"{key} takes its scale from {scale_key}: remove {key}.guidance_scale="
+                         f"{kwargs['guidance_scale']!r}")
     if (scale := check_true_cfg(true_cfg_scale)) <= 1.0:
-        raise ValueError(f"generate.guider={name} guides with the negative prompt at generate.true_cfg_scale, which "
-                         f"is {scale:g} (off): set generate.true_cfg_scale > 1, or generate.guider=null")
+        raise ValueError(f"{key}={name} guides with the negative prompt at {scale_key}, which is {scale:g} (off): "
+                         f"set {scale_key} > 1, or {key}=null")
     if name == "ClassifierFreeZeroStarGuidance" and kwargs.get("guidance_rescale", 0) and \
             kwargs.get("zero_init_steps", 1) > 0:  # rescaling its zeroed first steps divides by their std, 0: NaN
-        raise ValueError("generate.guider: ClassifierFreeZeroStarGuidance's zero_init_steps (default 1) output 0, "
-                         "which guidance_rescale cannot rescale (NaN): set zero_init_steps: 0 or drop guidance_rescale")
+        raise ValueError(f"{key}: ClassifierFreeZeroStarGuidance's zero_init_steps (default 1) output 0, which "
+                         "guidance_rescale cannot rescale (NaN): set zero_init_steps: 0 or drop guidance_rescale")
     import diffusers
     import diffusers.guiders
 
     if not hasattr(diffusers.guiders, name):
-        raise ValueError(f"generate.guider.name={name} is not in the installed diffusers {diffusers.__version__}")
+        raise ValueError(f"{key}.name={name} is not in the installed diffusers {diffusers.__version__}")
     guider_class = getattr(diffusers.guiders, name)
     taken = set(inspect.signature(guider_class.__init__).parameters) - {"self", "guidance_scale"}
     if unknown := sorted(set(kwargs) - taken):
-        raise ValueError(f"generate.guider: {name} does not take {unknown}; it takes {sorted(taken)} "
-                         f"(diffusers.guiders.{name})")
+        raise ValueError(f"{key}: {name} does not take {unknown}; it takes {sorted(taken)} (diffusers.guiders.{name})")
     try:
         return guider_class(guidance_scale=scale, **kwargs)
     except (TypeError, ValueError) as err:  # a value of the wrong type or range
-        raise ValueError(f"generate.guider: {name} refused {kwargs}: {err}") from None
+        raise ValueError(f"{key}: {name} refused {kwargs}: {err}") from None
 
 
 def schedule_mu(scheduler: FlowMatchEulerDiscreteScheduler, num_tokens: int) -> float:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.files import write_text_atomic
 from gridgen.mini.build import BUILD_STEPS, base_eval_folder, build_folder, run_build
-from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder
+from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder, without_nulls
 
 log = logging.getLogger("gridgen.mini")
 
@@ -46,15 +46,13 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     if cfg.stop_after == "report" and (out / "report.md").exists():  # stop_after=build writes nothing into out
         raise ValueError(f"{out / 'report.md'} exists: a finished report is never overwritten; pass out=<new folder> "
                          "(the build is cached, only the runs are redone)")
-    make_guider(plain(cfg.eval).get("guider"), cfg.eval.true_cfg_scale)  # a bad eval.guider: refused before any work
+    make_guider(plain(cfg.eval).get("guider"), cfg.eval.true_cfg_scale, section="eval")  # refused before any work
     build = build_folder(cfg, default_build)
     cells = variant_folders(cfg, out) if cfg.stop_after == "report" else []
     weights = {name: minutes for name, minutes in BUILD_STEPS.items()}
     weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
     progress = Progress(weights)
-    # eval.guider recorded only when set, so that folders from before it existed continue
-    evaluation = {k: v for k, v in plain(cfg.eval).items() if k != "guider" or v is not None}
-    settings = {"build": str(build), "runs": plain(cfg.runs), "eval": evaluation}
+    settings = {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)}
     if cells:  # before the build: a continued folder with other settings is refused at once
         check_out_settings(out, settings, finished=any(is_done(folder) for _, _, folder in cells))
     started = time.perf_counter()
@@ -94,7 +92,7 @@ def check_out_settings(out: Path, settings: dict[str, Any], finished: bool) -> N
     if not finished or not path.is_file():
         return
     before = json.loads(path.read_text())
-    if before != settings:
+    if without_nulls(before) != without_nulls(settings):  # a null is an absent key (eval.guider came later)
         key, old, new = first_difference(before, settings)
         raise ValueError(f"{out} holds runs made with {key}={old}, {new} now: continue it with the same settings, "
                          "or pass out=<new folder> (the build is cached)")

@@ -33,6 +33,7 @@ from gridgen.mini.steps import (
     plain,
     read_done,
     step_folder,
+    without_nulls,
     write_done,
 )
 
@@ -55,8 +56,8 @@ def base_eval_folder(cfg: DictConfig, default_eval: Any) -> str:
     """The base model's evaluation samples with ``eval.steps``, ``eval.true_cfg_scale`` and ``eval.guider``:
     ``base_eval`` for the default ones, ``base_eval-<hash>`` for others, so that a cached evaluation is never read for
     other settings."""
-    keys = ("steps", "true_cfg_scale", "guider")  # guider only when set: the folders made before it keep their names
-    mine, default = ({k: plain(c).get(k) for k in keys if plain(c).get(k) is not None} for c in (cfg.eval, default_eval))
+    keys = ("steps", "true_cfg_scale", "guider")  # nulls dropped: the folders made before eval.guider keep their names
+    mine, default = (without_nulls({k: plain(c).get(k) for k in keys}) for c in (cfg.eval, default_eval))
     return "base_eval" if mine == default else f"base_eval-{config_hash(mine)[:8]}"
 
 

@@ -93,6 +93,14 @@ class Progress:
         return took
 
 
+def without_nulls(value: Any) -> Any:
+    """A JSON-like value with its null-valued keys dropped, at every depth: how recorded settings and cache keys
+    compare, so that a key added later with a null default leaves the folders made before it valid."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def guider_overrides(eval_cfg: Any) -> list[str]:
     """``eval.guider`` as the ``generate.guider`` override of every sampling `make mini` does (none when null)."""
     guider = plain(eval_cfg).get("guider")
