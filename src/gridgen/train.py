@@ -42,6 +42,15 @@ log = logging.getLogger("gridgen.train")
 register_resolvers()
 
 
+
+def run_attention_backend(cfg: DictConfig) -> str:
+    """The attention kernel a training run of ``cfg`` uses on this machine (``model.attention_backend``, ``auto``
+    resolved for ``trainer.accelerator``'s device), as its ``config.yaml`` records it."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    auto = resolve_device("auto", "trainer.accelerator").type
+    device_type = {"gpu": "cuda", "cuda": "cuda", "auto": auto}.get(accelerator, "cpu")
+    return resolve_attention_backend(cfg.model.get("attention_backend"), device_type)
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate everything from ``cfg``, fit, export the LoRA (``adapter=full``: the transformer); returns the
     final metrics.
@@ -86,11 +95,8 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
     mode = adapter_mode(cfg.lora)
 
     # The attention kernel this run will use, recorded in config.yaml and the loggers' hyperparameters.
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    auto = resolve_device("auto", "trainer.accelerator").type
-    device_type = {"gpu": "cuda", "cuda": "cuda", "auto": auto}.get(accelerator, "cpu")
     with open_dict(cfg):
-        cfg.model.attention_backend = resolve_attention_backend(cfg.model.get("attention_backend"), device_type)
+        cfg.model.attention_backend = run_attention_backend(cfg)
 
     datamodule = instantiate(cfg.data)
     if "LOCAL_RANK" not in os.environ:  # one process (or the launcher of DDP's processes): check the data now,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,28 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     errors = [line for line in again.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
     assert again.returncode == 2 and len(errors) == 1 and "never overwritten" in errors[0], again.stderr
     assert digest(out) == before
+
+    # a killed `make mini` continues: the runs it finished were trained with the config the code composes now
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)
+    (killed / "report.md").unlink()
+    shutil.rmtree(killed / "within_row")
+    continued = make_mini(tmp_path, *TOY, f"out={killed}")
+    assert continued.returncode == 0, continued.stdout[-3000:] + continued.stderr[-3000:]
+    assert "train + evaluate within_row seed 0" in continued.stdout and "no_flow seed 0" not in continued.stdout
+    assert (killed / "report.md").is_file()
+    # ... and refuses to, in one line and touching nothing, when a finished run was trained with another preset
+    (killed / "report.md").unlink()
+    shutil.rmtree(killed / "within_row")
+    config = killed / "no_flow" / "seed0" / "run" / "config.yaml"
+    assert "  lr: 0.003\n" in config.read_text()
+    config.write_text(config.read_text().replace("  lr: 0.003\n", "  lr: 0.001\n"))
+    before = digest(killed)
+    refused = make_mini(tmp_path, *TOY, f"out={killed}")
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr
+    assert "no_flow/seed0 was trained with optim.lr=0.001, and experiment=mini gives 0.003" in errors[0]
+    assert digest(killed) == before
 
     # another output folder reuses the cached build: no build step runs again
     second = make_mini(tmp_path, *TOY, "runs.base_without_lora=false", f"out={tmp_path / 'second'}",

@@ -79,6 +79,52 @@ def test_a_continued_folder_with_other_run_settings_is_refused_before_the_build(
         main_lib.run(compose("mini", common), cfg.build)
 
 
+def test_a_continued_folder_whose_runs_another_preset_trained_is_refused_before_the_build(hydra_conf, tmp_path,
+                                                                                         monkeypatch):
+    """A finished run's recorded config.yaml is compared with what experiment=mini composes for it now: an edited
+    preset (a pull between a killed `make mini` and its continuation) is one line naming the key, before the build;
+    the folders where the run ran (another checkout, the attention kernel `auto` resolved) are no change."""
+    from omegaconf import OmegaConf
+
+    import gridgen.mini.__main__ as main_lib
+    import gridgen.mini.runs as runs_lib
+    from gridgen.mini.build import build_folder
+
+    def failed_build(*args):
+        raise RuntimeError("build failed")
+
+    def runs_reached(*args):
+        raise RuntimeError("runs reached")
+
+    common = [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose("mini", common)
+    monkeypatch.setattr(main_lib, "run_build", lambda *a: {})
+    monkeypatch.setattr(runs_lib, "run_variant", runs_reached)
+    with pytest.raises(RuntimeError, match="runs reached"):  # settings.json recorded
+        main_lib.run(cfg, cfg.build)
+    folder = tmp_path / "out" / "filmstrip" / "seed1"
+    overrides = runs_lib.lora_overrides(build_folder(cfg, cfg.build), list(cfg.runs.variants.filmstrip), 1, [])
+    trained = compose("train", [*overrides, "paths.root_dir=/elsewhere/gridgen"],  # made in another checkout
+                      output_dir=tmp_path / "out" / "filmstrip" / ".seed1.tmp" / "run")
+    trained.model.attention_backend = "sdpa"  # as gridgen.train records `auto` on a CPU
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
+    (folder / "done.json").write_text("{}")
+    monkeypatch.setattr(main_lib, "run_build", failed_build)
+    with pytest.raises(RuntimeError, match="build failed"):  # the same recipe continues (to the build)
+        main_lib.run(cfg, cfg.build)
+    assert trained.optim.lr == 3e-3
+    trained.optim.lr = 1e-3  # the preset at the time of the run
+    (folder / "run" / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
+    with pytest.raises(ValueError, match=r"filmstrip/seed1 was trained with optim\.lr=0\.001, and experiment=mini "
+                                         r"gives 0\.003 now .*pass out=<new folder>"):
+        main_lib.run(cfg, cfg.build)
+    for damaged in ("model: [unclosed\n", "- a list\n"):  # one line, not a traceback
+        (folder / "run" / "config.yaml").write_text(damaged)
+        with pytest.raises(ValueError, match=r"config.yaml cannot be read as a run's config \(.+\): .*out=<new folder>"):
+            main_lib.run(cfg, cfg.build)
+
+
 def test_mini_refuses_a_bad_guider_before_any_work(tmp_path, hydra_conf):
     """eval.guider is checked before the build and the runs (it acts only at their evaluations, hours later)."""
     import gridgen.mini.__main__ as main_lib

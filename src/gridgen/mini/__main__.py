@@ -16,12 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.files import write_text_atomic
 from gridgen.mini.build import BUILD_STEPS, base_eval_folder, build_folder, run_build
-from gridgen.mini.steps import Progress, compose, is_done, plain, read_done, step_folder, without_nulls
+from gridgen.mini.steps import (
+    Progress,
+    compose,
+    is_done,
+    plain,
+    read_done,
+    step_folder,
+    temporary_folder,
+    without_nulls,
+)
 
 log = logging.getLogger("gridgen.mini")
 
@@ -53,8 +62,9 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     weights.update({str(folder): BASE_MINUTES if name == BASE else RUN_MINUTES for name, _, folder in cells})
     progress = Progress(weights)
     settings = {"build": str(build), "runs": plain(cfg.runs), "eval": plain(cfg.eval)}
-    if cells:  # before the build: a continued folder with other settings is refused at once
+    if cells:  # before the build: a continued folder with other settings, or another recipe, is refused at once
         check_out_settings(out, settings, finished=any(is_done(folder) for _, _, folder in cells))
+        check_recipe(cfg, build, cells)
     started = time.perf_counter()
     base_eval = base_eval_folder(cfg, cfg.eval if default_eval is None else default_eval)
     figures = run_build(cfg, build, progress, base_eval)
@@ -96,6 +106,59 @@ def check_out_settings(out: Path, settings: dict[str, Any], finished: bool) -> N
         key, old, new = first_difference(before, settings)
         raise ValueError(f"{out} holds runs made with {key}={old}, {new} now: continue it with the same settings, "
                          "or pass out=<new folder> (the build is cached)")
+
+
+PATH_KEYS = ("output_dir", "output_root", "root_dir", "cache_dir")  # paths.*: where a run ran, not how it trained
+
+
+def check_recipe(cfg: DictConfig, build: Path, cells: list[tuple[str, int, Path]]) -> None:
+    """Each finished run of a continued folder was trained with the config this code composes for it now (its
+    ``run/config.yaml`` against ``experiment=mini`` + its variant and seed, with the folders where either ran taken
+    out): a preset changed since (a pull, an edited ``conf/``) is refused, so that one report never mixes recipes."""
+    from gridgen.mini.runs import BASE, lora_overrides
+    from gridgen.train import run_attention_backend
+
+    for name, seed, folder in cells:
+        recorded = folder / "run" / "config.yaml"
+        if name == BASE or not is_done(folder) or not recorded.is_file():
+            continue
+        try:
+            then = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
+            damage = None if isinstance(then, dict) else "not a mapping"
+        except Exception as err:  # YAML of every kind of damage
+            damage = type(err).__name__
+        if damage:
+            raise ValueError(f"{recorded} cannot be read as a run's config ({damage}): the run's record is damaged; "
+                             "pass out=<new folder>")
+        overrides = lora_overrides(build, list(cfg.runs.variants[name]), seed, list(cfg.runs.train))
+        composed = compose("train", overrides, output_dir=temporary_folder(folder) / "run")
+        with open_dict(composed):  # as the run recorded it: the attention kernel resolved for this machine
+            composed.model.attention_backend = run_attention_backend(composed)
+        now = OmegaConf.to_container(composed, resolve=True)
+        then, now = _without_paths(then), _without_paths(now)
+        if then != now:
+            key, old, new = first_difference(then, now)
+            raise ValueError(f"{folder} was trained with {key}={old}, and experiment=mini gives {new} now (the preset "
+                             "or its config changed since): continue the folder with the code that made it, or pass "
+                             "out=<new folder>")
+
+
+def _without_paths(config: Any) -> Any:
+    """``config`` with its own ``paths.*`` folders written as ``<paths.key>`` in every string, longest first."""
+    folders = sorted(((str(v), k) for k, v in (config.get("paths") or {}).items() if k in PATH_KEYS and v),
+                     key=lambda item: -len(item[0]))
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, str):
+            for folder, key in folders:
+                value = value.replace(folder, f"<paths.{key}>")
+        return value
+
+    return strip(config)
 
 
 def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any]:

@@ -37,12 +37,17 @@ def read_done(folder: Path) -> dict[str, Any]:
     return json.loads((folder / DONE).read_text())
 
 
+def temporary_folder(folder: Path) -> Path:
+    """Where :func:`step_folder` writes ``folder`` before it stands (``.<name>.tmp`` beside it)."""
+    return folder.with_name(f".{folder.name}.tmp")
+
+
 @contextmanager
 def step_folder(folder: Path) -> Iterator[Path]:
     """``with step_folder(target) as tmp:`` write into ``tmp``; it becomes ``target`` only if the block succeeds.
 
     A leftover of a killed run (``.<name>.tmp``) is removed first: it was never a result."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp = temporary_folder(folder)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
