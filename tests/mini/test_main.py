@@ -12,6 +12,14 @@ import pytest
 from gridgen.mini.steps import compose
 
 
+def failed_build(*args):
+    raise RuntimeError("build failed")
+
+
+def runs_reached(*args):
+    raise RuntimeError("runs reached")
+
+
 def test_a_finished_report_is_never_overwritten(hydra_conf, tmp_path, monkeypatch):
     import gridgen.mini.__main__ as main_lib
     from gridgen.mini.__main__ import run
@@ -38,12 +46,6 @@ def test_a_continued_folder_with_other_run_settings_is_refused_before_the_build(
     build leaves no output folder."""
     import gridgen.mini.__main__ as main_lib
     import gridgen.mini.runs as runs_lib
-
-    def failed_build(*args):
-        raise RuntimeError("build failed")
-
-    def runs_reached(*args):
-        raise RuntimeError("runs reached")
 
     common = [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     cfg = compose("mini", common)
@@ -89,12 +91,6 @@ def test_a_continued_folder_whose_runs_another_preset_trained_is_refused_before_
     import gridgen.mini.__main__ as main_lib
     import gridgen.mini.runs as runs_lib
     from gridgen.mini.build import build_folder
-
-    def failed_build(*args):
-        raise RuntimeError("build failed")
-
-    def runs_reached(*args):
-        raise RuntimeError("runs reached")
 
     common = [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     cfg = compose("mini", common)
