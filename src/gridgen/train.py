@@ -42,7 +42,6 @@ log = logging.getLogger("gridgen.train")
 register_resolvers()
 
 
-
 def run_attention_backend(cfg: DictConfig) -> str:
     """The attention kernel a training run of ``cfg`` uses on this machine (``model.attention_backend``, ``auto``
     resolved for ``trainer.accelerator``'s device), as its ``config.yaml`` records it."""
@@ -50,6 +49,7 @@ def run_attention_backend(cfg: DictConfig) -> str:
     auto = resolve_device("auto", "trainer.accelerator").type
     device_type = {"gpu": "cuda", "cuda": "cuda", "auto": auto}.get(accelerator, "cpu")
     return resolve_attention_backend(cfg.model.get("attention_backend"), device_type)
+
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate everything from ``cfg``, fit, export the LoRA (``adapter=full``: the transformer); returns the

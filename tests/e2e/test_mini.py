@@ -87,7 +87,7 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     refused = make_mini(tmp_path, *TOY, f"out={killed}")
     errors = [line for line in refused.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
     assert refused.returncode == 2 and len(errors) == 1, refused.stderr
-    assert "no_flow/seed0 was trained with optim.lr=0.001, and experiment=mini gives 0.003" in errors[0]
+    assert "no_flow/seed0 was trained with optim.lr=0.001, and the config gives 0.003" in errors[0]
     assert digest(killed) == before
 
     # another output folder reuses the cached build: no build step runs again

@@ -102,6 +102,7 @@ def test_a_continued_folder_whose_runs_another_preset_trained_is_refused_before_
     overrides = runs_lib.lora_overrides(build_folder(cfg, cfg.build), list(cfg.runs.variants.filmstrip), 1, [])
     trained = compose("train", [*overrides, "paths.root_dir=/elsewhere/gridgen"],  # made in another checkout
                       output_dir=tmp_path / "out" / "filmstrip" / ".seed1.tmp" / "run")
+    OmegaConf.set_struct(trained, False)  # the test edits it as other versions of the preset would have
     trained.model.attention_backend = "sdpa"  # as gridgen.train records `auto` on a CPU
     (folder / "run").mkdir(parents=True)
     (folder / "run" / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
@@ -109,11 +110,22 @@ def test_a_continued_folder_whose_runs_another_preset_trained_is_refused_before_
     monkeypatch.setattr(main_lib, "run_build", failed_build)
     with pytest.raises(RuntimeError, match="build failed"):  # the same recipe continues (to the build)
         main_lib.run(cfg, cfg.build)
+    assert trained.model.compile_options is None
+    del trained.model["compile_options"]  # recorded before the key existed: its null default is no change
+    (folder / "run" / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
+    with pytest.raises(RuntimeError, match="build failed"):
+        main_lib.run(cfg, cfg.build)
+    trained.model.compile_options = {"mode": "max-autotune"}
+    (folder / "run" / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
+    with pytest.raises(ValueError, match=r'was trained with model.compile_options={"mode": "max-autotune"}, and the '
+                                         r"config gives absent now"):
+        main_lib.run(cfg, cfg.build)
+    del trained.model["compile_options"]
     assert trained.optim.lr == 3e-3
     trained.optim.lr = 1e-3  # the preset at the time of the run
     (folder / "run" / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
-    with pytest.raises(ValueError, match=r"filmstrip/seed1 was trained with optim\.lr=0\.001, and experiment=mini "
-                                         r"gives 0\.003 now .*pass out=<new folder>"):
+    with pytest.raises(ValueError, match=r"filmstrip/seed1 was trained with optim\.lr=0\.001, and the config gives "
+                                         r"0\.003 now .*delete .*filmstrip/seed1 to train it again"):
         main_lib.run(cfg, cfg.build)
     for damaged in ("model: [unclosed\n", "- a list\n"):  # one line, not a traceback
         (folder / "run" / "config.yaml").write_text(damaged)

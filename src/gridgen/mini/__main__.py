@@ -102,8 +102,9 @@ def check_out_settings(out: Path, settings: dict[str, Any], finished: bool) -> N
     if not finished or not path.is_file():
         return
     before = json.loads(path.read_text())
-    if without_nulls(before) != without_nulls(settings):  # a null is an absent key (eval.guider came later)
-        key, old, new = first_difference(before, settings)
+    before, now = without_nulls(before), without_nulls(settings)  # a null is an absent key (eval.guider came later)
+    if before != now:
+        key, old, new = first_difference(before, now)
         raise ValueError(f"{out} holds runs made with {key}={old}, {new} now: continue it with the same settings, "
                          "or pass out=<new folder> (the build is cached)")
 
@@ -114,39 +115,44 @@ PATH_KEYS = ("output_dir", "output_root", "root_dir", "cache_dir")  # paths.*: w
 def check_recipe(cfg: DictConfig, build: Path, cells: list[tuple[str, int, Path]]) -> None:
     """Each finished run of a continued folder was trained with the config this code composes for it now (its
     ``run/config.yaml`` against ``experiment=mini`` + its variant and seed, with the folders where either ran taken
-    out): a preset changed since (a pull, an edited ``conf/``) is refused, so that one report never mixes recipes."""
+    out, and a null the same as an absent key): a preset changed since (a pull, an edited ``conf/``) is refused, so
+    that one report never mixes training recipes. (A finished run without a ``config.yaml`` is not checked; the
+    evaluation's config is not recorded per run: ``settings.json`` holds ``eval.*``.)"""
     from gridgen.mini.runs import BASE, lora_overrides
-    from gridgen.train import run_attention_backend
 
     for name, seed, folder in cells:
         recorded = folder / "run" / "config.yaml"
         if name == BASE or not is_done(folder) or not recorded.is_file():
             continue
+        from gridgen.train import run_attention_backend  # Lightning and diffusers: only for a finished run
+
         try:
             then = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
-            damage = None if isinstance(then, dict) else "not a mapping"
+            damage = None if isinstance(then, dict) and then else "empty or not a mapping"
         except Exception as err:  # YAML of every kind of damage
             damage = type(err).__name__
         if damage:
             raise ValueError(f"{recorded} cannot be read as a run's config ({damage}): the run's record is damaged; "
-                             "pass out=<new folder>")
+                             f"delete {folder} to train it again, or pass out=<new folder>")
         overrides = lora_overrides(build, list(cfg.runs.variants[name]), seed, list(cfg.runs.train))
         composed = compose("train", overrides, output_dir=temporary_folder(folder) / "run")
         with open_dict(composed):  # as the run recorded it: the attention kernel resolved for this machine
             composed.model.attention_backend = run_attention_backend(composed)
-        now = OmegaConf.to_container(composed, resolve=True)
-        then, now = _without_paths(then), _without_paths(now)
+        then = without_nulls(_without_paths(then))
+        now = without_nulls(_without_paths(OmegaConf.to_container(composed, resolve=True)))
         if then != now:
             key, old, new = first_difference(then, now)
-            raise ValueError(f"{folder} was trained with {key}={old}, and experiment=mini gives {new} now (the preset "
-                             "or its config changed since): continue the folder with the code that made it, or pass "
+            raise ValueError(f"{folder} was trained with {key}={old}, and the config gives {new} now (the preset, "
+                             f"the config it composes or this machine changed since): delete {folder} to train it "
+                             "again with this config, continue the folder with the code that made it, or pass "
                              "out=<new folder>")
 
 
 def _without_paths(config: Any) -> Any:
-    """``config`` with its own ``paths.*`` folders written as ``<paths.key>`` in every string, longest first."""
-    folders = sorted(((str(v), k) for k, v in (config.get("paths") or {}).items() if k in PATH_KEYS and v),
-                     key=lambda item: -len(item[0]))
+    """``config`` with its own ``paths.*`` folders written as ``<paths.key>`` in every string that is one of them or
+    lies under one (the longest first; the root folder ``/`` is left as it is)."""
+    folders = sorted(((str(v).rstrip("/"), k) for k, v in (config.get("paths") or {}).items()
+                      if k in PATH_KEYS and str(v or "").rstrip("/")), key=lambda item: -len(item[0]))
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
@@ -155,19 +161,24 @@ def _without_paths(config: Any) -> Any:
             return [strip(v) for v in value]
         if isinstance(value, str):
             for folder, key in folders:
-                value = value.replace(folder, f"<paths.{key}>")
+                if value == folder or value.startswith(folder + "/"):
+                    return f"<paths.{key}>" + value[len(folder):]
         return value
 
     return strip(config)
 
 
-def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any]:
-    """The first dotted key whose value differs between two JSON-like values, with both values."""
+ABSENT = object()  # first_difference: a key one side has not got
+
+
+def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, str, str]:
+    """The first dotted key whose value differs between two JSON-like values, with both values as JSON (``absent``
+    where one side has not got the key)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
-    return key, json.dumps(a), json.dumps(b)
+            if a.get(k, ABSENT) != b.get(k, ABSENT):
+                return first_difference(a.get(k, ABSENT), b.get(k, ABSENT), f"{key}.{k}" if key else k)
+    return key, *("absent" if value is ABSENT else json.dumps(value) for value in (a, b))
 
 
 def machine() -> dict[str, Any]:
