@@ -1,6 +1,7 @@
-"""`make mini` end to end at a toy size (slow: about 3 min on 2 cores): the world's shards, a VAE, a base model
-trained in full, a grid LoRA per variant and the base without one, all evaluated, one report; the build is cached
-and reused, a finished report is never overwritten."""
+"""`make mini` end to end at a toy size (slow: a few minutes on 2 cores, `make mini` run five times): the world's
+shards, a VAE, a base model trained in full, a grid LoRA per variant and the base without one, all evaluated, one
+report; the build is cached and reused, a finished report is never overwritten, a killed folder continues unless a
+finished run was trained with another preset."""
 
 from __future__ import annotations
 
