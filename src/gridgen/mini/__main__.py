@@ -109,9 +109,6 @@ def check_out_settings(out: Path, settings: dict[str, Any], finished: bool) -> N
                          "or pass out=<new folder> (the build is cached)")
 
 
-PATH_KEYS = ("output_dir", "output_root", "root_dir", "cache_dir")  # paths.*: where a run ran, not how it trained
-
-
 def check_recipe(cfg: DictConfig, build: Path, cells: list[tuple[str, int, Path]]) -> None:
     """Each finished run of a continued folder was trained with the config this code composes for it now (its
     ``run/config.yaml`` against ``experiment=mini`` + its variant and seed, with the folders where either ran taken
@@ -149,10 +146,11 @@ def check_recipe(cfg: DictConfig, build: Path, cells: list[tuple[str, int, Path]
 
 
 def _without_paths(config: Any) -> Any:
-    """``config`` with its own ``paths.*`` folders written as ``<paths.key>`` in every string that is one of them or
-    lies under one (the longest first; the root folder ``/`` is left as it is)."""
+    """``config`` with its own ``paths.*`` folders (conf/paths: where a run ran, not how it trained) written as
+    ``<paths.key>`` in every string that is one of them or lies under one (the longest first; the root folder ``/`` is
+    left as it is)."""
     folders = sorted(((str(v).rstrip("/"), k) for k, v in (config.get("paths") or {}).items()
-                      if k in PATH_KEYS and str(v or "").rstrip("/")), key=lambda item: -len(item[0]))
+                      if isinstance(v, str) and v.rstrip("/")), key=lambda item: -len(item[0]))
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
