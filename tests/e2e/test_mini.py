@@ -1,7 +1,7 @@
-"""`make mini` end to end at a toy size (slow: a few minutes on 2 cores, `make mini` run five times): the world's
+"""`make mini` end to end at a toy size (slow: a few minutes on 2 cores, `make mini` run six times): the world's
 shards, a VAE, a base model trained in full, a grid LoRA per variant and the base without one, all evaluated, one
 report; the build is cached and reused, a finished report is never overwritten, a killed folder continues unless a
-finished run was trained with another preset."""
+finished run was trained or evaluated with another config."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     assert again.returncode == 2 and len(errors) == 1 and "never overwritten" in errors[0], again.stderr
     assert digest(out) == before
 
-    # a killed `make mini` continues: the runs it finished were trained with the config the code composes now
+    # a killed `make mini` continues: the cells it finished were made with the configs the code composes now
+    assert all((folder / "eval" / "config.yaml").is_file() for folder in out.glob("*/seed*"))
     killed = tmp_path / "killed"
     shutil.copytree(out, killed)
     (killed / "report.md").unlink()
@@ -89,6 +90,17 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     errors = [line for line in refused.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
     assert refused.returncode == 2 and len(errors) == 1, refused.stderr
     assert "no_flow/seed0 was trained with optim.lr=0.001, and the config gives 0.003" in errors[0]
+    assert digest(killed) == before
+    # ... or was evaluated with another sampling default
+    config.write_text(config.read_text().replace("  lr: 0.001\n", "  lr: 0.003\n"))
+    config = killed / "base_without_lora" / "seed0" / "eval" / "config.yaml"
+    assert "  guidance: 3.5\n" in config.read_text()
+    config.write_text(config.read_text().replace("  guidance: 3.5\n", "  guidance: 2.0\n"))
+    before = digest(killed)
+    refused = make_mini(tmp_path, *TOY, f"out={killed}")
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr
+    assert "base_without_lora/seed0 was evaluated with generate.guidance=2.0, and the config gives 3.5" in errors[0]
     assert digest(killed) == before
 
     # another output folder reuses the cached build: no build step runs again

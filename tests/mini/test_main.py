@@ -125,12 +125,53 @@ def test_a_continued_folder_whose_runs_another_preset_trained_is_refused_before_
     trained.optim.lr = 1e-3  # the preset at the time of the run
     (folder / "run" / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
     with pytest.raises(ValueError, match=r"filmstrip/seed1 was trained with optim\.lr=0\.001, and the config gives "
-                                         r"0\.003 now .*delete .*filmstrip/seed1 to train it again"):
+                                         r"0\.003 now .*delete .*filmstrip/seed1 to make it again"):
         main_lib.run(cfg, cfg.build)
     for damaged in ("model: [unclosed\n", "- a list\n"):  # one line, not a traceback
         (folder / "run" / "config.yaml").write_text(damaged)
-        with pytest.raises(ValueError, match=r"config.yaml cannot be read as a run's config \(.+\): .*out=<new folder>"):
+        with pytest.raises(ValueError, match=r"config.yaml cannot be read as a config \(.+\): .*out=<new folder>"):
             main_lib.run(cfg, cfg.build)
+
+
+def test_a_continued_folder_whose_cells_another_evaluation_made_is_refused_before_the_build(hydra_conf, tmp_path,
+                                                                                          monkeypatch):
+    """A finished cell's eval/config.yaml (what gridgen.evaluate composed for it) is compared with what the evaluation
+    composes now: a changed default (a pull that changes sampling) is one line naming the key, for a LoRA run and for
+    the base without LoRA alike; the folder moved since (a copied out folder, another checkout) is no change."""
+    from omegaconf import OmegaConf
+
+    import gridgen.mini.__main__ as main_lib
+    import gridgen.mini.runs as runs_lib
+    from gridgen.mini.build import build_folder
+
+    common = [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose("mini", common)
+    monkeypatch.setattr(main_lib, "run_build", lambda *a: {})
+    monkeypatch.setattr(runs_lib, "run_variant", runs_reached)
+    with pytest.raises(RuntimeError, match="runs reached"):  # settings.json recorded
+        main_lib.run(cfg, cfg.build)
+    build = build_folder(cfg, cfg.build)
+    monkeypatch.setattr(main_lib, "run_build", failed_build)
+    for name, lora in (("filmstrip", True), ("base_without_lora", False)):
+        folder = tmp_path / "out" / name / "seed1"
+        then = tmp_path / "elsewhere" / name / ".seed1.tmp"  # where the cell was written: the folder was copied since
+        evaluated = compose("evaluate", [*runs_lib.eval_overrides(cfg, build, then, 1, then / "run" if lora else None),
+                                         "paths.root_dir=/elsewhere/gridgen"], output_dir=then / "eval")
+        (folder / "eval").mkdir(parents=True)
+        (folder / "eval" / runs_lib.EVAL_CONFIG).write_text(OmegaConf.to_yaml(evaluated, resolve=True))
+        (folder / "done.json").write_text("{}")
+        with pytest.raises(RuntimeError, match="build failed"):  # the same evaluation continues (to the build)
+            main_lib.run(cfg, cfg.build)
+        assert evaluated.generate.guidance == 3.5
+        evaluated.generate.guidance = 2.0  # the default of the time
+        (folder / "eval" / runs_lib.EVAL_CONFIG).write_text(OmegaConf.to_yaml(evaluated, resolve=True))
+        with pytest.raises(ValueError, match=rf"{name}/seed1 was evaluated with generate\.guidance=2\.0, and the "
+                                             rf"config gives 3\.5 now .*out=<new folder>"):
+            main_lib.run(cfg, cfg.build)
+        (folder / "eval" / runs_lib.EVAL_CONFIG).write_text("eval: [unclosed\n")
+        with pytest.raises(ValueError, match=r"eval/config.yaml cannot be read as a config \(.+\): the cell's record"):
+            main_lib.run(cfg, cfg.build)
+        (folder / "eval" / runs_lib.EVAL_CONFIG).unlink()  # made by older code: not checked
 
 
 def test_mini_refuses_a_bad_guider_before_any_work(tmp_path, hydra_conf):

@@ -110,47 +110,62 @@ def check_out_settings(out: Path, settings: dict[str, Any], finished: bool) -> N
 
 
 def check_recipe(cfg: DictConfig, build: Path, cells: list[tuple[str, int, Path]]) -> None:
-    """Each finished run of a continued folder was trained with the config this code composes for it now (its
-    ``run/config.yaml`` against ``experiment=mini`` + its variant and seed, with the folders where either ran taken
-    out, and a null the same as an absent key): a preset changed since (a pull, an edited ``conf/``) is refused, so
-    that one report never mixes training recipes. (A finished run without a ``config.yaml`` is not checked; the
-    evaluation's config is not recorded per run: ``settings.json`` holds ``eval.*``.)"""
-    from gridgen.mini.runs import BASE, lora_overrides
+    """Each finished cell of a continued folder was made with the configs this code composes for it now: its run's
+    ``run/config.yaml`` against ``experiment=mini`` + its variant and seed, its evaluation's ``eval/config.yaml``
+    against the evaluation's overrides (the folders where either ran taken out, a null the same as an absent key).
+    A preset or default changed since (a pull, an edited ``conf/``) is refused, so that one report never mixes
+    recipes. (A record that a cell has not got, written by older code, is not checked.)"""
+    from gridgen.mini.runs import BASE, EVAL_CONFIG, eval_overrides, lora_overrides
 
     for name, seed, folder in cells:
-        recorded = folder / "run" / "config.yaml"
-        if name == BASE or not is_done(folder) or not recorded.is_file():
+        if not is_done(folder):
             continue
-        from gridgen.train import run_attention_backend  # Lightning and diffusers: only for a finished run
+        tmp = temporary_folder(folder)  # where the cell was written, and what its configs name
+        if name != BASE and (folder / "run" / "config.yaml").is_file():
+            # Lightning and diffusers: imported only for a finished run
+            from gridgen.train import run_attention_backend
 
-        try:
-            then = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
-            damage = None if isinstance(then, dict) and then else "empty or not a mapping"
-        except Exception as err:  # YAML of every kind of damage
-            damage = type(err).__name__
-        if damage:
-            raise ValueError(f"{recorded} cannot be read as a run's config ({damage}): the run's record is damaged; "
-                             f"delete {folder} to train it again, or pass out=<new folder>")
-        overrides = lora_overrides(build, list(cfg.runs.variants[name]), seed, list(cfg.runs.train))
-        composed = compose("train", overrides, output_dir=temporary_folder(folder) / "run")
-        with open_dict(composed):  # as the run recorded it: the attention kernel resolved for this machine
-            composed.model.attention_backend = run_attention_backend(composed)
-        then = without_nulls(_without_paths(then))
-        now = without_nulls(_without_paths(OmegaConf.to_container(composed, resolve=True)))
-        if then != now:
-            key, old, new = first_difference(then, now)
-            raise ValueError(f"{folder} was trained with {key}={old}, and the config gives {new} now (the preset, "
-                             f"the config it composes or this machine changed since): delete {folder} to train it "
-                             "again with this config, continue the folder with the code that made it, or pass "
-                             "out=<new folder>")
+            overrides = lora_overrides(build, list(cfg.runs.variants[name]), seed, list(cfg.runs.train))
+            composed = compose("train", overrides, output_dir=tmp / "run")
+            with open_dict(composed):  # as the run recorded it: the attention kernel resolved for this machine
+                composed.model.attention_backend = run_attention_backend(composed)
+            _check_record(folder, "run/config.yaml", "trained", composed)
+        if (folder / "eval" / EVAL_CONFIG).is_file():
+            lora = None if name == BASE else tmp / "run"
+            composed = compose("evaluate", eval_overrides(cfg, build, tmp, seed, lora), output_dir=tmp / "eval")
+            _check_record(folder, f"eval/{EVAL_CONFIG}", "evaluated", composed)
+
+
+def _check_record(folder: Path, record: str, made: str, composed: DictConfig) -> None:
+    """``folder/record`` (a config a finished cell recorded when it was ``made``) against ``composed`` now: one
+    line naming the first key that differs, or the damage, with the fix."""
+    recorded = folder / record
+    try:
+        then = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
+        damage = None if isinstance(then, dict) and then else "empty or not a mapping"
+    except Exception as err:  # YAML of every kind of damage
+        damage = type(err).__name__
+    if damage:
+        raise ValueError(f"{recorded} cannot be read as a config ({damage}): the cell's record is damaged; "
+                         f"delete {folder} to make it again, or pass out=<new folder>")
+    then = without_nulls(_without_paths(then))
+    now = without_nulls(_without_paths(OmegaConf.to_container(composed, resolve=True)))
+    if then != now:
+        key, old, new = first_difference(then, now)
+        raise ValueError(f"{folder} was {made} with {key}={old}, and the config gives {new} now (the preset, the "
+                         f"config it composes or this machine changed since): delete {folder} to make it again "
+                         "with this config, continue the folder with the code that made it, or pass out=<new folder>")
 
 
 def _without_paths(config: Any) -> Any:
     """``config`` with its own ``paths.*`` folders (conf/paths: where a run ran, not how it trained) written as
     ``<paths.key>`` in every string that is one of them or lies under one (the longest first; the root folder ``/`` is
-    left as it is)."""
-    folders = sorted(((str(v).rstrip("/"), k) for k, v in (config.get("paths") or {}).items()
-                      if isinstance(v, str) and v.rstrip("/")), key=lambda item: -len(item[0]))
+    left as it is), and the cell's folder (the parent of ``paths.output_dir``: ``run/`` or ``eval/``) as ``<cell>``."""
+    paths = config.get("paths") or {}
+    named = [(v, f"<paths.{k}>") for k, v in paths.items() if isinstance(v, str)]
+    if isinstance(paths.get("output_dir"), str):
+        named.append((str(Path(paths["output_dir"]).parent), "<cell>"))
+    folders = sorted(((v.rstrip("/"), name) for v, name in named if v.rstrip("/")), key=lambda item: -len(item[0]))
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
@@ -158,9 +173,9 @@ def _without_paths(config: Any) -> Any:
         if isinstance(value, list):
             return [strip(v) for v in value]
         if isinstance(value, str):
-            for folder, key in folders:
+            for folder, name in folders:
                 if value == folder or value.startswith(folder + "/"):
-                    return f"<paths.{key}>" + value[len(folder):]
+                    return name + value[len(folder):]
         return value
 
     return strip(config)

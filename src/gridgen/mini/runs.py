@@ -3,7 +3,7 @@ the held-out combinations; and the base model prompted for grids without a LoRA 
 
     <out>/<variant>/seed<k>/run/        gridgen.train experiment=mini + the variant's overrides (LoRA, metrics.csv)
     <out>/<variant>/seed<k>/eval/       gridgen.evaluate: one grid generated per test clip (its caption, seed k),
-                                        world metrics + FVD against the test clips -> <task>.json
+                                        world metrics + FVD against the test clips -> <task>.json; config.yaml
     <out>/<variant>/seed<k>/grids/      NNNN.png (the generated grid) + NNNN.json (prompt, shape, colour, motion)
     <out>/<variant>/seed<k>/done.json   the figures the report reads
 """
@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gridgen.mini.steps import compose, guider_overrides, write_done
 
 log = logging.getLogger("gridgen.mini")
 
 BASE = "base_without_lora"
+EVAL_CONFIG = "config.yaml"  # <cell>/eval/config.yaml: the evaluation's composed config
 
 
 def lora_overrides(build: Path, variant: list[str], seed: int, extra: list[str]) -> list[str]:
@@ -40,17 +41,9 @@ def held_out_losses(run: Path) -> dict[str, float]:
     return {key: points[-1][1] for key, points in read_metrics(run).items() if key.startswith("val/") and points}
 
 
-def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: Path | None) -> dict[str, Any]:
-    """``gridgen.evaluate task=mini eval.generate=true`` on the test clips: one grid per clip, from its caption, then
-    the world metrics and FVD against those clips. Each grid is also kept as ``grids/NNNN.png`` with ``NNNN.json``
-    (prompt, seed, shape, colour, motion and its own world scores). Returns the metrics and the per-grid figures."""
-    import numpy as np
-    from PIL import Image
-
+def eval_overrides(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: Path | None) -> list[str]:
+    """``gridgen.evaluate`` overrides of one cell's evaluation (``folder``: where the cell is written)."""
     from gridgen.embedded.mini_data import clips_layout
-    from gridgen.eval.pipeline import run_evaluation
-    from gridgen.eval.world_metrics import score_grid
-    from gridgen.layout import GridLayout
 
     overrides = ["task=mini", "model=flux_mini", f"model.pretrained={build / 'base'}", "eval.generate=true",
                  f"eval.real={build / 'data' / 'clips' / 'test-000000.tar'}", f"eval.out={folder / 'eval'}",
@@ -61,9 +54,24 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
                  "generate.device=cpu", "generate.progress=false", "export.mp4=false", "export.gif=false",
                  "export.frames=false", f"generate.height={clips_layout().height}"]  # the test clips' size
     overrides += guider_overrides(cfg.eval)
-    if lora is not None:
-        overrides.append(f"lora={lora}")
-    result = run_evaluation(compose("evaluate", overrides, output_dir=folder / "eval"))
+    return overrides + ([f"lora={lora}"] if lora is not None else [])
+
+
+def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: Path | None) -> dict[str, Any]:
+    """``gridgen.evaluate task=mini eval.generate=true`` on the test clips: one grid per clip, from its caption, then
+    the world metrics and FVD against those clips; the composed config is kept as ``eval/config.yaml`` (what a
+    continued ``make mini`` checks). Each grid is also kept as ``grids/NNNN.png`` with ``NNNN.json`` (prompt, seed,
+    shape, colour, motion and its own world scores). Returns the metrics and the per-grid figures."""
+    import numpy as np
+    from PIL import Image
+
+    from gridgen.eval.pipeline import run_evaluation
+    from gridgen.eval.world_metrics import score_grid
+    from gridgen.layout import GridLayout
+
+    config = compose("evaluate", eval_overrides(cfg, build, folder, seed, lora), output_dir=folder / "eval")
+    result = run_evaluation(config)
+    (folder / "eval" / EVAL_CONFIG).write_text(OmegaConf.to_yaml(config, resolve=True))
     generated = folder / "eval" / "generated"
     manifest = json.loads((generated / "manifest.json").read_text())
     layout = GridLayout.parse(manifest["layout"]["name"], manifest["layout"]["cell_height"])
