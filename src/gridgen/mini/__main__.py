@@ -36,7 +36,7 @@ log = logging.getLogger("gridgen.mini")
 
 STOPS = ("report", "build")  # stop_after=
 SETTINGS = "settings.json"  # <out>/settings.json: what every run of the folder was made with
-RUN_MINUTES, BASE_MINUTES = 7.3, 0.8  # ETA weights: a grid LoRA run (2400 steps + eval), a base eval (RESULTS-10)
+RUN_MINUTES, BASE_MINUTES = 14.0, 0.8  # ETA weights: a grid LoRA run (4800 steps + eval), a base eval (RESULTS-10)
 
 
 def variant_folders(cfg: DictConfig, out: Path) -> list[tuple[str, int, Path]]:
