@@ -147,9 +147,9 @@ TABLE: list[Entry] = [
     Entry("python -m gridgen.evaluate -m task=interpolate eval.real=data/ucf_val "
           "eval.fake=runs/a/samples,runs/b/samples", "compose", "needs UCF-101 and two runs' samples"),
     # --- not run
-    Entry("make mini", "skip", "about 2 hours on 2 cores (build 36 min, ablation ~90 min); tests/e2e/test_mini.py "
+    Entry("make mini", "skip", "about 2.5 hours on 2 cores (build 22 min, ablation ~130 min); tests/e2e/test_mini.py "
           "runs `make mini` at a toy size (slow)"),
-    Entry("make mini stop_after=build", "skip", "about 36 min on 2 cores; the toy `make mini` of tests/e2e/test_mini.py "
+    Entry("make mini stop_after=build", "skip", "about 22 min on 2 cores; the toy `make mini` of tests/e2e/test_mini.py "
           "runs every build step"),
     Entry("make train experiment=mini", "compose", "needs the base model `make mini` builds"),
     Entry("make test", "skip", "the CI suite itself (this test is part of it)"),

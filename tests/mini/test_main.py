@@ -85,7 +85,8 @@ def test_a_continued_folder_whose_runs_another_preset_trained_is_refused_before_
                                                                                          monkeypatch):
     """A finished run's recorded config.yaml is compared with what experiment=mini composes for it now: an edited
     preset (a pull between a killed `make mini` and its continuation) is one line naming the key, before the build;
-    the folders where the run ran (another checkout, the attention kernel `auto` resolved) are no change."""
+    the folders where the run ran (another checkout, the cache folder given otherwise, the attention kernel `auto`
+    resolved) are no change."""
     from omegaconf import OmegaConf
 
     import gridgen.mini.__main__ as main_lib
@@ -100,7 +101,8 @@ def test_a_continued_folder_whose_runs_another_preset_trained_is_refused_before_
         main_lib.run(cfg, cfg.build)
     folder = tmp_path / "out" / "filmstrip" / "seed1"
     overrides = runs_lib.lora_overrides(build_folder(cfg, cfg.build), list(cfg.runs.variants.filmstrip), 1, [])
-    trained = compose("train", [*overrides, "paths.root_dir=/elsewhere/gridgen"],  # made in another checkout
+    trained = compose("train", [*overrides, "paths.root_dir=/elsewhere/gridgen",  # made in another checkout,
+                                f"paths.cache_dir={tmp_path / 'cache'}"],  # its cache given as make mini's was
                       output_dir=tmp_path / "out" / "filmstrip" / ".seed1.tmp" / "run")
     OmegaConf.set_struct(trained, False)  # the test edits it as other versions of the preset would have
     trained.model.attention_backend = "sdpa"  # as gridgen.train records `auto` on a CPU

@@ -36,7 +36,8 @@ log = logging.getLogger("gridgen.mini")
 
 STOPS = ("report", "build")  # stop_after=
 SETTINGS = "settings.json"  # <out>/settings.json: what every run of the folder was made with
-RUN_MINUTES, BASE_MINUTES = 14.0, 0.8  # ETA weights: a grid LoRA run (4800 steps + eval), a base eval (RESULTS-10)
+RUN_MINUTES, BASE_MINUTES = 14.0, 0.8  # ETA weights: a grid LoRA run (RESULTS-10's 2400 steps doubled, + eval), a
+                                       # base eval (RESULTS-10)
 
 
 def variant_folders(cfg: DictConfig, out: Path) -> list[tuple[str, int, Path]]:
@@ -129,14 +130,14 @@ def check_recipe(cfg: DictConfig, build: Path, cells: list[tuple[str, int, Path]
             composed = compose("train", overrides, output_dir=tmp / "run")
             with open_dict(composed):  # as the run recorded it: the attention kernel resolved for this machine
                 composed.model.attention_backend = run_attention_backend(composed)
-            _check_record(folder, "run/config.yaml", "trained", composed)
+            _check_record(folder, "run/config.yaml", "trained", composed, build)
         if (folder / "eval" / EVAL_CONFIG).is_file():
             lora = None if name == BASE else tmp / "run"
             composed = compose("evaluate", eval_overrides(cfg, build, tmp, seed, lora), output_dir=tmp / "eval")
-            _check_record(folder, f"eval/{EVAL_CONFIG}", "evaluated", composed)
+            _check_record(folder, f"eval/{EVAL_CONFIG}", "evaluated", composed, build)
 
 
-def _check_record(folder: Path, record: str, made: str, composed: DictConfig) -> None:
+def _check_record(folder: Path, record: str, made: str, composed: DictConfig, build: Path) -> None:
     """``folder/record`` (a config a finished cell recorded when it was ``made``) against ``composed`` now: one
     line naming the first key that differs, or the damage, with the fix."""
     recorded = folder / record
@@ -148,21 +149,23 @@ def _check_record(folder: Path, record: str, made: str, composed: DictConfig) ->
     if damage:
         raise ValueError(f"{recorded} cannot be read as a config ({damage}): the cell's record is damaged; "
                          f"delete {folder} to make it again, or pass out=<new folder>")
-    then = without_nulls(_without_paths(then))
-    now = without_nulls(_without_paths(OmegaConf.to_container(composed, resolve=True)))
+    then = without_nulls(_without_paths(then, build))
+    now = without_nulls(_without_paths(OmegaConf.to_container(composed, resolve=True), build))
     if then != now:
         key, old, new = first_difference(then, now)
         raise ValueError(f"{folder} was {made} with {key}={old}, and the config gives {new} now (the preset, the "
                          f"config it composes or this machine changed since): delete {folder} to make it again "
-                         "with this config, continue the folder with the code that made it, or pass out=<new folder>")
+                         "with this config (a LoRA cell trains again), continue the folder with the code that made "
+                         "it, or pass out=<new folder>")
 
 
-def _without_paths(config: Any) -> Any:
+def _without_paths(config: Any, build: Path) -> Any:
     """``config`` with its own ``paths.*`` folders (conf/paths: where a run ran, not how it trained) written as
     ``<paths.key>`` in every string that is one of them or lies under one (the longest first; the root folder ``/`` is
-    left as it is), and the cell's folder (the parent of ``paths.output_dir``: ``run/`` or ``eval/``) as ``<cell>``."""
+    left as it is), the cell's folder (the parent of ``paths.output_dir``: ``run/`` or ``eval/``) as ``<cell>``, and
+    the ``build`` folder (``settings.json`` holds it) as ``<build>``."""
     paths = config.get("paths") or {}
-    named = [(v, f"<paths.{k}>") for k, v in paths.items() if isinstance(v, str)]
+    named = [(v, f"<paths.{k}>") for k, v in paths.items() if isinstance(v, str)] + [(str(build), "<build>")]
     if isinstance(paths.get("output_dir"), str):
         named.append((str(Path(paths["output_dir"]).parent), "<cell>"))
     folders = sorted(((v.rstrip("/"), name) for v, name in named if v.rstrip("/")), key=lambda item: -len(item[0]))
