@@ -1,6 +1,6 @@
 """Where a `make mini` run's cells go wrong (RESULTS-3.md, "The structure is learned, the binding is not"): per
 variant, over every seed's generated grids, the share of cells holding exactly one shape and, among those, the
-shares with the prompted colour and shape (per shape asked), read by the world's detector, and the most frequent
+shares with the prompted colour (per colour asked) and shape (per shape asked), read by the world's detector, and the most frequent
 wrong colours (prompted -> read).
 
     python experiments/mini/analysis/cell_errors.py [<make mini output folder>, default outputs/mini]
@@ -30,6 +30,8 @@ for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
             if len(blobs) == 1:
                 count["one"] += 1
                 count["colour"] += blobs[0].color == meta["color"]
+                count[meta["color"], "asked"] += 1
+                count[meta["color"], "kept"] += blobs[0].color == meta["color"]
                 if blobs[0].color != meta["color"]:
                     count["confused", meta["color"], blobs[0].color] += 1
                 count["shape"] += blobs[0].shape == meta["shape"]
@@ -41,6 +43,9 @@ for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
         print(f"{variant}: {count['one'] / count['cells']:.1%} of {count['cells']} cells hold one shape; of those "
               f"colour right {count['colour'] / count['one']:.1%}, shape right {count['shape'] / count['one']:.1%} "
               f"({shapes})")
+        colours = ", ".join(f"{c} {count[c, 'kept'] / count[c, 'asked']:.0%}"
+                            for c in sorted({k[0] for k in count if isinstance(k, tuple) and k[1:] == ("asked",)}))
+        print(f"  colour right per colour asked: {colours}")
         wrong = sorted(((n, k[1], k[2]) for k, n in count.items() if isinstance(k, tuple) and k[0] == "confused"),
                        reverse=True)[:4]
         print("  wrong colours: " + ", ".join(f"{asked} -> {read} {n / count['one']:.1%}" for n, asked, read in wrong))
