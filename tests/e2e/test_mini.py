@@ -35,6 +35,16 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def refused(tmp_path: Path, folder: Path, *args: str) -> str:
+    """`make mini` refuses: exit 2, one error line (returned), every file under ``folder`` as it was."""
+    before = digest(folder)
+    result = make_mini(tmp_path, *args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert digest(folder) == before
+    return errors[0]
+
+
 @pytest.mark.slow
 def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_path):
     from PIL import Image
@@ -63,11 +73,7 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     assert (build / "base" / "model_index.json").is_file()
 
     # a finished report is never overwritten: one line, exit 2, every file as it was
-    before = digest(out)
-    again = make_mini(tmp_path, *TOY)
-    errors = [line for line in again.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
-    assert again.returncode == 2 and len(errors) == 1 and "never overwritten" in errors[0], again.stderr
-    assert digest(out) == before
+    assert "never overwritten" in refused(tmp_path, out, *TOY)
 
     # a killed `make mini` continues: the cells it finished were made with the configs the code composes now
     cells = list(out.glob("*/seed*"))
@@ -86,23 +92,15 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     config = killed / "no_flow" / "seed0" / "run" / "config.yaml"
     assert "  lr: 0.003\n" in config.read_text()
     config.write_text(config.read_text().replace("  lr: 0.003\n", "  lr: 0.001\n"))
-    before = digest(killed)
-    refused = make_mini(tmp_path, *TOY, f"out={killed}")
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
-    assert refused.returncode == 2 and len(errors) == 1, refused.stderr
-    assert "no_flow/seed0 was trained with optim.lr=0.001, and the config gives 0.003" in errors[0]
-    assert digest(killed) == before
+    assert ("no_flow/seed0 was trained with optim.lr=0.001, and the config gives 0.003"
+            in refused(tmp_path, killed, *TOY, f"out={killed}"))
     # ... or was evaluated with another sampling default
     config.write_text(config.read_text().replace("  lr: 0.001\n", "  lr: 0.003\n"))
     config = killed / "base_without_lora" / "seed0" / "eval" / "config.yaml"
     assert "  guidance: 3.5\n" in config.read_text()
     config.write_text(config.read_text().replace("  guidance: 3.5\n", "  guidance: 2.0\n"))
-    before = digest(killed)
-    refused = make_mini(tmp_path, *TOY, f"out={killed}")
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("gridgen.mini: error:")]
-    assert refused.returncode == 2 and len(errors) == 1, refused.stderr
-    assert "base_without_lora/seed0 was evaluated with generate.guidance=2.0, and the config gives 3.5" in errors[0]
-    assert digest(killed) == before
+    assert ("base_without_lora/seed0 was evaluated with generate.guidance=2.0, and the config gives 3.5"
+            in refused(tmp_path, killed, *TOY, f"out={killed}"))
 
     # another output folder reuses the cached build: no build step runs again
     second = make_mini(tmp_path, *TOY, "runs.base_without_lora=false", f"out={tmp_path / 'second'}",
