@@ -1,7 +1,7 @@
 """Where a `make mini` run's cells go wrong (RESULTS-3.md, "The structure is learned, the binding is not"): per
 variant, over every seed's generated grids, the share of cells holding exactly one shape and, among those, the
-shares with the prompted colour (per colour asked) and shape (per shape asked), read by the world's detector, and the most frequent
-wrong colours (prompted -> read).
+shares with the prompted colour (per colour asked) and shape (per shape asked), read by the world's detector, and
+the most frequent wrong colours (prompted -> read).
 
     python experiments/mini/analysis/cell_errors.py [<make mini output folder>, default outputs/mini]
 """
