@@ -463,16 +463,24 @@ def measure_hot_path(bench: Bench) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- 5. variants
 def requested_variants(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
     """name -> GridModule config overrides, as a run sets them (model.compile, model.quantization, optim.name,
-    model.gradient_checkpointing)."""
-    variants: dict[str, dict[str, dict[str, Any]]] = {"baseline": {}}
+    model.gradient_checkpointing). The baseline has every requested setting off, whatever the model's preset
+    composes (``experiment=mini`` compiles: without this its baseline would be the compile variant itself), and
+    each variant differs from it in its one setting."""
+    changes: dict[str, tuple[str, str, Any, Any]] = {}  # name -> (group, key, off, on)
     if args.compile:
-        variants["compile (regional, repeated blocks)"] = {"model": {"compile": True}}
+        changes["compile (regional, repeated blocks)"] = ("model", "compile", False, True)
     if args.quantization:
-        variants[f"quantization {args.quantization}"] = {"model": {"quantization": args.quantization}}
+        changes[f"quantization {args.quantization}"] = ("model", "quantization", None, args.quantization)
     if args.optim != "adamw":
-        variants[f"optim {args.optim}"] = {"optim": {"name": args.optim}}
+        changes[f"optim {args.optim}"] = ("optim", "name", "adamw", args.optim)
     if args.gradient_checkpointing:
-        variants["gradient checkpointing"] = {"model": {"gradient_checkpointing": True}}
+        changes["gradient checkpointing"] = ("model", "gradient_checkpointing", False, True)
+    baseline: dict[str, dict[str, Any]] = {}
+    for group, key, off, _ in changes.values():
+        baseline.setdefault(group, {})[key] = off
+    variants = {"baseline": baseline}
+    for name, (group, key, _, on) in changes.items():
+        variants[name] = {g: {**values, **({key: on} if g == group else {})} for g, values in baseline.items()}
     return variants
 
 
@@ -677,7 +685,8 @@ def render_variants(res: dict[str, Any], bench: Bench) -> list[str]:
     peak = f"{res['peak_flops'] / 1e12:.1f} TFLOP/s dense {a.dtype}" if res["peak_flops"] else \
         "unknown for this device (MFU n/a)"
     return ["", "#### 5. Variants: step time, MFU, memory", "",
-            f"Bare-loop steps of one module per variant, built as a run builds it and warmed up for "
+            f"Bare-loop steps of one module per variant, built as a run builds it (the baseline with every "
+            f"requested setting off, whatever the preset sets; each variant with its one setting on) and warmed up for "
             f"{max(1, a.warmup)} step(s), which hold any compilation; {a.repeats * a.steps} timed steps each, {how}. "
             f"FLOPs per step from `gridgen.training.flops` "
             f"({res['flops'].get('baseline', (0, 0))[0] / 1e9:.3f} GFLOP without recomputation): TFLOP/s counts "
