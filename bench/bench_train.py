@@ -464,8 +464,8 @@ def measure_hot_path(bench: Bench) -> dict[str, Any]:
 def requested_variants(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
     """name -> GridModule config overrides, as a run sets them (model.compile, model.quantization, optim.name,
     model.gradient_checkpointing). The baseline has every requested setting off, whatever the model's preset
-    composes (``experiment=mini`` compiles: without this its baseline would be the compile variant itself), and
-    each variant differs from it in its one setting."""
+    composes (``experiment=mini`` compiles: without this its baseline would be the compile variant itself),
+    and each variant differs from it in its one setting."""
     changes: dict[str, tuple[str, str, Any, Any]] = {}  # name -> (group, key, off, on)
     if args.compile:
         changes["compile (regional, repeated blocks)"] = ("model", "compile", False, True)
@@ -480,7 +480,9 @@ def requested_variants(args: argparse.Namespace) -> dict[str, dict[str, dict[str
         baseline.setdefault(group, {})[key] = off
     variants = {"baseline": baseline}
     for name, (group, key, _, on) in changes.items():
-        variants[name] = {g: {**values, **({key: on} if g == group else {})} for g, values in baseline.items()}
+        variant = {g: dict(values) for g, values in baseline.items()}
+        variant[group][key] = on
+        variants[name] = variant
     return variants
 
 
@@ -686,7 +688,8 @@ def render_variants(res: dict[str, Any], bench: Bench) -> list[str]:
         "unknown for this device (MFU n/a)"
     return ["", "#### 5. Variants: step time, MFU, memory", "",
             f"Bare-loop steps of one module per variant, built as a run builds it (the baseline with every "
-            f"requested setting off, whatever the preset sets; each variant with its one setting on) and warmed up for "
+            f"requested setting off, whatever the preset sets; each variant with its one setting on) and "
+            f"warmed up for "
             f"{max(1, a.warmup)} step(s), which hold any compilation; {a.repeats * a.steps} timed steps each, {how}. "
             f"FLOPs per step from `gridgen.training.flops` "
             f"({res['flops'].get('baseline', (0, 0))[0] / 1e9:.3f} GFLOP without recomputation): TFLOP/s counts "

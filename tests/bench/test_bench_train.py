@@ -76,12 +76,14 @@ def test_a_variant_that_cannot_run_is_skipped(tmp_path, monkeypatch):
 
 def test_variants_differ_from_the_baseline_in_one_setting_even_where_the_preset_sets_it():
     bench_train = load_bench("bench_train")
-    args = bench_train.parse_args(["--model", "mini", "--compile", "--gradient-checkpointing", "--optim", "adamw8bit"])
+    args = bench_train.parse_args(["--model", "mini", "--compile", "--gradient-checkpointing",
+                                   "--optim", "adamw8bit"])
     variants = bench_train.requested_variants(args)
     # experiment=mini compiles: the baseline must not, or the compile variant would be measured against itself
     assert variants["baseline"] == {"model": {"compile": False, "gradient_checkpointing": False},
                                     "optim": {"name": "adamw"}}
-    assert variants["compile (regional, repeated blocks)"]["model"] == {"compile": True, "gradient_checkpointing": False}
+    assert variants["compile (regional, repeated blocks)"]["model"] == {"compile": True,
+                                                                        "gradient_checkpointing": False}
     assert variants["gradient checkpointing"]["model"] == {"compile": False, "gradient_checkpointing": True}
     assert variants["optim adamw8bit"] == {"model": {"compile": False, "gradient_checkpointing": False},
                                            "optim": {"name": "adamw8bit"}}

@@ -1,7 +1,7 @@
 """Where a `make mini` run's cells go wrong (RESULTS-3.md, "The structure is learned, the binding is not"): per
 variant, over every seed's generated grids, the share of cells holding exactly one shape and, among those, the
-shares with the prompted colour (per colour asked) and shape (per shape asked), read by the world's detector, and
-the most frequent wrong colours (prompted -> read).
+shares with the prompted colour (per colour asked) and shape (per shape asked), read by the world's detector,
+and the most frequent wrong colours (prompted -> read).
 
     python experiments/mini/analysis/cell_errors.py [<make mini output folder>, default outputs/mini]
 """
@@ -21,6 +21,7 @@ from gridgen.layout import GridLayout
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/mini")
 for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
     count = collections.Counter()
+    asked = set()  # the colours prompted in this variant's one-shape cells
     for record in sorted(out.glob(f"{variant}/seed*/grids/*.json")):
         meta = json.loads(record.read_text())
         grid = np.array(Image.open(record.with_suffix(".png")).convert("RGB"))  # writable: torch views it
@@ -30,6 +31,7 @@ for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
             if len(blobs) == 1:
                 count["one"] += 1
                 count["colour"] += blobs[0].color == meta["color"]
+                asked.add(meta["color"])
                 count[meta["color"], "asked"] += 1
                 count[meta["color"], "kept"] += blobs[0].color == meta["color"]
                 if blobs[0].color != meta["color"]:
@@ -44,7 +46,7 @@ for variant in sorted(p.name for p in out.iterdir() if p.is_dir()):
               f"colour right {count['colour'] / count['one']:.1%}, shape right {count['shape'] / count['one']:.1%} "
               f"({shapes})")
         colours = ", ".join(f"{c} {count[c, 'kept'] / count[c, 'asked']:.0%}"
-                            for c in sorted({k[0] for k in count if isinstance(k, tuple) and k[1:] == ("asked",)}))
+                            for c in sorted(asked))
         print(f"  colour right per colour asked: {colours}")
         wrong = sorted(((n, k[1], k[2]) for k, n in count.items() if isinstance(k, tuple) and k[0] == "confused"),
                        reverse=True)[:4]
