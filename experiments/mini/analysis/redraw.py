@@ -11,6 +11,7 @@ real ones) drawn again, written as lossless mp4s with their captions for `gridge
     python experiments/mini/analysis/redraw.py <grids or shards> <new folder> detected|prompted|vae [<vae>]
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ if out.exists():
 
 
 def redrawn(frames: torch.Tensor, shape: str, color: str) -> tuple[torch.Tensor, int]:
-    """Frames uint8 ``(T, 3, h, w)`` drawn again from the detector's reading; blobs left out."""
+    """Frames uint8 ``(T, 3, h, w)`` drawn again from the detector's reading; the count of blobs left out."""
     cells, unreadable = [], 0
     for frame in frames:
         cell = np.ascontiguousarray(frame.permute(1, 2, 0).numpy())  # (h, w, 3)
@@ -56,23 +57,33 @@ if mode == "vae":
 
     vae = AutoencoderKL.from_pretrained(sys.argv[4]).eval()
 tmp = out.with_name(out.name + ".partial")
+if tmp.exists():  # a killed run's leftover: never a result
+    shutil.rmtree(tmp)
 tmp.mkdir(parents=True)
 videos = unreadable = 0
-with torch.no_grad():
-    for item in list_videos(spec, layout="4x4"):
-        frames = item.frames()  # (16, 3, h, w) uint8
-        if vae is not None:
-            layout = GridLayout.parse("4x4", frames.shape[-2], frames.shape[-1])
-            grid = layout.tile(frames.float() / 127.5 - 1.0)[None]  # (1, 3, 4h, 4w) in [-1, 1]
-            decoded = vae.decode(vae.encode(grid).latent_dist.mode()).sample[0]  # (3, 4h, 4w)
-            decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            frames = layout.untile(decoded)  # (16, 3, h, w)
-        else:
-            shape, color, _ = parse_mini_caption(item.caption)
-            frames, left_out = redrawn(frames, shape, color)
-            unreadable += left_out
-        write_video_file(tmp / f"{item.name}.mp4", frames)
-        (tmp / f"{item.name}.txt").write_text(item.caption + "\n")
-        videos += 1
+try:
+    with torch.no_grad():
+        for item in list_videos(spec, layout="4x4"):
+            frames = item.frames()  # (16, 3, h, w) uint8
+            if vae is not None:
+                layout = GridLayout.parse("4x4", frames.shape[-2], frames.shape[-1])
+                grid = layout.tile(frames.float() / 127.5 - 1.0)[None]  # (1, 3, 4h, 4w) in [-1, 1]
+                decoded = vae.decode(vae.encode(grid).latent_dist.mode()).sample[0]  # (3, 4h, 4w)
+                decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                frames = layout.untile(decoded)  # (16, 3, h, w)
+            else:
+                if item.caption is None:
+                    print(f"{item.source or item.name}: no caption (needed to redraw)", file=sys.stderr)
+                    sys.exit(2)
+                shape, color, _ = parse_mini_caption(item.caption)
+                frames, left_out = redrawn(frames, shape, color)
+                unreadable += left_out
+            write_video_file(tmp / f"{item.name}.mp4", frames)
+            if item.caption is not None:
+                (tmp / f"{item.name}.txt").write_text(item.caption + "\n")
+            videos += 1
+except BaseException:  # a failed run leaves nothing behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 tmp.rename(out)
 print(f"{out}: {videos} videos ({mode}; blobs with an unreadable shape or colour left out: {unreadable})")
