@@ -18,14 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 TOY = ["build.data_scale=0.03", "build.vae.steps=3", "build.base_eval_frames=1", "runs.seeds=[0]", "eval.steps=2"]
 # Lists of overrides hold quotes that make's own command-line variables would drop: they go through ARGS, which the
 # recipe hands to the shell as written (as the README shows for `make mini`)
-TOY_ARGS = ("'build.base=[\"trainer.max_steps=2\",\"trainer.val_check_interval=2\"]' "
-            "'runs.train=[\"trainer.max_steps=2\",\"trainer.val_check_interval=2\"]'")
+TOY_TRAIN = ("trainer.max_steps=2", "trainer.val_check_interval=2")
 
 
-def make_mini(tmp_path: Path, *args: str, extra_args: str = "") -> subprocess.CompletedProcess:
+def make_mini(tmp_path: Path, *args: str, extra_args: str = "", train: tuple[str, ...] = TOY_TRAIN
+              ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "ARGS"}
+    toy = ("'build.base=[\"trainer.max_steps=2\",\"trainer.val_check_interval=2\"]' "
+           "'runs.train=[" + ",".join(f'\"{override}\"' for override in train) + "]'")
     env.update(GRIDGEN_CACHE=str(tmp_path / "cache"), GRIDGEN_ROOT=str(tmp_path), WANDB_MODE="offline",
-               ARGS=f"{TOY_ARGS} {extra_args}")
+               ARGS=f"{toy} {extra_args}")
     return subprocess.run(["make", "-s", "-C", str(ROOT), "mini", *args], capture_output=True, text=True, env=env,
                           timeout=900)
 
@@ -108,3 +110,66 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "build " not in second.stdout and "[mini 1/1 " in second.stdout
     assert (tmp_path / "second" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_make_mini_goes_on_from_the_last_checkpoint_to_the_uninterrupted_result(tmp_path):
+    """A cell that a killed `make mini` left half made (``.seed0.tmp``) goes on from its run's last checkpoint and
+    ends with the LoRA and the figures of the uninterrupted cell; one killed during its evaluation is evaluated
+    again without training. (The killed folders are made from a finished one as a kill leaves them: the run's
+    checkpoint of step 2 as last.ckpt and no export, or the run finished and no evaluation.)"""
+    import torch
+
+    from gridgen.models.lora import LORA_FILE, read_lora_file
+
+    train = ("trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=2")
+    args = (*TOY, "runs.base_without_lora=false")
+    filmstrip = "~runs.variants.no_flow ~runs.variants.within_row"
+    straight = make_mini(tmp_path, *args, f"out={tmp_path / 'straight'}", extra_args=filmstrip, train=train)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    done = tmp_path / "straight" / "filmstrip" / "seed0"
+    record = json.loads((done / "done.json").read_text())
+    assert record["train"]["train/alpha"] > 0 and "resumed_from_step" not in record
+
+    def killed(name: str, during_training: bool) -> Path:
+        out = tmp_path / name
+        shutil.copytree(tmp_path / "straight", out)
+        (out / "report.md").unlink()
+        cell = (out / "filmstrip" / "seed0").rename(out / "filmstrip" / ".seed0.tmp")
+        (cell / "done.json").unlink()
+        shutil.rmtree(cell / "grids")
+        if during_training:  # after the checkpoint of step 2, before the export
+            shutil.rmtree(cell / "eval")
+            shutil.rmtree(cell / "run" / "lora")
+            (cell / "run" / "summary.json").unlink()
+            (cell / "run" / "checkpoints" / "step000004.ckpt").unlink()
+            shutil.copy(cell / "run" / "checkpoints" / "step000002.ckpt", cell / "run" / "checkpoints" / "last.ckpt")
+        return out
+
+    for name, during_training, said in (("killed_training", True, "goes on from the checkpoint of step 2"),
+                                        ("killed_eval", False, "finished training (step 4): it is evaluated again")):
+        out = killed(name, during_training)
+        continued = make_mini(tmp_path, *args, f"out={out}", extra_args=filmstrip, train=train)
+        assert continued.returncode == 0, continued.stdout[-3000:] + continued.stderr[-3000:]
+        assert said in continued.stdout and "build " not in continued.stdout
+        cell = out / "filmstrip" / "seed0"
+        again = json.loads((cell / "done.json").read_text())
+        assert again["resumed_from_step"] == (2 if during_training else 4)
+        resumes = sorted(p.name for p in (cell / "run").glob("config.resume-*.yaml"))  # gridgen.train's, in place
+        assert resumes == (["config.resume-step2.yaml"] if during_training else [])
+        if not during_training:  # the export is the one the killed command made
+            exported = [folder / "run" / "lora" / LORA_FILE for folder in (cell, done)]
+            assert exported[0].stat().st_mtime == exported[1].stat().st_mtime
+        resumed, _ = read_lora_file(cell / "run" / "lora")
+        uninterrupted, _ = read_lora_file(done / "run" / "lora")
+        assert resumed.keys() == uninterrupted.keys()
+        for key in uninterrupted:
+            torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+        assert again["held_out"] == pytest.approx(record["held_out"], rel=1e-4)
+        for key in ("world_identity_all", "world_motion_all", "grids"):
+            assert again["metrics"][key] == record["metrics"][key], key
+        assert again["metrics"]["fvd"] == pytest.approx(record["metrics"]["fvd"], rel=1e-3)
+        report = (out / "report.md").read_text()
+        assert "1 of the 1 runs were made or begun by an earlier, stopped `make mini`" in report
+        assert f"(steps after {2 if during_training else 4} only)" in report
+        assert not list(out.glob("*/.*.tmp"))

@@ -205,3 +205,59 @@ def test_the_presets_refuse_a_missing_build_with_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "not built yet" in last and "make mini stop_after=build" in last
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_killed_cells_run_goes_on_only_when_it_can(hydra_conf, tmp_path, caplog):
+    """keep_run: what a killed cell's leftover (``.<seed>.tmp``) gives the next `make mini`: its run from its last
+    checkpoint (all else removed), or its finished run to evaluate again; a run trained with another config, a
+    damaged checkpoint or a run stopped after its last step without its export starts again from nothing."""
+    import logging
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from gridgen.mini.__main__ import composed_run, keep_run
+    from gridgen.mini.build import build_folder
+    from gridgen.models.lora import LORA_FILE
+
+    cfg = compose("mini", [f"out={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                           "runs.train=['trainer.max_steps=4']"])
+    build = build_folder(cfg, cfg.build)
+    tmp = tmp_path / "out" / "filmstrip" / ".seed1.tmp"
+    run = tmp / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (tmp / "eval").mkdir()
+    (tmp / "done.json").write_text("{}")  # a killed evaluation's files: never kept
+    trained = composed_run(cfg, build, "filmstrip", 1, tmp)
+
+    def leftover(step: int, config=trained) -> bool:
+        (run / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
+        torch.save({"state_dict": {}, "global_step": step}, run / "checkpoints" / "last.ckpt")
+        kept: dict[str, int] = {}
+        with caplog.at_level(logging.INFO, logger="gridgen.mini"):
+            caplog.clear()
+            keep = keep_run(cfg, build, "filmstrip", 1, tmp, kept)
+        assert keep == ("step" in kept)
+        return keep
+
+    assert not keep_run(cfg, build, "filmstrip", 1, tmp_path / "nothing", {})  # no checkpoint: nothing to keep
+    other = OmegaConf.create(OmegaConf.to_container(trained))
+    other.optim.lr = 1e-3
+    assert not leftover(2, other) and "its run was trained with optim.lr=0.001, and the config gives 0.003" in caplog.text
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 half a zip")  # damaged on the disk
+    with caplog.at_level(logging.INFO, logger="gridgen.mini"):
+        assert not keep_run(cfg, build, "filmstrip", 1, tmp, {})
+    assert "cannot be read as a checkpoint" in caplog.text
+    assert (tmp / "eval").is_dir()  # refused: nothing pruned (step_folder removes it all)
+    assert not leftover(4)  # at its last step, not exported: the export cannot be made from a resume
+    assert "stopped at step 4 of 4 without its LoRA exported" in caplog.text
+    assert leftover(2) and "goes on from the checkpoint of step 2" in caplog.text
+    assert sorted(p.name for p in tmp.iterdir()) == ["run"]
+    (run / "lora").mkdir()
+    (run / "lora" / LORA_FILE).write_bytes(b"exported")
+    (run / "summary.json").write_text("{}")
+    assert not leftover(2)  # a summary before the last step: not a run this code made
+    assert leftover(4) and "finished training (step 4): it is evaluated again" in caplog.text
+    (run / "FAILED").write_text("x")
+    assert not leftover(4)

@@ -33,3 +33,26 @@ def test_progress_names_the_step_and_estimates_from_measured_ones(caplog):
     first, second = (r.getMessage() for r in caplog.records)
     assert first.startswith("[mini 1/2 |") and "eta after the first step" in first
     assert second.startswith("[mini 2/2 |") and "eta 2 min] build b" in second  # 60 s per unit x 2 units left
+
+
+def test_a_step_folder_keeps_what_keep_spares(tmp_path):
+    """``keep(tmp)`` decides, on a leftover and on a failure, whether the temporary folder stays to be continued."""
+    target = tmp_path / "seed0"
+
+    def keep(tmp):
+        (tmp / "eval").unlink(missing_ok=True)  # prunes what cannot be continued
+        return (tmp / "run.ckpt").is_file()
+
+    with pytest.raises(KeyboardInterrupt), step_folder(target, keep) as tmp:
+        (tmp / "eval").write_text("half")
+        raise KeyboardInterrupt  # before a checkpoint: nothing kept
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt), step_folder(target, keep) as tmp:
+        (tmp / "run.ckpt").write_text("step 2")
+        (tmp / "eval").write_text("half")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp.iterdir()) == ["run.ckpt"] and not target.exists()
+    with step_folder(target, keep) as again:  # the next command starts from it
+        assert again == tmp and (again / "run.ckpt").read_text() == "step 2"
+        write_done(again, {})
+    assert is_done(target) and sorted(p.name for p in tmp_path.iterdir()) == ["seed0"]

@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +82,21 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
         if is_done(folder):
             progress.skip(str(folder))  # before the first run, so that the ETA counts only what is left
     records: dict[str, list[dict[str, Any]]] = {}
+    earlier = sum(is_done(folder) for _, _, folder in cells)  # cells an earlier `make mini` of out made or began
     for name, seed, folder in cells:
         if not is_done(folder):
             progress.start(str(folder), f"{'evaluate' if name == BASE else 'train + evaluate'} {name} seed {seed}")
-            with step_folder(folder) as tmp:
+            kept: dict[str, int] = {}  # the step a killed cell's run goes on from (keep_run)
+            keep = None if name == BASE else partial(keep_run, cfg, build, name, seed, kept=kept)
+            with step_folder(folder, keep) as tmp:
                 if name == BASE:
                     run_base(cfg, build, tmp, seed)
                 else:
-                    run_variant(cfg, build, tmp, list(cfg.runs.variants[name]), seed)
+                    earlier += "step" in kept
+                    run_variant(cfg, build, tmp, list(cfg.runs.variants[name]), seed, kept.get("step"))
             progress.finish()
         records.setdefault(name, []).append(read_done(folder))
-    report = write_report(out, cfg, build, figures, records, machine(), time.perf_counter() - started)
+    report = write_report(out, cfg, build, figures, records, machine(), time.perf_counter() - started, earlier)
     log.info("report: %s", report)
     return report
 
@@ -116,43 +122,95 @@ def check_recipe(cfg: DictConfig, build: Path, cells: list[tuple[str, int, Path]
     against the evaluation's overrides (the folders where either ran taken out, a null the same as an absent key).
     A preset or default changed since (a pull, an edited ``conf/``) is refused, so that one report never mixes
     recipes. (A record that a cell has not got, written by older code, is not checked.)"""
-    from gridgen.mini.runs import BASE, EVAL_CONFIG, eval_overrides, lora_overrides
+    from gridgen.mini.runs import BASE, EVAL_CONFIG, eval_overrides
 
     for name, seed, folder in cells:
         if not is_done(folder):
             continue
         tmp = temporary_folder(folder)  # where the cell was written, and what its configs name
         if name != BASE and (folder / "run" / "config.yaml").is_file():
-            # Lightning and diffusers: imported only for a finished run
-            from gridgen.train import run_attention_backend
-
-            overrides = lora_overrides(build, list(cfg.runs.variants[name]), seed, list(cfg.runs.train))
-            composed = compose("train", overrides, output_dir=tmp / "run")
-            with open_dict(composed):  # as the run recorded it: the attention kernel resolved for this machine
-                composed.model.attention_backend = run_attention_backend(composed)
-            _check_record(folder, "run/config.yaml", "trained", composed, build)
+            _check_record(folder, "run/config.yaml", "trained", composed_run(cfg, build, name, seed, tmp), build)
         if (folder / "eval" / EVAL_CONFIG).is_file():
             lora = None if name == BASE else tmp / "run"
             composed = compose("evaluate", eval_overrides(cfg, build, tmp, seed, lora), output_dir=tmp / "eval")
             _check_record(folder, f"eval/{EVAL_CONFIG}", "evaluated", composed, build)
 
 
-def _check_record(folder: Path, record: str, made: str, composed: DictConfig, build: Path) -> None:
-    """``folder/record`` (a config a finished cell recorded when it was ``made``) against ``composed`` now: one
-    line naming the first key that differs, or the damage, with the fix."""
-    recorded = folder / record
+def composed_run(cfg: DictConfig, build: Path, name: str, seed: int, tmp: Path) -> DictConfig:
+    """The ``gridgen.train`` config of variant ``name``'s run with ``seed``, written in cell folder ``tmp``, as the
+    run records it (the attention kernel resolved for this machine)."""
+    from gridgen.mini.runs import lora_overrides
+    from gridgen.train import run_attention_backend  # Lightning and diffusers: imported only for a run
+
+    overrides = lora_overrides(build, list(cfg.runs.variants[name]), seed, list(cfg.runs.train))
+    composed = compose("train", overrides, output_dir=tmp / "run")
+    with open_dict(composed):
+        composed.model.attention_backend = run_attention_backend(composed)
+    return composed
+
+
+def keep_run(cfg: DictConfig, build: Path, name: str, seed: int, tmp: Path, kept: dict[str, int]) -> bool:
+    """Whether a cell folder ``tmp`` that a killed or failed `make mini` left (``.<seed>.tmp``) goes on from its run:
+    the run trained with the config composed for it now, its ``last.ckpt`` readable, and either unfinished (the
+    training continues from that checkpoint, in place and exactly) or finished with its LoRA exported (only the
+    evaluation is made again). Then everything of ``tmp`` but ``run/`` is removed, ``kept["step"]`` is the step
+    the run goes on from, and True is returned; else (one log line why) the cell starts again from nothing."""
+    from gridgen.models.lora import LORA_FILE
+    from gridgen.training.runs import read_checkpoint
+
+    run = tmp / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    try:
+        if not last.is_file():
+            return False  # nothing trained worth keeping: the cell starts again
+        composed = composed_run(cfg, build, name, seed, tmp)
+        difference = _record_difference(run / "config.yaml", composed, build)
+        if difference is not None:
+            raise ValueError("its run was trained with {}={}, and the config gives {} now".format(*difference))
+        step = read_checkpoint(str(last), tmp).step  # read with weights_only: one line if truncated or foreign
+        finished = (run / "summary.json").is_file() and (run / "lora" / LORA_FILE).is_file() \
+            and not (run / "FAILED").exists()
+        if step > int(composed.trainer.max_steps) or (step == int(composed.trainer.max_steps)) != finished:
+            raise ValueError(f"its run stopped at step {step} of {composed.trainer.max_steps} "
+                             f"{'with' if finished else 'without'} its LoRA exported")
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with a leftover, the cell starts again
+        log.info("%s: starting this cell again (%s)", tmp, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False
+    for child in tmp.iterdir():
+        if child.name != "run":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    kept["step"] = step
+    log.info("%s: %s", tmp, f"its run finished training (step {step}): it is evaluated again" if finished else
+             f"its run goes on from the checkpoint of step {step} (a later `make mini` does too, if this one stops)")
+    return True
+
+
+def _record_difference(recorded: Path, composed: DictConfig, build: Path) -> tuple[str, str, str] | None:
+    """The first key (with its value then and now) where ``recorded``, a config a cell wrote when it was made,
+    differs from ``composed`` now (the folders where it ran taken out, a null the same as an absent key); None
+    when they agree. A file that cannot be read as a config raises ValueError."""
     try:
         then = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
         damage = None if isinstance(then, dict) and then else "empty or not a mapping"
     except Exception as err:  # YAML of every kind of damage
         damage = type(err).__name__
     if damage:
-        raise ValueError(f"{recorded} cannot be read as a config ({damage}): the cell's record is damaged; "
-                         f"delete {folder} to make it again, or pass out=<new folder>")
+        raise ValueError(f"{recorded} cannot be read as a config ({damage})")
     then = without_nulls(_without_paths(then, build))
     now = without_nulls(_without_paths(OmegaConf.to_container(composed, resolve=True), build))
-    if then != now:
-        key, old, new = first_difference(then, now)
+    return first_difference(then, now) if then != now else None
+
+
+def _check_record(folder: Path, record: str, made: str, composed: DictConfig, build: Path) -> None:
+    """``folder/record`` (a config a finished cell recorded when it was ``made``) against ``composed`` now: one
+    line naming the first key that differs, or the damage, with the fix."""
+    try:
+        difference = _record_difference(folder / record, composed, build)
+    except ValueError as err:
+        raise ValueError(f"{err}: the cell's record is damaged; delete {folder} to make it again, or pass "
+                         "out=<new folder>") from None
+    if difference is not None:
+        key, old, new = difference
         raise ValueError(f"{folder} was {made} with {key}={old}, and the config gives {new} now (the preset, the "
                          f"config it composes or this machine changed since): delete {folder} to make it again "
                          "with this config (a LoRA cell trains again), continue the folder with the code that made "

@@ -152,8 +152,10 @@ def kept_vae(vae: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], records: dict[str, list[dict[str, Any]]],
-                 machine: dict[str, Any], seconds: float) -> Path:
-    """``<out>/report.md`` (written last, atomically) with ``report.png`` and ``grids.png`` beside it."""
+                 machine: dict[str, Any], seconds: float, earlier: int = 0) -> Path:
+    """``<out>/report.md`` (written last, atomically) with ``report.png`` and ``grids.png`` beside it. ``seconds``:
+    this command's wall time; ``earlier``: how many cells an earlier, stopped `make mini` of ``out`` finished or
+    began (their time then is not in ``seconds``)."""
     from gridgen.files import write_text_atomic
 
     table = summarise(records)
@@ -163,7 +165,9 @@ def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], reco
     lines = [
         "# The miniature GRID: L_flow ablation", "",
         f"Command: `make mini` ({' '.join(sys.argv[1:]) or 'defaults'}); wall time {seconds / 60:.1f} min "
-        f"(build steps cached before this run took 0 s).",
+        f"(build steps cached before this run took 0 s"
+        + (f"; {earlier} of the {sum(map(len, records.values()))} runs were made or begun by an earlier, stopped "
+           "`make mini` of this folder: their time then is not in it" if earlier else "") + ").",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), {machine['gpu']}.",
         f"Build: `{build}`; variants x seeds: {', '.join(records)} x {list(cfg.runs.seeds)}; "
@@ -202,5 +206,8 @@ def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], reco
     lines += ["", "## Per run", "", "| variant | seed | train s | eval s |", "| --- | --- | --- | --- |"]
     for variant, runs in records.items():
         for record in runs:
-            lines.append(f"| {variant} | {record['seed']} | {record.get('train_s', 0):.0f} | {record['eval_s']:.0f} |")
+            resumed = record.get("resumed_from_step")
+            since = f" (steps after {resumed} only)" if resumed is not None else ""
+            lines.append(f"| {variant} | {record['seed']} | {record.get('train_s', 0):.0f}{since} | "
+                         f"{record['eval_s']:.0f} |")
     return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -95,18 +95,28 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
     return metrics
 
 
-def run_variant(cfg: DictConfig, build: Path, tmp: Path, variant: list[str], seed: int) -> dict[str, Any]:
-    """Train and evaluate one grid LoRA into ``tmp``; returns (and writes) its record."""
+def run_variant(cfg: DictConfig, build: Path, tmp: Path, variant: list[str], seed: int,
+                resume_step: int | None = None) -> dict[str, Any]:
+    """Train and evaluate one grid LoRA into ``tmp``; returns (and writes) its record. ``resume_step``: the run in
+    ``tmp/run`` that a killed `make mini` left goes on from its last checkpoint (its time before is not in
+    ``train_s``), or is only evaluated when it had finished training."""
     from gridgen.train import train
 
     started = time.perf_counter()
     overrides = lora_overrides(build, list(variant), seed, list(cfg.runs.train))
-    train_metrics = train(compose("train", overrides, output_dir=tmp / "run"))
+    run = tmp / "run"
+    if resume_step is not None and (run / "summary.json").is_file():  # trained to the end before: evaluate only
+        train_metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    else:  # in place from last.ckpt: exactly the uninterrupted run (gridgen.train's resume)
+        resume = [f"ckpt_path={run}"] if resume_step is not None else []
+        train_metrics = train(compose("train", [*overrides, *resume], output_dir=run))
     train_s = time.perf_counter() - started
-    metrics = evaluate_grids(cfg, build, tmp, seed, tmp / "run")
+    metrics = evaluate_grids(cfg, build, tmp, seed, run)
     record = {"overrides": overrides, "seed": seed, "train_s": round(train_s, 1),
               "eval_s": round(time.perf_counter() - started - train_s, 1), "train": train_metrics,
-              "held_out": held_out_losses(tmp / "run"), "metrics": metrics}
+              "held_out": held_out_losses(run), "metrics": metrics}
+    if resume_step is not None:
+        record["resumed_from_step"] = resume_step
     return write_done(tmp, record)
 
 

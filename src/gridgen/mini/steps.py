@@ -7,7 +7,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,18 +43,21 @@ def temporary_folder(folder: Path) -> Path:
 
 
 @contextmanager
-def step_folder(folder: Path) -> Iterator[Path]:
+def step_folder(folder: Path, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """``with step_folder(target) as tmp:`` write into ``tmp``; it becomes ``target`` only if the block succeeds.
 
-    A leftover of a killed run (``.<name>.tmp``) is removed first: it was never a result."""
+    A leftover of a killed run (``.<name>.tmp``) is removed first, and the folder of a block that fails is removed:
+    neither was ever a result. ``keep(tmp)`` may spare either (after pruning it to what can be continued, and
+    returning True): a cell's training killed at step 4000 goes on from its last checkpoint."""
     tmp = temporary_folder(folder)
-    if tmp.exists():
+    if tmp.exists() and not (keep is not None and keep(tmp)):
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (keep is not None and keep(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     tmp.rename(folder)
 
