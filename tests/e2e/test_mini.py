@@ -5,6 +5,7 @@ finished run was trained or evaluated with another config."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -117,12 +118,13 @@ def test_a_killed_make_mini_goes_on_from_the_last_checkpoint_to_the_uninterrupte
     """A cell that a killed `make mini` left half made (``.seed0.tmp``) goes on from its run's last checkpoint and
     ends with the LoRA and the figures of the uninterrupted cell; one killed during its evaluation is evaluated
     again without training. (The killed folders are made from a finished one as a kill leaves them: the run's
-    checkpoint of step 2 as last.ckpt and no export, or the run finished and no evaluation.)"""
+    checkpoint of step 2 as last.ckpt and no export, or the run finished and no evaluation. 5 steps, checkpoints
+    every 2: the finished run's last.ckpt is of step 4.)"""
     import torch
 
     from gridgen.models.lora import LORA_FILE, read_lora_file
 
-    train = ("trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=2")
+    train = ("trainer.max_steps=5", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=2")
     args = (*TOY, "runs.base_without_lora=false")
     filmstrip = "~runs.variants.no_flow ~runs.variants.within_row"
     straight = make_mini(tmp_path, *args, f"out={tmp_path / 'straight'}", extra_args=filmstrip, train=train)
@@ -147,14 +149,14 @@ def test_a_killed_make_mini_goes_on_from_the_last_checkpoint_to_the_uninterrupte
         return out
 
     for name, during_training, said in (("killed_training", True, "goes on from the checkpoint of step 2"),
-                                        ("killed_eval", False, "finished training (step 4): it is evaluated again")):
+                                        ("killed_eval", False, "finished training (step 5): it is evaluated again")):
         out = killed(name, during_training)
         continued = make_mini(tmp_path, *args, f"out={out}", extra_args=filmstrip, train=train)
         assert continued.returncode == 0, continued.stdout[-3000:] + continued.stderr[-3000:]
         assert said in continued.stdout and "build " not in continued.stdout
         cell = out / "filmstrip" / "seed0"
         again = json.loads((cell / "done.json").read_text())
-        assert again["resumed_from_step"] == (2 if during_training else 4)
+        assert again["resumed_from_step"] == (2 if during_training else 5)
         resumes = sorted(p.name for p in (cell / "run").glob("config.resume-*.yaml"))  # gridgen.train's, in place
         assert resumes == (["config.resume-step2.yaml"] if during_training else [])
         if not during_training:  # the export is the one the killed command made
@@ -166,10 +168,16 @@ def test_a_killed_make_mini_goes_on_from_the_last_checkpoint_to_the_uninterrupte
         for key in uninterrupted:
             torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
         assert again["held_out"] == pytest.approx(record["held_out"], rel=1e-4)
+        assert again["train"] == pytest.approx(record["train"], rel=1e-4)
+        # the held-out curve: each validation once, as the uninterrupted run logged it (the resumed process adds
+        # only its own first step's data and time row)
+        curves = [[(row["step"], row["val/loss_flow"]) for row in csv.DictReader(path.open()) if row["val/loss_flow"]]
+                  for path in (cell / "run" / "metrics" / "metrics.csv", done / "run" / "metrics" / "metrics.csv")]
+        assert len(curves[0]) == 2 and curves[0] == curves[1]
         for key in ("world_identity_all", "world_motion_all", "grids"):
             assert again["metrics"][key] == record["metrics"][key], key
         assert again["metrics"]["fvd"] == pytest.approx(record["metrics"]["fvd"], rel=1e-3)
         report = (out / "report.md").read_text()
         assert "1 of the 1 runs were made or begun by an earlier, stopped `make mini`" in report
-        assert f"(steps after {2 if during_training else 4} only)" in report
+        assert f"(steps after {2 if during_training else 5} only)" in report
         assert not list(out.glob("*/.*.tmp"))

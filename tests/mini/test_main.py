@@ -208,15 +208,16 @@ def test_the_presets_refuse_a_missing_build_with_one_line(tmp_path):
 
 
 def test_a_killed_cells_run_goes_on_only_when_it_can(hydra_conf, tmp_path, caplog):
-    """keep_run: what a killed cell's leftover (``.<seed>.tmp``) gives the next `make mini`: its run from its last
-    checkpoint (all else removed), or its finished run to evaluate again; a run trained with another config, a
-    damaged checkpoint or a run stopped after its last step without its export starts again from nothing."""
+    """resume_point: what a killed cell's leftover (``.seed<k>.tmp``) gives the next `make mini`: its run from its
+    last checkpoint (all else removed), or its finished run to evaluate again (its last.ckpt may be older than its
+    last step); a run trained with another config, a damaged checkpoint or a run that ended without its export
+    starts again from nothing, with one log line why."""
     import logging
 
     import torch
     from omegaconf import OmegaConf
 
-    from gridgen.mini.__main__ import composed_run, keep_run
+    from gridgen.mini.__main__ import composed_run, resume_point
     from gridgen.mini.build import build_folder
     from gridgen.models.lora import LORA_FILE
 
@@ -230,34 +231,37 @@ def test_a_killed_cells_run_goes_on_only_when_it_can(hydra_conf, tmp_path, caplo
     (tmp / "done.json").write_text("{}")  # a killed evaluation's files: never kept
     trained = composed_run(cfg, build, "filmstrip", 1, tmp)
 
-    def leftover(step: int, config=trained) -> bool:
+    def leftover(step: int | None, config=trained):
         (run / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
-        torch.save({"state_dict": {}, "global_step": step}, run / "checkpoints" / "last.ckpt")
-        kept: dict[str, int] = {}
+        if step is not None:
+            torch.save({"state_dict": {}, "global_step": step}, run / "checkpoints" / "last.ckpt")
         with caplog.at_level(logging.INFO, logger="gridgen.mini"):
             caplog.clear()
-            keep = keep_run(cfg, build, "filmstrip", 1, tmp, kept)
-        assert keep == ("step" in kept)
-        return keep
+            return resume_point(cfg, build, "filmstrip", 1, tmp)
 
-    assert not keep_run(cfg, build, "filmstrip", 1, tmp_path / "nothing", {})  # no checkpoint: nothing to keep
+    with caplog.at_level(logging.INFO, logger="gridgen.mini"):
+        assert resume_point(cfg, build, "filmstrip", 1, tmp_path / "nothing") is None
+    assert "starting this cell again (no checkpoint of its run)" in caplog.text
     other = OmegaConf.create(OmegaConf.to_container(trained))
     other.optim.lr = 1e-3
-    assert not leftover(2, other) and "its run was trained with optim.lr=0.001, and the config gives 0.003" in caplog.text
-    (run / "config.yaml").write_text(OmegaConf.to_yaml(trained, resolve=True))
+    assert leftover(2, other) is None
+    assert "its run was trained with optim.lr=0.001, and the config gives 0.003" in caplog.text
     (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 half a zip")  # damaged on the disk
-    with caplog.at_level(logging.INFO, logger="gridgen.mini"):
-        assert not keep_run(cfg, build, "filmstrip", 1, tmp, {})
-    assert "cannot be read as a checkpoint" in caplog.text
+    assert leftover(None) is None and "cannot be read as a checkpoint" in caplog.text
     assert (tmp / "eval").is_dir()  # refused: nothing pruned (step_folder removes it all)
-    assert not leftover(4)  # at its last step, not exported: the export cannot be made from a resume
+    assert leftover(4) is None  # at its last step, not exported: the export cannot be made from a resume
     assert "stopped at step 4 of 4 without its LoRA exported" in caplog.text
-    assert leftover(2) and "goes on from the checkpoint of step 2" in caplog.text
+    (run / "FAILED").write_text("RuntimeError: the loss is not finite\nresume: ...\n")
+    assert leftover(2) == (2, False) and "goes on from the checkpoint of step 2" in caplog.text
+    assert "it had failed: RuntimeError: the loss is not finite" in caplog.text
     assert sorted(p.name for p in tmp.iterdir()) == ["run"]
     (run / "lora").mkdir()
     (run / "lora" / LORA_FILE).write_bytes(b"exported")
-    (run / "summary.json").write_text("{}")
-    assert not leftover(2)  # a summary before the last step: not a run this code made
-    assert leftover(4) and "finished training (step 4): it is evaluated again" in caplog.text
-    (run / "FAILED").write_text("x")
-    assert not leftover(4)
+    assert leftover(2) is None and "ended without summary.json of 4, with its LoRA exported" in caplog.text
+    (run / "summary.json").write_text(json.dumps({"global_step": 4}))
+    assert leftover(2) is None and "marked FAILED" in caplog.text
+    (run / "FAILED").unlink()
+    assert leftover(2) == (4, True)  # last.ckpt of step 2: no checkpoint was saved at the end
+    assert "finished training (step 4): it is evaluated again" in caplog.text
+    (run / "summary.json").write_text(json.dumps({"global_step": 3}))
+    assert leftover(3) is None and "ended at step 3 of 4" in caplog.text

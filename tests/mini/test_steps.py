@@ -35,24 +35,26 @@ def test_progress_names_the_step_and_estimates_from_measured_ones(caplog):
     assert second.startswith("[mini 2/2 |") and "eta 2 min] build b" in second  # 60 s per unit x 2 units left
 
 
-def test_a_step_folder_keeps_what_keep_spares(tmp_path):
-    """``keep(tmp)`` decides, on a leftover and on a failure, whether the temporary folder stays to be continued."""
+def test_a_step_folder_spares_work_to_continue_and_keeps_what_the_caller_continues(tmp_path):
+    """``spare(tmp)``: a failed block's folder stays as a kill would leave it; ``keep``: the next entry keeps it."""
     target = tmp_path / "seed0"
 
-    def keep(tmp):
-        (tmp / "eval").unlink(missing_ok=True)  # prunes what cannot be continued
+    def spare(tmp):
         return (tmp / "run.ckpt").is_file()
 
-    with pytest.raises(KeyboardInterrupt), step_folder(target, keep) as tmp:
+    with pytest.raises(KeyboardInterrupt), step_folder(target, spare=spare) as tmp:
         (tmp / "eval").write_text("half")
-        raise KeyboardInterrupt  # before a checkpoint: nothing kept
+        raise KeyboardInterrupt  # before a checkpoint: nothing spared
     assert not list(tmp_path.iterdir())
-    with pytest.raises(KeyboardInterrupt), step_folder(target, keep) as tmp:
+    with pytest.raises(KeyboardInterrupt), step_folder(target, spare=spare) as tmp:
         (tmp / "run.ckpt").write_text("step 2")
-        (tmp / "eval").write_text("half")
         raise KeyboardInterrupt
-    assert sorted(p.name for p in tmp.iterdir()) == ["run.ckpt"] and not target.exists()
-    with step_folder(target, keep) as again:  # the next command starts from it
+    assert (tmp / "run.ckpt").read_text() == "step 2" and not target.exists()
+    with step_folder(target, keep=True) as again:  # the next command goes on from it
         assert again == tmp and (again / "run.ckpt").read_text() == "step 2"
         write_done(again, {})
     assert is_done(target) and sorted(p.name for p in tmp_path.iterdir()) == ["seed0"]
+    (tmp_path / ".seed1.tmp").mkdir()
+    (tmp_path / ".seed1.tmp" / "run.ckpt").write_text("another config")
+    with step_folder(tmp_path / "seed1") as fresh:  # not kept: removed first
+        assert not list(fresh.iterdir())

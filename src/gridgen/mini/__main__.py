@@ -14,7 +14,6 @@ import platform
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ def variant_folders(cfg: DictConfig, out: Path) -> list[tuple[str, int, Path]]:
 def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
     from gridgen.inference.sampler import make_guider
     from gridgen.mini.report import write_report
-    from gridgen.mini.runs import BASE, run_base, run_variant
+    from gridgen.mini.runs import BASE, run_base, run_checkpointed, run_variant
 
     if cfg.stop_after not in STOPS:
         raise ValueError(f"stop_after must be one of {STOPS}, got {cfg.stop_after!r}")
@@ -82,19 +81,22 @@ def run(cfg: DictConfig, default_build: Any, default_eval: Any = None) -> Path:
         if is_done(folder):
             progress.skip(str(folder))  # before the first run, so that the ETA counts only what is left
     records: dict[str, list[dict[str, Any]]] = {}
-    earlier = sum(is_done(folder) for _, _, folder in cells)  # cells an earlier `make mini` of out made or began
+    earlier = 0  # cells an earlier, stopped `make mini` of out made or began
     for name, seed, folder in cells:
         if not is_done(folder):
             progress.start(str(folder), f"{'evaluate' if name == BASE else 'train + evaluate'} {name} seed {seed}")
-            kept: dict[str, int] = {}  # the step a killed cell's run goes on from (keep_run)
-            keep = None if name == BASE else partial(keep_run, cfg, build, name, seed, kept=kept)
-            with step_folder(folder, keep) as tmp:
+            leftover = temporary_folder(folder)
+            resumed = resume_point(cfg, build, name, seed, leftover) if name != BASE and leftover.exists() else None
+            earlier += resumed is not None
+            # a LoRA cell that fails with a checkpoint is left as a kill leaves it, for the next `make mini`
+            with step_folder(folder, keep=resumed is not None, spare=None if name == BASE else run_checkpointed) as tmp:
                 if name == BASE:
                     run_base(cfg, build, tmp, seed)
                 else:
-                    earlier += "step" in kept
-                    run_variant(cfg, build, tmp, list(cfg.runs.variants[name]), seed, kept.get("step"))
+                    run_variant(cfg, build, tmp, list(cfg.runs.variants[name]), seed, resumed)
             progress.finish()
+        else:
+            earlier += 1
         records.setdefault(name, []).append(read_done(folder))
     report = write_report(out, cfg, build, figures, records, machine(), time.perf_counter() - started, earlier)
     log.info("report: %s", report)
@@ -149,40 +151,47 @@ def composed_run(cfg: DictConfig, build: Path, name: str, seed: int, tmp: Path) 
     return composed
 
 
-def keep_run(cfg: DictConfig, build: Path, name: str, seed: int, tmp: Path, kept: dict[str, int]) -> bool:
-    """Whether a cell folder ``tmp`` that a killed or failed `make mini` left (``.<seed>.tmp``) goes on from its run:
-    the run trained with the config composed for it now, its ``last.ckpt`` readable, and either unfinished (the
-    training continues from that checkpoint, in place and exactly) or finished with its LoRA exported (only the
-    evaluation is made again). Then everything of ``tmp`` but ``run/`` is removed, ``kept["step"]`` is the step
-    the run goes on from, and True is returned; else (one log line why) the cell starts again from nothing."""
+def resume_point(cfg: DictConfig, build: Path, name: str, seed: int, tmp: Path) -> tuple[int, bool] | None:
+    """What a cell folder ``tmp`` that a stopped `make mini` left (``.seed<k>.tmp``) gives the next one: its run
+    trained with the config composed for it now, and either finished (``summary.json`` at ``trainer.max_steps``, its
+    LoRA exported, not ``FAILED``: only the evaluation is made again) or unfinished with a readable ``last.ckpt``
+    (the training goes on from it, in place and exactly). Then everything of ``tmp`` but ``run/`` is removed and
+    ``(step, finished)`` is returned; else None, and the cell starts again from nothing (one log line why)."""
     from gridgen.models.lora import LORA_FILE
     from gridgen.training.runs import read_checkpoint
 
     run = tmp / "run"
-    last = run / "checkpoints" / "last.ckpt"
+    last, summary, failed = run / "checkpoints" / "last.ckpt", run / "summary.json", run / "FAILED"
     try:
-        if not last.is_file():
-            return False  # nothing trained worth keeping: the cell starts again
+        if not last.is_file() and not summary.is_file():
+            raise ValueError("no checkpoint of its run")
         composed = composed_run(cfg, build, name, seed, tmp)
         difference = _record_difference(run / "config.yaml", composed, build)
         if difference is not None:
             raise ValueError("its run was trained with {}={}, and the config gives {} now".format(*difference))
-        step = read_checkpoint(str(last), tmp).step  # read with weights_only: one line if truncated or foreign
-        finished = (run / "summary.json").is_file() and (run / "lora" / LORA_FILE).is_file() \
-            and not (run / "FAILED").exists()
-        if step > int(composed.trainer.max_steps) or (step == int(composed.trainer.max_steps)) != finished:
-            raise ValueError(f"its run stopped at step {step} of {composed.trainer.max_steps} "
-                             f"{'with' if finished else 'without'} its LoRA exported")
+        max_steps = int(composed.trainer.max_steps)
+        exported = (run / "lora" / LORA_FILE).is_file()
+        finished = summary.is_file() or exported
+        if finished:  # last.ckpt may be older: Lightning saves none at the end after one at an interval
+            step = int(json.loads(summary.read_text())["global_step"]) if summary.is_file() else -1
+            if step != max_steps or not exported or failed.exists():
+                raise ValueError(f"its run ended {'without summary.json' if step < 0 else f'at step {step}'} of "
+                                 f"{max_steps}, {'with' if exported else 'without'} its LoRA exported"
+                                 f"{', marked FAILED' if failed.exists() else ''}")
+        else:
+            step = read_checkpoint(str(last), tmp).step  # read with weights_only: one line if truncated or foreign
+            if step >= max_steps:
+                raise ValueError(f"its run stopped at step {step} of {max_steps} without its LoRA exported")
     except Exception as err:  # noqa: BLE001 - whatever is wrong with a leftover, the cell starts again
         log.info("%s: starting this cell again (%s)", tmp, str(err).splitlines()[0] if str(err) else type(err).__name__)
-        return False
+        return None
     for child in tmp.iterdir():
         if child.name != "run":
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    kept["step"] = step
+    why = f"; it had failed: {failed.read_text().splitlines()[0]}" if failed.exists() and failed.read_text() else ""
     log.info("%s: %s", tmp, f"its run finished training (step {step}): it is evaluated again" if finished else
-             f"its run goes on from the checkpoint of step {step} (a later `make mini` does too, if this one stops)")
-    return True
+             f"its run goes on from the checkpoint of step {step}{why}")
+    return step, finished
 
 
 def _record_difference(recorded: Path, composed: DictConfig, build: Path) -> tuple[str, str, str] | None:

@@ -95,28 +95,33 @@ def evaluate_grids(cfg: DictConfig, build: Path, folder: Path, seed: int, lora: 
     return metrics
 
 
+def run_checkpointed(tmp: Path) -> bool:
+    """Whether cell folder ``tmp`` holds a checkpoint of its run (what a stopped `make mini` leaves to continue)."""
+    return (tmp / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 def run_variant(cfg: DictConfig, build: Path, tmp: Path, variant: list[str], seed: int,
-                resume_step: int | None = None) -> dict[str, Any]:
-    """Train and evaluate one grid LoRA into ``tmp``; returns (and writes) its record. ``resume_step``: the run in
-    ``tmp/run`` that a killed `make mini` left goes on from its last checkpoint (its time before is not in
-    ``train_s``), or is only evaluated when it had finished training."""
+                resumed: tuple[int, bool] | None = None) -> dict[str, Any]:
+    """Train and evaluate one grid LoRA into ``tmp``; returns (and writes) its record. ``resumed``: ``(step,
+    finished)`` of the run in ``tmp/run`` that a stopped `make mini` left (``resume_point``): it goes on from its
+    last checkpoint (its time before is not in ``train_s``), or is only evaluated when it had finished."""
     from gridgen.train import train
 
     started = time.perf_counter()
     overrides = lora_overrides(build, list(variant), seed, list(cfg.runs.train))
     run = tmp / "run"
-    if resume_step is not None and (run / "summary.json").is_file():  # trained to the end before: evaluate only
+    if resumed is not None and resumed[1]:  # trained to the end before: evaluate only
         train_metrics = json.loads((run / "summary.json").read_text())["metrics"]
     else:  # in place from last.ckpt: exactly the uninterrupted run (gridgen.train's resume)
-        resume = [f"ckpt_path={run}"] if resume_step is not None else []
+        resume = [f"ckpt_path={run}"] if resumed is not None else []
         train_metrics = train(compose("train", [*overrides, *resume], output_dir=run))
     train_s = time.perf_counter() - started
     metrics = evaluate_grids(cfg, build, tmp, seed, run)
     record = {"overrides": overrides, "seed": seed, "train_s": round(train_s, 1),
               "eval_s": round(time.perf_counter() - started - train_s, 1), "train": train_metrics,
               "held_out": held_out_losses(run), "metrics": metrics}
-    if resume_step is not None:
-        record["resumed_from_step"] = resume_step
+    if resumed is not None:
+        record["resumed_from_step"] = resumed[0]
     return write_done(tmp, record)
 
 

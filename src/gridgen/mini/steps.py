@@ -43,20 +43,20 @@ def temporary_folder(folder: Path) -> Path:
 
 
 @contextmanager
-def step_folder(folder: Path, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def step_folder(folder: Path, keep: bool = False, spare: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """``with step_folder(target) as tmp:`` write into ``tmp``; it becomes ``target`` only if the block succeeds.
 
-    A leftover of a killed run (``.<name>.tmp``) is removed first, and the folder of a block that fails is removed:
-    neither was ever a result. ``keep(tmp)`` may spare either (after pruning it to what can be continued, and
-    returning True): a cell's training killed at step 4000 goes on from its last checkpoint."""
+    A leftover of a stopped run (``.<name>.tmp``) is removed first, unless ``keep`` (the caller found it can be
+    continued), and so is the folder of a block that fails, unless ``spare(tmp)`` (it holds work to continue, as a
+    kill would have left it): neither was ever a result."""
     tmp = temporary_folder(folder)
-    if tmp.exists() and not (keep is not None and keep(tmp)):
+    if tmp.exists() and not keep:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
     except BaseException:
-        if not (keep is not None and keep(tmp)):
+        if spare is None or not spare(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     tmp.rename(folder)
