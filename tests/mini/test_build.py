@@ -16,18 +16,18 @@ from gridgen.mini.steps import compose, guider_overrides
 
 def test_the_default_build_has_the_presets_folder_and_any_other_its_own(hydra_conf, tmp_path):
     default = compose("mini", [f"paths.cache_dir={tmp_path}"])
-    assert build_folder(default, default.build) == tmp_path / "mini-v7"  # what experiment=mini / data=mini read
+    assert build_folder(default, default.build) == tmp_path / "mini-v8"  # what experiment=mini / data=mini read
     preset = compose("train", ["experiment=mini", f"paths.cache_dir={tmp_path}", "paths.output_dir=x"])
-    assert OmegaConf.select(preset, "data.train_shards") == str(tmp_path / "mini-v7" / "data" / "clips")
+    assert OmegaConf.select(preset, "data.train_shards") == str(tmp_path / "mini-v8" / "data" / "clips")
     other = compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=10"])
     folder = build_folder(other, default.build)
-    assert folder.parent == tmp_path and folder.name.startswith("mini-v7-") and folder != build_folder(
+    assert folder.parent == tmp_path and folder.name.startswith("mini-v8-") and folder != build_folder(
         compose("mini", [f"paths.cache_dir={tmp_path}", "build.vae.steps=11"]), default.build)
 
 
 # The base model's training as the build composes it (experiment=mini_base and every default under it), per build
 # version. A cached build is reused by its folder name alone, so a changed recipe must come with a new BUILD_VERSION.
-BASE_RECIPES = {7: "fee09133fe4a2630"}
+BASE_RECIPES = {7: "fee09133fe4a2630", 8: "fee09133fe4a2630"}  # 7 -> 8: the VAE (build.vae.steps 600 -> 1200), not the base
 
 
 def test_a_changed_base_recipe_comes_with_a_new_build_version(hydra_conf, tmp_path):

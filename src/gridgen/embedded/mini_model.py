@@ -35,7 +35,7 @@ from gridgen.runtime import default_cache_dir
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "gridgen_mini.json"
-BUILD_VERSION = 7  # bump when what `make mini`'s build makes changes, so stale caches are not reused
+BUILD_VERSION = 8  # bump when what `make mini`'s build makes changes, so stale caches are not reused
 DEFAULT_BUILD = f"mini-v{BUILD_VERSION}"  # the default build's folder under the cache (data=mini, model=flux_mini)
 
 # FLUX.1-dev's transformer (guidance embedding, rope over (t, y, x)), 2 + 4 blocks of width 128. The text widths

@@ -1,5 +1,5 @@
 """The miniature's build: the world's shards, the VAE, the base model and the latent caches, made once and cached
-under ``paths.cache_dir/mini-v7`` (a non-default build config: ``mini-v7-<hash>``), each step in a folder that
+under ``paths.cache_dir/mini-v8`` (a non-default build config: ``mini-v8-<hash>``), each step in a folder that
 appears only when complete (a rerun reuses it, a killed one redoes only the unfinished step).
 
     <build>/data/        clips (4x4 grids: train, val, test), frames, scenes (1x1) shards    prepare
@@ -39,12 +39,13 @@ from gridgen.mini.steps import (
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 0.5, "vae": 4.4, "init": 0.1, "cache_base": 0.5, "base_run": 14.7, "base": 0.1,
-               "cache_clips": 1.3, "base_eval": 0.1}  # minutes of mini-v7 on 2 cores (RESULTS-9): the ETA's weights
+BUILD_STEPS = {"data": 0.5, "vae": 8.8, "init": 0.1, "cache_base": 0.5, "base_run": 14.7, "base": 0.1,
+               "cache_clips": 1.3, "base_eval": 0.1}  # minutes on 2 cores (mini-v7, RESULTS-9; the VAE's twice its
+                                                      # 600 steps): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
-    """``<cache>/mini-v7`` for the default build config, ``mini-v7-<hash>`` for any other."""
+    """``<cache>/mini-v8`` for the default build config, ``mini-v8-<hash>`` for any other."""
     mine = {"build": plain(cfg.build), "seed": int(cfg.seed)}
     name = DEFAULT_BUILD
     if mine != {"build": plain(default_build), "seed": 0}:
