@@ -15,7 +15,6 @@ Scripts run as ``python bench/bench_<name>.py`` import it as ``harness`` (their 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import gc
 import importlib.metadata
@@ -38,11 +37,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision notic
 
 import torch  # noqa: E402
 
+from gridgen import runtime  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
-MALLOC_MMAP_THRESHOLD = 64 << 20
-# the same glibc settings for a child process, through its environment (see tune_malloc)
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+MALLOC_MMAP_THRESHOLD, MALLOC_ENV = runtime.MALLOC_MMAP_THRESHOLD, runtime.MALLOC_ENV  # one home: gridgen.runtime
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -137,29 +136,7 @@ def spread_ms(xs: Sequence[float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _libc() -> Any | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def tune_malloc() -> bool:
-    """Fix glibc's mmap threshold (64 MiB) and never auto-trim.
-
-    By default glibc serves large blocks with mmap and raises the threshold only as such blocks are freed, so the
-    first steps of a process map, fault in and unmap every activation: on the 2-core VM this was measured at
-    ~13 s per step for the first 3 steps, then 0.4 s. Fixing the threshold makes the steady state start at
-    step 1; it changes nothing for the steady state that ratios compare. ``MALLOC_ENV`` does the same for a
-    child process or a training run.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+_libc, tune_malloc = runtime.libc, runtime.tune_malloc  # what gridgen's CPU runs use too
 
 
 def status_bytes(key: str) -> float:

@@ -97,3 +97,16 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(trained_run, monke
     after = torch.load(path, map_location="cpu", weights_only=True)
     assert after["global_step"] == before["global_step"] == 4
     assert sorted(p.name for p in path.parent.iterdir()) == files  # no half-written file left behind
+
+
+def test_a_cpu_run_tunes_glibcs_malloc_for_its_device(tmp_path, monkeypatch):
+    """gridgen.train asks gridgen.runtime to tune malloc for the device it trains on (here the CPU); a GPU run's
+    device type is cuda, for which tune_cpu_process does nothing (tests/test_runtime.py)."""
+    import gridgen.train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "tune_cpu_process", seen.append)
+    train(make_cfg(tmp_path, "trainer.max_steps=1", "lora.rank=2"))
+    assert seen == ["cpu"]
+    cfg = make_cfg(tmp_path / "other", "trainer.accelerator=gpu")
+    assert train_module.run_device_type(cfg) == "cuda"

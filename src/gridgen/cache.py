@@ -20,7 +20,7 @@ from gridgen.config import CONF_DIR, exit_on_user_error, register_resolvers
 from gridgen.data.cache import cache_shards, load_encoders
 from gridgen.data.datamodule import parse_sources, resolve_shards
 from gridgen.embedded import ensure_sample_shards
-from gridgen.runtime import resolve_device
+from gridgen.runtime import resolve_device, tune_cpu_process
 
 log = logging.getLogger("gridgen.cache")
 register_resolvers()
@@ -100,6 +100,7 @@ def cache(cfg: DictConfig) -> dict[str, Any]:
     if not 0 <= rank < world:
         raise ValueError(f"cache.rank must be one of 0..{world - 1} (cache.world_size={world}), got {rank}")
     device = resolve_device(str(cfg.cache.device), "cache.device", local_rank)
+    tune_cpu_process(device)
     log.info("loading the VAE and text encoders of %s on %s%s", model["pretrained"], device,
              f" (rank {rank} of {world})" if world > 1 else "")
     pipe = load_encoders(model, device)

@@ -22,7 +22,7 @@ from gridgen.models.attention import resolve_attention_backend
 from gridgen.models.full import adapter_mode
 from gridgen.models.loading import EMBEDDED_TINY_NAMES, check_model_source, check_transformer_folder
 from gridgen.run_folder import RunFolderGuard, hydra_files_of_this_command
-from gridgen.runtime import resolve_device
+from gridgen.runtime import resolve_device, tune_cpu_process
 from gridgen.training.callbacks import LoraExport, TransformerExport
 from gridgen.training.callbacks.ema import LoraEMA
 from gridgen.training.module import GridModule
@@ -42,13 +42,17 @@ log = logging.getLogger("gridgen.train")
 register_resolvers()
 
 
+def run_device_type(cfg: DictConfig) -> str:
+    """``cuda`` or ``cpu``: where a training run of ``cfg`` computes on this machine (``trainer.accelerator``)."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    auto = resolve_device("auto", "trainer.accelerator").type
+    return {"gpu": "cuda", "cuda": "cuda", "auto": auto}.get(accelerator, "cpu")
+
+
 def run_attention_backend(cfg: DictConfig) -> str:
     """The attention kernel a training run of ``cfg`` uses on this machine (``model.attention_backend``, ``auto``
     resolved for ``trainer.accelerator``'s device), as its ``config.yaml`` records it."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    auto = resolve_device("auto", "trainer.accelerator").type
-    device_type = {"gpu": "cuda", "cuda": "cuda", "auto": auto}.get(accelerator, "cpu")
-    return resolve_attention_backend(cfg.model.get("attention_backend"), device_type)
+    return resolve_attention_backend(cfg.model.get("attention_backend"), run_device_type(cfg))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -94,6 +98,7 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
         check_transformer_folder(cfg.model.transformer)
     mode = adapter_mode(cfg.lora)
 
+    tune_cpu_process(run_device_type(cfg))  # glibc's malloc: 11 % of a mini step (gridgen.runtime.tune_malloc)
     # The attention kernel this run will use, recorded in config.yaml and the loggers' hyperparameters.
     with open_dict(cfg):
         cfg.model.attention_backend = run_attention_backend(cfg)

@@ -49,7 +49,7 @@ from gridgen.eval.report import Evaluation, paper_targets, render_table, write_r
 from gridgen.eval.world_metrics import WORLD_PROTOCOL, score_cells, summarize
 from gridgen.layout import GridLayout
 from gridgen.models.attention import apply_attention_backend
-from gridgen.runtime import resolve_device, wandb_offline
+from gridgen.runtime import resolve_device, tune_cpu_process, wandb_offline
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def _setup_device(cfg: DictConfig) -> torch.device:
     if wanted not in ("auto", "cpu", "cuda"):
         raise ValueError(f"eval.device must be auto, cpu or cuda, got {wanted!r}")
     accelerator = resolve_device(wanted, "eval.device").type
+    tune_cpu_process(accelerator)
     devices = int(cfg.eval.devices)
     if devices > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from lightning.fabric import Fabric

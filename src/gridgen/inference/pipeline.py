@@ -42,7 +42,7 @@ from gridgen.inference.tasks import (
 from gridgen.models.builder import FrozenLora, build_flux
 from gridgen.models.loading import check_transformer_folder, parse_dtype
 from gridgen.models.lora import check_lora_file
-from gridgen.runtime import resolve_device
+from gridgen.runtime import resolve_device, tune_cpu_process
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             starts[key] = initial_frames(spec, layout, frames)
 
     device, dtype = resolve_device(gen.device, "generate.device"), parse_dtype(gen.dtype)
+    tune_cpu_process(device)
     load_started = time.perf_counter()
     pipe, built = build_flux(cfg.model, lora=FrozenLora(cfg.lora, float(cfg.lora_scale)) if cfg.lora else None,
                              device=device, dtype=dtype, attention_device=device.type)

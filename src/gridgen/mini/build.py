@@ -100,12 +100,14 @@ def _vae(cfg: DictConfig, build: Path, tmp: Path) -> dict[str, Any]:
     from gridgen.embedded.mini_data import cell_size
     from gridgen.embedded.mini_vae import read_cells, reconstruct, train_vae
     from gridgen.eval.shapes import describe_kept, kept_identity
+    from gridgen.runtime import tune_cpu_process
 
     data = build / "data"
     train = np.concatenate([read_cells(sorted((data / kind).glob("train-*.tar")), cell_size(kind))
                             for kind in ("clips", "frames")])
     held_out = read_cells(sorted((data / "clips").glob("test-*.tar")), cell_size("clips"))  # unseen combinations
     vae_cfg = cfg.build.vae
+    tune_cpu_process("cpu")  # train_vae computes on the CPU
     every = max(1, int(vae_cfg.steps) // 10)
 
     def report(step: int, losses: dict[str, float]) -> None:
