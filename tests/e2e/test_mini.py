@@ -69,6 +69,7 @@ def test_make_mini_builds_once_trains_every_variant_and_writes_one_report(tmp_pa
         assert {"prompt", "shape", "color", "motion", "scores"} <= set(labels)
         assert labels["prompt"] == f"a {labels['color']} {labels['shape']} moves {labels['motion']}"
     assert (out / "report.png").is_file() and (out / "grids.png").is_file()
+    assert "## Paired by seed (exploratory)" in report and "| paired difference | filmstrip - no_flow |" in report
     assert "[mini 1/12" in first.stdout and "eta" in first.stdout  # progress with an ETA
     (build,) = (tmp_path / "cache").glob(f"{DEFAULT_BUILD}-*")
     vae = json.loads((build / "build.json").read_text())["vae"]

@@ -1,4 +1,4 @@
-"""The miniature's report (gridgen.mini.report): its interval and table."""
+"""The miniature's report (gridgen.mini.report): its interval, its table and its differences paired by seed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gridgen.mini.report import COLUMNS, dig, guider_words, interval, markdown_table, summarise
+from gridgen.mini.report import (
+    COLUMNS,
+    dig,
+    guider_words,
+    interval,
+    markdown_table,
+    paired,
+    paired_markdown,
+    summarise,
+)
 
 
 def test_interval_is_students_t_over_seeds():
@@ -38,3 +47,31 @@ def test_the_report_names_the_guider_it_sampled_with():
     words = guider_words({"guider": {"name": "ClassifierFreeGuidance", "stop": 0.5}})
     assert words == " through diffusers' ClassifierFreeGuidance (stop=0.5)"
     assert guider_words({"guider": {"name": "AdaptiveProjectedGuidance"}}) == " through diffusers' AdaptiveProjectedGuidance"
+
+
+def test_differences_are_paired_by_seed_not_by_position():
+    """Each later variant minus each earlier one over the seeds both have, matched by seed number whatever the order
+    of the records; the base (no LoRA, no seed pairing) is left out; the interval is scipy's paired t interval."""
+    def run(seed, smooth, identity=None):
+        return {"seed": seed, "metrics": {"world_smoothness_px": smooth,
+                                          **({} if identity is None else {"world_identity_all": identity})}}
+
+    records = {"no_flow": [run(0, 4.0, 0.2), run(1, 5.0, 0.3), run(2, 4.5, 0.1)],
+               "filmstrip": [run(2, 4.1, 0.2), run(0, 3.5, 0.2), run(1, 4.7, 0.4)],   # other order
+               "within_row": [run(0, 3.9), run(1, 4.6)],                              # seed 2 missing
+               "base_without_lora": [run(0, 9.0), run(1, 9.0), run(2, 9.0)]}
+    differences = paired(records)
+    assert list(differences) == [("filmstrip", "no_flow"), ("within_row", "no_flow"), ("within_row", "filmstrip")]
+    mean, half, diffs = differences[("filmstrip", "no_flow")]["metrics.world_smoothness_px"]
+    assert diffs == pytest.approx([-0.5, -0.3, -0.4])  # seeds 0, 1, 2
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert (mean - half, mean + half) == pytest.approx((low, high))
+    assert differences[("filmstrip", "no_flow")]["metrics.world_identity_all"][2] == pytest.approx([0, 10, 10])  # %
+    assert differences[("within_row", "filmstrip")]["metrics.world_smoothness_px"][2] == pytest.approx([0.4, -0.1])
+    assert "metrics.world_identity_all" not in differences[("within_row", "no_flow")]
+    text = paired_markdown(differences)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines()[2:]}
+    smooth = rows["| smoothness residual (px) (lower)"]
+    assert "**-0.40 ± 0.25** (-0.50, -0.30, -0.40)" in smooth  # excludes 0: bold
+    assert "+0.15 ± " in smooth and "**+0.15" not in smooth      # [0.4, -0.1]: reaches 0
+    assert text.splitlines()[0].count(" - ") == 3 and paired_markdown(paired({"no_flow": records["no_flow"]})) == ""

@@ -64,6 +64,53 @@ def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, t
     return table
 
 
+def paired(records: dict[str, list[dict[str, Any]]], base: str = "base_without_lora",
+           ) -> dict[tuple[str, str], dict[str, tuple[float, float, list[float]]]]:
+    """Differences between the LoRA variants paired by seed (a seed is the same initial LoRA and data order in every
+    variant): ``{(later, earlier): {key: (mean, half width of the 95 % t interval, per-seed differences)}}`` for
+    every two variants in the order given (the first variant is each later one's reference; the base, which has no
+    LoRA, is left out), over the seeds both have, in seed order."""
+    variants = [v for v in records if v != base]
+    by_seed = {v: {int(r["seed"]): r for r in records[v]} for v in variants}
+    out: dict[tuple[str, str], dict[str, tuple[float, float, list[float]]]] = {}
+    for i, earlier in enumerate(variants):
+        for later in variants[i + 1:]:
+            seeds = sorted(set(by_seed[earlier]) & set(by_seed[later]))
+            row = {}
+            for key, _, _, _ in COLUMNS:
+                scale = 100.0 if key in PERCENT else 1.0
+                pairs = [(dig(by_seed[later][s], key), dig(by_seed[earlier][s], key)) for s in seeds]
+                diffs = [scale * (a - b) for a, b in pairs if a is not None and b is not None]
+                if diffs:
+                    row[key] = (*interval(diffs), diffs)
+            out[(later, earlier)] = row
+    return out
+
+
+def paired_markdown(differences: dict[tuple[str, str], dict[str, tuple[float, float, list[float]]]]) -> str:
+    """One row per metric, one column per pair: ``mean ± half (per seed)``, bold where the interval excludes 0."""
+    pairs = [pair for pair, row in differences.items() if row]
+    if not pairs:
+        return ""
+    lines = ["| paired difference | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
+             "|" + " --- |" * (len(pairs) + 1)]
+    for key, title, fmt, better in COLUMNS:
+        if not any(key in differences[pair] for pair in pairs):
+            continue
+        signed = "{:+" + fmt[2:]  # "{:.2f}" -> "{:+.2f}"
+        cells = []
+        for pair in pairs:
+            if key not in differences[pair]:
+                cells.append("-")
+                continue
+            mean, half, diffs = differences[pair][key]
+            text = signed.format(mean) + ("" if math.isnan(half) else " ± " + fmt.format(half))
+            text = f"**{text}**" if not math.isnan(half) and abs(mean) > half else text
+            cells.append(f"{text} ({', '.join(signed.format(d) for d in diffs)})")
+        lines.append(f"| {title} ({better}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
     head = "| variant | " + " | ".join(f"{title} ({better})" for _, title, _, better in COLUMNS) + " |"
     lines = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
@@ -186,6 +233,15 @@ def write_report(out: Path, cfg: Any, build: Path, figures: dict[str, Any], reco
         markdown_table(table), "",
         "![metrics](report.png)", "",
     ]
+    differences = paired(records)
+    if paired_table := paired_markdown(differences):
+        count = sum(len(row) for row in differences.values())
+        seeds = sorted({int(r["seed"]) for runs in records.values() for r in runs})
+        lines += ["## Paired by seed (exploratory)", "",
+                  "A seed is the same initial LoRA and the same data order in every variant, so the variants' "
+                  "difference within a seed is free of what the seed alone moves. Mean ± 95 % t interval of the "
+                  f"per-seed differences (seeds {seeds} in brackets), bold where the interval excludes 0: of these "
+                  f"{count} intervals about {count / 20:.1f} would exclude 0 by chance alone.", "", paired_table, ""]
     if picture is not None:
         lines += ["First generated grids of seed 0 (prompts in `<variant>/seed0/grids/NNNN.json`):", "",
                   "![grids](grids.png)", ""]
