@@ -38,6 +38,10 @@ Sections (``--sections``; default all for tiny, ``variants`` for the others):
    TFLOP/s and MFU from ``gridgen.training.flops`` (model FLOPs: recomputation not counted; peak from
    ``peak_flops`` of the device) and the memory the variant adds (weights, optimiser state, activations).
    A variant that cannot run here reports ``skipped: <reason>``.
+6. malloc (CPU): the baseline's bare step in child processes of this script, with glibc's malloc tuned as
+   gridgen's CPU runs tune it (``gridgen.runtime.tune_malloc``) and with glibc's defaults (``--no-malloc-tune``),
+   the two alternating, ``--repeats`` pairs in alternating order: median step of each, ratio = median over the
+   pairs of (defaults / tuned).
 
 Ratios of variants run step by step are medians of per-pair ratios of neighbouring steps (robust to a drifting
 load); those of blocks, medians over repeats of ratios of median step times. Results go to the ``train``
@@ -50,7 +54,10 @@ import argparse
 import contextlib
 import gc
 import inspect
+import json
 import logging
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,7 +99,7 @@ MODELS: dict[str, dict[str, Any]] = {  # flux config, layout, text tokens (full 
     "mini": {"config": MINI_TRANSFORMER_CONFIG, "quick_config": TINY_FLUX_CONFIG, "layout": GridLayout(4, 4, 64, 64),
              "quick_layout": GridLayout(2, 2, 64, 64), "text": 20, "quick_text": 32, "overrides": ["experiment=mini"]},
 }
-SECTIONS = ("framework", "flow", "memory", "hot", "variants")
+SECTIONS = ("framework", "flow", "memory", "hot", "variants", "malloc")
 RUN_CALLBACKS = ("step_timer", "alpha", "throughput", "summary")  # conf/callbacks acting on every step (no checkpoints)
 TARGET_FRAMEWORK = 1.05
 TARGET_FLOW = 1.03
@@ -540,6 +547,33 @@ def measure_variants(bench: Bench) -> dict[str, Any]:
             "flops": flops, "peak_flops": peak, "together": together, "memory_kind": probe.kind}
 
 
+def child_steps(a: argparse.Namespace, tuned: bool) -> list[float]:
+    """The baseline's bare-step seconds in a new process of this script (``--child-malloc``), with or without
+    glibc's malloc tuned; the environment's own MALLOC_* settings removed, so that the defaults are glibc's."""
+    argv = [sys.executable, __file__, "--child-malloc", "--model", a.model, "--batch-size", str(a.batch_size),
+            "--dtype", a.dtype, "--steps", str(a.steps), "--warmup", str(a.warmup), "--repeats", "1",
+            "--seed", str(a.seed), *(["--threads", str(a.threads)] if a.threads else []),
+            *(["--quick"] if a.quick else []), *([] if tuned else ["--no-malloc-tune"])]
+    env = {k: v for k, v in os.environ.items() if k not in h.MALLOC_ENV}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {' '.join(argv[2:])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["baseline"]
+
+
+def measure_malloc(bench: Bench) -> dict[str, Any]:
+    """Pairs of child processes, tuned and glibc's defaults, the order alternating from pair to pair."""
+    a = bench.args
+    if bench.device.type != "cpu":
+        return {"skipped": "glibc's malloc serves the CPU's tensors; on CUDA the caching allocator does"}
+    medians: dict[str, list[float]] = {"tuned": [], "defaults": []}
+    for r in range(a.repeats):
+        for name in h.rotation(["tuned", "defaults"], r):
+            medians[name].append(h.median(child_steps(a, tuned=name == "tuned")))
+    ratios = h.pair_ratios(medians["defaults"], medians["tuned"])
+    return {"medians": medians, "ratio": h.median(ratios), "ratios": ratios}
+
+
 # ---------------------------------------------------------------------------------------------- report
 def render(bench: Bench, results: dict[str, Any], phases: dict[str, float], load_before: str) -> tuple[str, str]:
     a, fc, layout = bench.args, bench.flux_config, bench.layout
@@ -574,6 +608,8 @@ def render(bench: Bench, results: dict[str, Any], phases: dict[str, float], load
         lines += render_hot(results["hot"], h.median(fw["bare"]), fw["overhead"])
     if "variants" in results:
         lines += render_variants(results["variants"], bench)
+    if "malloc" in results:
+        lines += render_malloc(results["malloc"], a)
     if targets:
         lines += ["", "#### Targets", "", *h.table(["check", "measured", "target", "result"], targets, "lrrl")]
     if bench.notes:
@@ -700,6 +736,20 @@ def render_variants(res: dict[str, Any], bench: Bench) -> list[str]:
                      rows, "lrrrrr")]
 
 
+def render_malloc(res: dict[str, Any], a: argparse.Namespace) -> list[str]:
+    head = ["", "#### 6. glibc's malloc: tuned (gridgen's CPU runs) against glibc's defaults", ""]
+    if "skipped" in res:
+        return [*head, f"skipped: {res['skipped']}"]
+    rows = [[name, h.ms(h.median(medians)), ", ".join(h.ms(m) for m in medians)] for name, medians in res["medians"].items()]
+    return [*head, f"The baseline's bare step ({a.steps} timed after {a.warmup} warm-up steps) in new processes of "
+            f"this script, {a.repeats} pairs of one tuned (mmap threshold {h.MALLOC_MMAP_THRESHOLD >> 20} MiB, no "
+            "auto-trim: `gridgen.runtime.tune_malloc`) and one with glibc's defaults (`--no-malloc-tune`, the "
+            "environment's MALLOC_* removed), in alternating order. "
+            f"**ratio defaults / tuned = {res['ratio']:.3f}** (median over the pairs: "
+            + ", ".join(f"{r:.3f}" for r in res["ratios"]) + ")", "",
+            *h.table(["malloc", "median step (ms)", "each process's median (ms)"], rows, "lrl")]
+
+
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -725,6 +775,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads (default: torch's choice; --quick: 1, which keeps the smoke run "
                         "fast when other processes hold the cores)")
     p.add_argument("--no-malloc-tune", action="store_true", help="leave glibc's malloc thresholds alone")
+    p.add_argument("--child-malloc", action="store_true", help=argparse.SUPPRESS)  # section 6's child: baseline steps
     args = p.parse_args(argv)
     for name, default in zip(("steps", "warmup", "repeats"), (3, 1, 2) if args.quick else (12, 2, 3), strict=True):
         if getattr(args, name) is None:
@@ -765,8 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     args.malloc_tuned = not args.no_malloc_tune and args.device == "cpu" and h.tune_malloc()
     if args.malloc_tuned:
         notes.append(f"glibc malloc tuned for the run (mmap threshold {h.MALLOC_MMAP_THRESHOLD >> 20} MiB, no "
-                     "auto-trim; see harness.tune_malloc): without it the first steps of a process are many times "
-                     "slower")
+                     "auto-trim; gridgen.runtime.tune_malloc, as gridgen's CPU runs): without it the first steps of a "
+                     "process are many times slower, and on the miniature every step (section 6 measures it)")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = h.load_average()
@@ -776,11 +827,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         bench = build_bench(args, Path(tmp))
         bench.notes += notes
+        if args.child_malloc:  # one process of section 6: the baseline's bare steps, as one JSON line
+            args.gradient_checkpointing, args.compile, args.quantization, args.optim = False, False, None, "adamw"
+            print(json.dumps({"baseline": measure_variants(bench)["times"]["baseline"]}))
+            return 0
         measures: list[tuple[str, str, Callable[[Bench], Any]]] = [
             ("framework", "framework", measure_framework), ("flow", "flow", measure_flow),
             ("flow", "losses", measure_losses), ("hot", "hot", measure_hot_path),
-            ("memory", "memory", measure_memory), ("variants", "variants", measure_variants)]
-        if set(args.sections) - {"variants"}:
+            ("memory", "memory", measure_memory), ("variants", "variants", measure_variants),
+            ("malloc", "malloc", measure_malloc)]
+        if set(args.sections) - {"variants", "malloc"}:
             bench.module = bench.build_module()
             bare_block(bench, max(1, args.warmup), 0)  # the process's first steps, before any timed block
         phases["setup"] = time.perf_counter() - start

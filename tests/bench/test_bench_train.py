@@ -34,7 +34,8 @@ def variant_rows(out: str) -> dict[str, list[str]]:
 def test_bench_quick_smoke():
     proc, elapsed = run_bench()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # ~10 s on an idle 2-core machine; the bound catches a smoke run grown to full size (minutes), not load noise
+    # ~35 s on an idle 2-core machine (~25 s of it the malloc section's 4 child processes); the bound catches a smoke
+    # run grown to full size (minutes), not load noise
     assert elapsed < 90, f"--quick took {elapsed:.1f} s"
     out = proc.stdout
     positions = [out.find(s) for s in SECTIONS]
@@ -51,6 +52,9 @@ def test_bench_quick_smoke():
     step, ratio, tflops, mfu, memory = variant_rows(out)["baseline"]
     assert float(step) > 0 and float(ratio) == 1.0 and float(tflops) > 0 and math.isfinite(float(memory))
     assert mfu == "n/a"  # a CPU has no peak FLOP/s entry
+    malloc = out.split("#### 6. glibc's malloc", 1)[1]  # child processes, tuned and glibc's defaults
+    (value,) = re.findall(r"\*\*ratio defaults / tuned = ([^*\s]+)\*\*", malloc)
+    assert math.isfinite(float(value)) and float(value) > 0
 
 
 def test_a_variant_that_cannot_run_is_skipped(tmp_path, monkeypatch):
