@@ -817,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.malloc_tuned:
         notes.append(f"glibc malloc tuned for the run (mmap threshold {h.MALLOC_MMAP_THRESHOLD >> 20} MiB, no "
                      "auto-trim; gridgen.runtime.tune_malloc, as gridgen's CPU runs): without it the first steps of a "
-                     "process are many times slower, and on the miniature every step (section 6 measures it)")
+                     "process are many times slower (section 6 measures the later ones)")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = h.load_average()

@@ -67,10 +67,10 @@ def tune_malloc() -> bool:
     By default glibc serves large blocks with mmap and raises the threshold only as such blocks are freed, and
     hands the top of the heap back to the kernel whenever it is free: a CPU training or sampling step then maps,
     faults in and unmaps its activations again and again. On the 2-core VM this was measured at ~13 s per step for
-    the first 3 steps of a process, and at 11 % of every later step of the miniature's LoRA training
-    (``bench/bench_train.py --model mini --batch-size 8``: 128 ms against 142 ms, ``--no-malloc-tune``). Memory
-    freed stays with the process (its peak, not its current need, is what it holds); the arithmetic is unchanged.
-    ``MALLOC_ENV`` does the same for a child process.
+    the first 3 steps of a process; later steps of the miniature's LoRA recipe: 1.19x in ``bench/bench_train.py``'s
+    bare loop (section 6), 1.045x in an eager ``gridgen.train`` run and none compiled (experiments/mini/
+    step_time_v8.md, where the LoRAs trained either way are bit-identical). Memory freed stays with the process
+    (its peak, not its current need, is what it holds). ``MALLOC_ENV`` does the same for a child process.
     """
     lib = libc()
     if lib is None:

@@ -98,7 +98,7 @@ def _train(cfg: DictConfig, output_dir: Path, state: dict[str, Any]) -> dict[str
         check_transformer_folder(cfg.model.transformer)
     mode = adapter_mode(cfg.lora)
 
-    tune_cpu_process(run_device_type(cfg))  # glibc's malloc: 11 % of a mini step (gridgen.runtime.tune_malloc)
+    tune_cpu_process(run_device_type(cfg))  # glibc's malloc (gridgen.runtime.tune_malloc): the first steps, eager steps
     # The attention kernel this run will use, recorded in config.yaml and the loggers' hyperparameters.
     with open_dict(cfg):
         cfg.model.attention_backend = run_attention_backend(cfg)
