@@ -39,9 +39,8 @@ from gridgen.mini.steps import (
 
 log = logging.getLogger("gridgen.mini")
 
-BUILD_STEPS = {"data": 0.5, "vae": 8.8, "init": 0.1, "cache_base": 0.5, "base_run": 14.7, "base": 0.1,
-               "cache_clips": 1.3, "base_eval": 0.1}  # minutes on 2 cores (mini-v7, RESULTS-9; the VAE's twice its
-                                                      # 600 steps): the ETA's weights
+BUILD_STEPS = {"data": 0.5, "vae": 7.9, "init": 0.1, "cache_base": 0.3, "base_run": 13.4, "base": 0.1,
+               "cache_clips": 0.8, "base_eval": 0.1}  # minutes of mini-v8 on 2 cores (RESULTS-13): the ETA's weights
 
 
 def build_folder(cfg: DictConfig, default_build: Any) -> Path:
